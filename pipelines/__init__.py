@@ -1,0 +1,24 @@
+"""Data pipelines: one loader contract (contract.py), backends torch | ffcv | dali."""
+from __future__ import annotations
+
+from .datasets import DataError, build_dataset
+
+BACKENDS = ("torch", "ffcv", "dali")
+
+
+def build_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1):
+    """The loader for a split ("train" or "val") of the dataset named by ``cfg``.
+
+    ``cfg`` is a selectivity.config.Config (the fields data_backend, dataset, data_dir, image_size,
+    batch_size, workers, augment, seed, channels_last, synthetic_* are read).
+    """
+    train = split == "train"
+    if cfg.data_backend == "torch":
+        from .torch_loader import TorchLoader
+        ds = build_dataset(cfg.dataset, split, cfg.data_dir, cfg.image_size,
+                           cfg.synthetic_classes, cfg.synthetic_size, cfg.seed)
+        return TorchLoader(ds, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                           train=train, augment=cfg.augment, image_size=cfg.image_size,
+                           device=device, rank=rank, world_size=world_size, seed=cfg.seed,
+                           workers=cfg.workers, channels_last=cfg.channels_last)
+    raise DataError(f"unknown data_backend {cfg.data_backend!r}; choose one of {BACKENDS}")

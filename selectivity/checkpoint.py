@@ -1,0 +1,110 @@
+"""Checkpoints: atomic writes, RNG state, and finding the last good checkpoint.
+
+Every file is written to a temporary name in the same directory, flushed to disk, then renamed over
+the target (``os.replace`` is atomic on POSIX), so a killed run leaves either the old file or the
+new one, never a torn one. ``last.pt`` is a hard link to the newest ``epoch_*.pt`` /
+``step_*.pt`` (no second copy on disk). Loading falls back past any file that does not load.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from . import faults
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint write failed; the message says which file and why."""
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            faults.maybe_fault("checkpoint_write")
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
+    """Write ``state`` to ckpt_dir/filename atomically and point last.pt at it."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, filename)
+    try:
+        _atomic_write(path, lambda f: torch.save(state, f))
+        tmp_link = os.path.join(ckpt_dir, ".tmp-last.pt")
+        if os.path.lexists(tmp_link):
+            os.unlink(tmp_link)
+        try:
+            os.link(path, tmp_link)
+            os.replace(tmp_link, os.path.join(ckpt_dir, "last.pt"))
+        except OSError:  # filesystems without hard links: a second atomic copy
+            _atomic_write(os.path.join(ckpt_dir, "last.pt"), lambda f: torch.save(state, f))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
+                              f"space or fix permissions of {ckpt_dir} (earlier checkpoints are "
+                              f"intact)") from None
+    return path
+
+
+def _order_key(path: str):
+    m = re.search(r"(epoch|step)_(\d+)", os.path.basename(path))
+    return int(m.group(2)) if m else -1
+
+
+def checkpoint_paths(ckpt_dir: str) -> list[str]:
+    """Saved checkpoints, newest first by training step recorded in the name."""
+    paths = glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")) + \
+        glob.glob(os.path.join(ckpt_dir, "step_*.pt"))
+    return sorted(paths, key=lambda p: (os.path.getmtime(p), _order_key(p)), reverse=True)
+
+
+def load_state(path: str, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_last_good(ckpt_dir: str, map_location="cpu") -> tuple[dict, str] | None:
+    """The newest checkpoint that loads: last.pt, else epoch/step files newest first."""
+    candidates = [os.path.join(ckpt_dir, "last.pt")] + checkpoint_paths(ckpt_dir)
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            return load_state(path, map_location), path
+        except Exception as e:  # a torn or foreign file: say so, try the previous one
+            warnings.warn(f"skipping unreadable checkpoint {path}: {e}")
+    return None

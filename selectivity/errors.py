@@ -1,0 +1,27 @@
+"""One-line errors for the command-line tools.
+
+Expected failures (bad config, bad data, unknown names, unusable checkpoints, a non-finite loss)
+are raised as the exception types collected here; ``run_cli`` prints them as a single
+``error: ...`` line and exits with status 2, instead of a traceback. Anything else is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def user_errors() -> tuple:
+    from pipelines.datasets import DataError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .models import ModelError
+    from .trainer import TrainingError
+    return DataError, ConfigError, ModelError, CheckpointError, TrainingError
+
+
+def run_cli(main, argv=None) -> None:
+    try:
+        main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
