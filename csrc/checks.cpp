@@ -2,6 +2,7 @@
 // in selectivity/ops.py (tests/test_ops.py asserts both give the same message fragments).
 #include "selectivity.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 

@@ -21,4 +21,10 @@ def build_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1):
                            train=train, augment=cfg.augment, image_size=cfg.image_size,
                            device=device, rank=rank, world_size=world_size, seed=cfg.seed,
                            workers=cfg.workers, channels_last=cfg.channels_last)
+    if cfg.data_backend == "ffcv":
+        from .ffcv import build_ffcv_loader
+        return build_ffcv_loader(cfg, split, device, rank, world_size)
+    if cfg.data_backend == "dali":
+        from .dali import build_dali_loader
+        return build_dali_loader(cfg, split, device, rank, world_size)
     raise DataError(f"unknown data_backend {cfg.data_backend!r}; choose one of {BACKENDS}")

@@ -9,6 +9,8 @@ before iterating epoch ``e``: shuffling and augmentation are a function of (seed
 rank and every resumed run sees the same data. Under DDP each rank gets a disjoint shard.
 ``set_epoch(e, skip_batches=k)`` starts epoch ``e`` at batch ``k`` (resume from a mid-epoch
 checkpoint); backends that cannot skip cheaply raise NotImplementedError.
+``labels`` (all labels of the split, by dataset index) and ``indices()`` (the dataset indices this
+rank yields this epoch, in order) let the selectivity tracker give every image a fixed null label.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ class Loader(Protocol):
     num_classes: int
     num_samples: int  # images this rank yields per epoch
 
+    labels: np.ndarray
+
+    def indices(self) -> np.ndarray: ...
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...

@@ -73,6 +73,11 @@ class TorchLoader:
         return self._cache[1]
 
     @property
+    def labels(self) -> np.ndarray:
+        """Labels of the whole split, by dataset index (what ``indices()`` index into)."""
+        return self.dataset.labels
+
+    @property
     def num_samples(self) -> int:
         return len(self.indices())
 

@@ -2,5 +2,29 @@
 from __future__ import annotations
 
 
+class Callback:
+    """Extension points of the loop; every method is optional."""
+
+    def setup(self, trainer) -> None: ...
+    def before_batch(self, trainer, images, labels, train: bool) -> None: ...
+    def after_batch(self, trainer) -> None: ...
+    def loss_terms(self, trainer, images, labels, logits) -> dict: return {}
+    def after_step(self, trainer, images, labels, logits) -> None: ...
+    def train_log(self, trainer) -> dict: return {}
+    def eval_begin(self, trainer) -> None: ...
+    def eval_batch(self, trainer, images, labels, logits) -> None: ...
+    def eval_end(self, trainer, record: dict) -> dict: return {}
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def tracking_callbacks(cfg) -> list:
+    from .tracker import Tracker
+    return [Tracker(cfg.track_units, cfg.seed)]
+
+
 def default_callbacks(cfg) -> list:
-    return []
+    callbacks = []
+    if cfg.track:
+        callbacks += tracking_callbacks(cfg)
+    return callbacks

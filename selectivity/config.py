@@ -39,6 +39,11 @@ class Config:
     workers: int = 0
     synthetic_classes: int = 10
     synthetic_size: int = 1000        # training images (val gets a fifth)
+    cache_dir: str = ""               # ffcv/dali derived files; "" = ~/.cache/selectivity
+    ffcv_order: str = "random"        # random | quasi_random  (ffcv training order)
+    os_cache: bool = True             # ffcv: read the .beton through the OS page cache (mmap)
+    ffcv_train: str = ""              # ffcv: a .beton for the train split ("" = build in cache)
+    ffcv_val: str = ""                # ffcv: an existing .beton for the val split
     # model
     model: str = "resnet20"
     small_stem: bool = False          # torchvision ResNets: 3×3 stride-1 stem, no max-pool
@@ -57,8 +62,13 @@ class Config:
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
     nan_policy: str = "stop"          # stop | skip  (a non-finite loss)
+    # selectivity tracking (selectivity/tracker.py)
+    track: bool = True                # per-class unit statistics every step and at every eval
+    track_units: str = "blocks"       # blocks | relu | bn
     # evaluation, logging, checkpoints
     eval_every_epochs: int = 1
+    eval_every_steps: int = 0         # also evaluate every N steps during the first epochs ...
+    eval_steps_epochs: int = 1        # ... of this many epochs (paper 1: inside epoch 1)
     log_every_steps: int = 20
     tensorboard: bool = True
     progress: bool = True             # tqdm bar on rank 0
@@ -72,6 +82,7 @@ CHOICES = {
     "augment": ("none", "crop", "crop_flip", "rrc_flip"),
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
+    "track_units": ("blocks", "relu", "bn"),
 }
 POSITIVE = ("batch_size", "eval_batch_size", "image_size", "epochs", "eval_every_epochs",
             "log_every_steps", "save_every_epochs", "synthetic_classes")

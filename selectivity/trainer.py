@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import faults
-from .checkpoint import CheckpointError, load_last_good, rng_state, save_checkpoint, set_rng_state
+from .callbacks import Callback  # noqa: F401  (re-exported: the extension points)
+from .checkpoint import load_last_good, rng_state, save_checkpoint, set_rng_state
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum
 from .models import build_model
@@ -25,20 +26,6 @@ from .runlog import RunLog, run_paths
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, existing run dir, …); the message says why."""
-
-
-class Callback:
-    """Extension points of the loop; every method is optional."""
-
-    def setup(self, trainer: "Trainer") -> None: ...
-    def loss_terms(self, trainer, images, labels, logits) -> dict: return {}
-    def after_step(self, trainer, images, labels, logits) -> None: ...
-    def train_log(self, trainer) -> dict: return {}
-    def eval_begin(self, trainer) -> None: ...
-    def eval_batch(self, trainer, images, labels, logits) -> None: ...
-    def eval_end(self, trainer, record: dict) -> dict: return {}
-    def state_dict(self) -> dict: return {}
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -141,16 +128,21 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, train_images_per_sec: float | None) -> dict:
+    def evaluate(self, train_images_per_sec: float | None, epoch: float | None = None) -> dict:
+        """One pass over the validation split; ``epoch`` is the (fractional) epoch to log."""
         self.net.eval()
+        self.val_loader.set_epoch(0)
         for cb in self.callbacks:
             cb.eval_begin(self)
         loss_sum, correct1, correct5, count = (torch.zeros((), device=self.device, dtype=torch.float64)
                                                for _ in range(4))
-        self.val_loader.set_epoch(0)
         for images, labels in self.val_loader:
+            for cb in self.callbacks:
+                cb.before_batch(self, images, labels, False)
             with torch.autocast(self.device.type, self.amp_dtype, enabled=self.cfg.amp):
                 logits = self.net(images)
+            for cb in self.callbacks:
+                cb.after_batch(self)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -162,7 +154,7 @@ class Trainer:
             faults.maybe_fault("eval_batch")
         loss_sum, correct1, correct5, count = all_reduce_sum(
             [loss_sum.item(), correct1.item(), correct5.item(), count.item()], self.device)
-        record = {"epoch": self.epoch, "step": self.step, "split": "val",
+        record = {"epoch": self.epoch if epoch is None else epoch, "step": self.step, "split": "val",
                   "loss": loss_sum / count, "acc1": correct1 / count, "acc5": correct5 / count,
                   "images": int(count), "images_per_sec": train_images_per_sec}
         for cb in self.callbacks:
@@ -173,12 +165,16 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, images, labels):
         cfg = self.cfg
+        for cb in self.callbacks:
+            cb.before_batch(self, images, labels, True)
         with torch.autocast(self.device.type, self.amp_dtype, enabled=cfg.amp):
             logits = self.net(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             for cb in self.callbacks:
                 for term in cb.loss_terms(self, images, labels, logits).values():
                     loss = loss + term
+        for cb in self.callbacks:
+            cb.after_batch(self)
         # A non-finite loss is checked every step on the CPU (free) or with nan_policy: skip;
         # on CUDA with "stop" it is checked at log steps and before each checkpoint (no per-step sync).
         if self.device.type == "cpu" or cfg.nan_policy == "skip":
@@ -227,6 +223,12 @@ class Trainer:
             run_n += labels.numel()
             n_images += labels.numel()
             faults.maybe_fault("train_step")
+            if cfg.eval_every_steps and self.epoch < cfg.eval_steps_epochs \
+                    and self.step % cfg.eval_every_steps == 0 \
+                    and self.batch_in_epoch < self.steps_per_epoch:
+                # Sub-epoch evaluation (paper 1 measured inside the first epoch).
+                self.log.write(self.evaluate(None, epoch=self.epoch + self.batch_in_epoch /
+                                             self.steps_per_epoch))
             if self.step % cfg.log_every_steps == 0:
                 if not torch.isfinite(run_loss):
                     self._nonfinite(run_loss)

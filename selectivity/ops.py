@@ -1,0 +1,201 @@
+"""The one door to the compiled selectivity ops (csrc/, loaded as ``selectivity._C``).
+
+Two ops, each with a pure-PyTorch reference below that computes the same thing in float64:
+
+* ``accumulate(act, labels, sums, counts)``: for an activation ``[B, U, H, W]`` (NCHW or
+  channels_last) or ``[B, U]`` in float32/float16/bfloat16 and int64 labels in ``[0, K)``, add each
+  image's spatial mean of each unit into ``sums[labels[b]]`` (``[K, U]`` float64) and count the
+  images per class in ``counts`` (``[K]`` int64). In place; call it once per batch.
+* ``selectivity_index(sums, counts, eps)``: over the classes with ``counts > 0``: the class means,
+  ``mu_max`` (the largest; ``pref_class`` is its class, the lowest on ties), ``mu_rest`` (the mean
+  of the other classes' means, 0 when one class is present) and
+  ``si = (mu_max - mu_rest) / (mu_max + mu_rest + eps)`` (0 where the denominator is 0, so an
+  all-zero unit scores 0, never NaN). With no class present: si 0, pref_class -1, mu 0.
+
+If the extension is not built, both fall back to the reference with one warning per process.
+``SELECTIVITY_FORCE_REFERENCE=1`` forces the reference (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+try:
+    from selectivity import _C  # noqa: F401  (loading it registers torch.ops.selectivity.*)
+
+    _EXTENSION_ERROR: BaseException | None = None
+except (ImportError, OSError) as e:  # not built, or built against another torch
+    _EXTENSION_ERROR = e
+
+_warned_missing = False
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class SIResult(NamedTuple):
+    si: torch.Tensor  # [U] float64
+    pref_class: torch.Tensor  # [U] int64, -1 where no class is present
+    mu_max: torch.Tensor  # [U] float64
+    mu_rest: torch.Tensor  # [U] float64
+
+
+def has_extension() -> bool:
+    """True when the compiled ops are loaded (whether or not the reference is being forced)."""
+    return _EXTENSION_ERROR is None
+
+
+def new_state(num_classes: int, num_units: int, device: torch.device | str | None = None):
+    """Zeroed ``(sums [K, U] float64, counts [K] int64)`` for ``accumulate``."""
+    if num_classes < 0 or num_units < 0:
+        raise ValueError(f"new_state needs num_classes >= 0 and num_units >= 0, got {num_classes}, {num_units}")
+    sums = torch.zeros(num_classes, num_units, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    return sums, counts
+
+
+def _use_extension() -> bool:
+    global _warned_missing
+    if os.environ.get("SELECTIVITY_FORCE_REFERENCE") == "1":
+        return False
+    if _EXTENSION_ERROR is None:
+        return True
+    if not _warned_missing:
+        _warned_missing = True
+        warnings.warn(
+            f"selectivity._C is not built ({_EXTENSION_ERROR}); using the pure-PyTorch reference, "
+            "which is several times slower. Build the extension with `make build` "
+            "(or `python setup.py build_ext --inplace`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def accumulate(act: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the per-image spatial means of ``act`` into ``sums[labels]`` and count images in ``counts``.
+
+    ``act`` is detached: tracking never joins the autograd graph.
+    """
+    if _use_extension():
+        torch.ops.selectivity.accumulate(act.detach(), labels, sums, counts)
+    else:
+        accumulate_reference(act.detach(), labels, sums, counts)
+
+
+def selectivity_index(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> SIResult:
+    """Per-unit selectivity index from accumulated ``sums`` and ``counts`` (see the module doc)."""
+    if _use_extension():
+        return SIResult(*torch.ops.selectivity.selectivity_index(sums, counts, float(eps)))
+    return selectivity_index_reference(sums, counts, eps)
+
+
+# ----- checks (the C++ kernels make the same checks with the same wording: csrc/checks.cpp) -----
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check_index_args(sums: torch.Tensor, counts: torch.Tensor) -> None:
+    for name, t in (("sums", sums), ("counts", counts)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if sums.dtype != torch.float64:
+        raise TypeError(f"sums must be float64, got {sums.dtype}; make the state with selectivity.ops.new_state()")
+    if counts.dtype != torch.int64:
+        raise TypeError(f"counts must be int64, got {counts.dtype}; make the state with selectivity.ops.new_state()")
+    if sums.dim() != 2:
+        raise ValueError(f"sums must be 2-D [K, U], got shape {_shape(sums)}")
+    if counts.dim() != 1 or counts.shape[0] != sums.shape[0]:
+        raise ValueError(f"counts must be [K] with K = {sums.shape[0]} (sums.size(0)), got shape {_shape(counts)}")
+    if sums.device != counts.device:
+        raise ValueError(
+            f"sums and counts must be on one device, got sums on {sums.device} and counts on {counts.device}"
+        )
+    if not (sums.is_contiguous() and counts.is_contiguous()):
+        raise ValueError("sums and counts must be contiguous; make the state with selectivity.ops.new_state()")
+
+
+def _check_accumulate_args(act, labels, sums, counts) -> None:
+    for name, t in (("act", act), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if act.dtype not in ACT_DTYPES:
+        raise TypeError(f"act must be float32, float16 or bfloat16, got {act.dtype}; cast it with act.float()")
+    if act.dim() not in (2, 4):
+        raise ValueError(f"act must be [B, U, H, W] or [B, U], got shape {_shape(act)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}; use labels.long()")
+    _check_index_args(sums, counts)
+    if labels.dim() != 1 or labels.shape[0] != act.shape[0]:
+        raise ValueError(
+            f"labels must be 1-D with B = {act.shape[0]} entries (act.size(0)), got shape {_shape(labels)}"
+        )
+    if sums.shape[1] != act.shape[1]:
+        raise ValueError(f"sums must be [K, U] with U = {act.shape[1]} (act.size(1)), got shape {_shape(sums)}")
+    if not (act.device == labels.device == sums.device):
+        raise ValueError(
+            f"act, labels, sums and counts must be on one device, got act on {act.device}, "
+            f"labels on {labels.device}, sums and counts on {sums.device}"
+        )
+    if act.dim() == 4 and act.shape[2] * act.shape[3] == 0:
+        raise ValueError(f"act has no pixels (shape {_shape(act)}); a spatial mean needs H*W >= 1")
+
+
+def _check_label_range(labels: torch.Tensor, K: int) -> None:
+    bad = labels[(labels < 0) | (labels >= K)]
+    if bad.numel():
+        raise ValueError(
+            f"labels out of range: label {int(bad[0])} is not in [0, K) with K = {K} "
+            "(K = sums.size(0), the number of classes)"
+        )
+
+
+# ----- references: float64 PyTorch, what the kernels must match -----
+
+
+def accumulate_reference(act: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    _check_accumulate_args(act, labels, sums, counts)
+    _check_label_range(labels, sums.shape[0])
+    means = act.double().mean((2, 3)) if act.dim() == 4 else act.double()
+    sums.index_add_(0, labels, means)
+    counts.index_add_(0, labels, torch.ones_like(labels))
+
+
+def selectivity_index_reference(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> SIResult:
+    _check_index_args(sums, counts)
+    U = sums.shape[1]
+    present = (counts > 0).nonzero().squeeze(1)
+    P = present.numel()
+    if P == 0:
+        zeros = sums.new_zeros(U)
+        return SIResult(zeros, torch.full((U,), -1, dtype=torch.int64, device=sums.device), zeros.clone(), zeros.clone())
+    means = sums[present] / counts[present].unsqueeze(1).double()  # [P, U]
+    mu_max = means.max(0).values
+    # lowest class index among the maxima
+    rank = torch.arange(P, device=sums.device).unsqueeze(1).expand(P, U)
+    first = torch.where(means == mu_max, rank, P).min(0).values.clamp(max=P - 1)  # clamp: NaN means
+    pref = present[first]
+    mu_rest = (means.sum(0) - mu_max) / (P - 1) if P > 1 else torch.zeros_like(mu_max)
+    den = mu_max + mu_rest + eps
+    si = torch.where(den != 0, (mu_max - mu_rest) / torch.where(den != 0, den, 1.0), 0.0)
+    return SIResult(si, pref, mu_max, mu_rest)
+
+
+# ----- fake (meta) implementations: shapes only, for torch.compile and opcheck -----
+
+if _EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("selectivity::accumulate")
+    def _accumulate_fake(act, labels, sums, counts):
+        _check_accumulate_args(act, labels, sums, counts)
+
+    @torch.library.register_fake("selectivity::selectivity_index")
+    def _selectivity_index_fake(sums, counts, eps):
+        _check_index_args(sums, counts)
+        U = sums.shape[1]
+        return sums.new_empty(U), sums.new_empty(U, dtype=torch.int64), sums.new_empty(U), sums.new_empty(U)

@@ -1,0 +1,214 @@
+"""Orientation selectivity of units to full-field sinusoidal gratings (Ukita 2020).
+
+Stimuli, responses and indices follow the public code of the paper (ukky17/ori_selectivity_CNN):
+- gratings: 12 orientations (0..165° in 15° steps), 4 phases, spatial frequencies
+  k_s = π/(S/2+4)·(s+1) rad/px; each greyscale grating min–max scaled to [0, 1] and copied to
+  3 channels. Orientation θ is the direction of the wave vector, counter-clockwise from the +x
+  (column) axis with y pointing up: θ = 0 is vertical stripes (luminance varies along x).
+- a unit's response = spatial mean of its channel ([B, U, H, W]) or the value itself ([B, U]);
+  max over phase gives R[unit, sf, orientation].
+- preferred SF = argmax over SF of the max over orientation; the tuning curve R(θ) is taken there;
+  OSI = (R_pref − R_orth)/(R_pref + R_orth) with orth = pref + 90°;
+  gOSI = |Σ R(θ) e^{2iθ}| / Σ R(θ). Units with no positive response are dead: OSI = gOSI = 0.
+- negative responses are clamped at 0 before the indices. Ukita measured post-ReLU maps, where this
+  changes nothing; for other layers it reads the unit as a rectified (firing-rate) response, which
+  keeps OSI and gOSI inside [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .cka import eval_no_grad, collect_features
+
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Gratings:
+    images: torch.Tensor        # [n_sf, n_orient, n_phase, 3, size, size] float32 in [0, 1]
+    orientations: torch.Tensor  # [n_orient] radians (wave-vector direction, see module doc)
+    phases: torch.Tensor        # [n_phase] radians
+    sf: torch.Tensor            # [n_sf] rad/px
+
+
+def default_n_sf(size: int) -> int:
+    """How many of Ukita's frequencies k_s = π/(size/2+4)·(s+1) lie below π/2 rad/px (periods
+    longer than 4 px, well clear of aliasing): 9 at 32 px and 57 at 224 px, his two settings."""
+    return math.ceil((size / 2 + 4) / 2) - 1
+
+
+def channel_normalize(mean: Sequence[float], std: Sequence[float]) -> Normalize:
+    """The usual per-channel (x − mean)/std, as a callable for ``orientation_responses``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return lambda x: (x - m.to(x.device)) / s.to(x.device)
+
+
+def make_gratings(size: int, n_orient: int = 12, n_phase: int = 4,
+                  n_sf: int | Sequence[float] | None = None) -> Gratings:
+    """Full-field sinusoidal gratings [n_sf, n_orient, n_phase, 3, size, size] in [0, 1].
+
+    ``n_sf``: None → ``default_n_sf(size)`` frequencies of Ukita's ladder; an int → that many
+    frequencies of the ladder; a sequence → those frequencies in rad/px.
+    """
+    if size < 4 or n_orient < 1 or n_phase < 1:
+        raise ValueError(f"need size ≥ 4, n_orient ≥ 1, n_phase ≥ 1; got {size}, {n_orient}, "
+                         f"{n_phase}")
+    if n_sf is None or isinstance(n_sf, int):
+        count = default_n_sf(size) if n_sf is None else n_sf
+        if count < 1:
+            raise ValueError(f"n_sf must be ≥ 1, got {count}")
+        sf = math.pi / (size / 2 + 4) * torch.arange(1, count + 1, dtype=torch.float64)
+    else:
+        sf = torch.tensor(list(n_sf), dtype=torch.float64)
+        if sf.numel() == 0 or bool((sf <= 0).any()):
+            raise ValueError(f"spatial frequencies must be > 0 rad/px, got {list(n_sf)}")
+    ori = math.pi / n_orient * torch.arange(n_orient, dtype=torch.float64)
+    phase = 2 * math.pi / n_phase * torch.arange(n_phase, dtype=torch.float64)
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2
+    x = offsets.view(1, -1)    # column offset
+    y = -offsets.view(-1, 1)   # row offset, pointing up
+    kx = (sf.view(-1, 1) * torch.cos(ori)).view(-1, len(ori), 1, 1, 1)
+    ky = (sf.view(-1, 1) * torch.sin(ori)).view(-1, len(ori), 1, 1, 1)
+    # [n_sf, n_orient, n_phase, S, S]
+    wave = torch.cos(kx * x + ky * y + phase.view(1, 1, -1, 1, 1))
+    lo = wave.amin(dim=(-2, -1), keepdim=True)
+    hi = wave.amax(dim=(-2, -1), keepdim=True)
+    # Per-grating min–max scaling as in Ukita's code (stretches the lowest SFs, whose period is
+    # longer than the image, to full contrast). hi > lo for any k > 0 on a grid of ≥ 4 px.
+    grey = ((wave - lo) / (hi - lo)).to(torch.float32)
+    images = grey.unsqueeze(3).expand(-1, -1, -1, 3, -1, -1).contiguous()
+    return Gratings(images, ori.float(), phase.float(), sf.float())
+
+
+def _spatial_mean(y: torch.Tensor) -> torch.Tensor:
+    """[B, U, H, W] → [B, U] inside the hook, so no feature map outlives its layer."""
+    return y.float().mean(dim=(2, 3)) if y.dim() == 4 else y
+
+
+def _model_device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def unit_responses(model: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
+                   normalize: Normalize | None = None, batch_size: int = 256,
+                   device=None) -> dict[str, torch.Tensor]:
+    """{layer: [N, U]} per-image unit responses (spatial mean per channel) in eval mode, no_grad.
+
+    ``images`` [N, 3, S, S] are moved batch by batch to ``device`` (default: the model's) and
+    passed through ``normalize`` first. Results are float32 on the CPU.
+    """
+    names = list(layer_names)
+    dev = _model_device(model, device)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with eval_no_grad(model), collect_features(model, names, include_logits=False,
+                                               reduce=_spatial_mean) as run:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(dev)
+            out = run(normalize(x) if normalize is not None else x)
+            for n in names:
+                if out[n].dim() != 2:
+                    raise ValueError(f"layer {n!r} output is {out[n].dim()}-D; "
+                                     "expected [B, U, H, W] or [B, U]")
+                parts[n].append(out[n].float().cpu())
+    return {n: torch.cat(p) for n, p in parts.items()}
+
+
+def orientation_responses(model: nn.Module, layer_names: Sequence[str], gratings: torch.Tensor,
+                          normalize: Normalize | None = None, batch_size: int = 256,
+                          device=None) -> dict[str, torch.Tensor]:
+    """{layer: R [n_units, n_sf, n_orient]}: each unit's response to ``gratings`` (the ``images``
+    of ``make_gratings``, [n_sf, n_orient, n_phase, 3, S, S]), max over phase."""
+    if gratings.dim() != 6 or gratings.shape[3] != 3:
+        raise ValueError(f"gratings must be [n_sf, n_orient, n_phase, 3, S, S], "
+                         f"got shape {tuple(gratings.shape)}")
+    n_sf, n_orient, n_phase = gratings.shape[:3]
+    flat = gratings.reshape(-1, *gratings.shape[3:])
+    per_image = unit_responses(model, layer_names, flat, normalize, batch_size, device)
+    return {n: r.view(n_sf, n_orient, n_phase, -1).amax(dim=2).permute(2, 0, 1).contiguous()
+            for n, r in per_image.items()}
+
+
+@dataclass(frozen=True)
+class OrientationIndices:
+    pref_sf: torch.Tensor      # [U] int64 index into the SF axis
+    tuning: torch.Tensor       # [U, n_orient] float64, clamped responses at the preferred SF
+    pref_orient: torch.Tensor  # [U] radians (argmax of the tuning curve); NaN for dead units
+    osi: torch.Tensor          # [U] float64 in [0, 1]
+    gosi: torch.Tensor         # [U] float64 in [0, 1]
+    dead: torch.Tensor         # [U] bool: no positive response to any grating
+
+
+def orientation_indices(R: torch.Tensor) -> OrientationIndices:
+    """OSI, gOSI and preferences per unit from R [n_units, n_sf, n_orient] (orientations
+    π·o/n_orient, as ``make_gratings`` makes them)."""
+    if R.dim() != 3:
+        raise ValueError(f"R must be [n_units, n_sf, n_orient], got shape {tuple(R.shape)}")
+    n_units, _, n_orient = R.shape
+    if n_orient < 2 or n_orient % 2:
+        raise ValueError(f"need an even number of orientations (orth = pref + 90°), got {n_orient}")
+    r = R.detach().to(torch.float64).clamp_min(0)
+    dead = r.amax(dim=(1, 2)) <= 0
+    pref_sf = r.amax(dim=2).argmax(dim=1)
+    tuning = r[torch.arange(n_units), pref_sf]                      # [U, n_orient]
+    pref = tuning.argmax(dim=1)
+    orth = (pref + n_orient // 2) % n_orient
+    r_pref = tuning.gather(1, pref[:, None])[:, 0]
+    r_orth = tuning.gather(1, orth[:, None])[:, 0]
+    twice = 2 * math.pi / n_orient * torch.arange(n_orient, dtype=torch.float64)  # 2θ
+    vector = torch.complex(tuning @ torch.cos(twice), tuning @ torch.sin(twice)).abs()
+    total = tuning.sum(dim=1)
+    # Dead units would be 0/0; where() keeps the NaN out of the result (denominators set to 1).
+    osi = torch.where(dead, 0.0, (r_pref - r_orth) / torch.where(dead, 1.0, r_pref + r_orth))
+    gosi = torch.where(dead, 0.0, vector / torch.where(dead, 1.0, total))
+    pref_orient = torch.where(dead, math.nan, pref.to(torch.float64) * (math.pi / n_orient))
+    return OrientationIndices(pref_sf, tuning, pref_orient, osi, gosi, dead)
+
+
+def permuted_control(R: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> OrientationIndices:
+    """Indices after shuffling, independently for each unit, which (SF, orientation) condition
+    each of its responses belongs to — the null distribution of a unit with the same responses
+    but no orientation structure. (Ukita shuffled the stimulus order once for all units, before
+    the max over phase; shuffling per unit after it keeps each unit's set of responses exact.)"""
+    if R.dim() != 3:
+        raise ValueError(f"R must be [n_units, n_sf, n_orient], got shape {tuple(R.shape)}")
+    flat = R.reshape(R.shape[0], -1)
+    gen_device = generator.device if generator is not None else "cpu"
+    order = torch.rand(flat.shape, generator=generator, device=gen_device).argsort(dim=1)
+    return orientation_indices(flat.gather(1, order.to(R.device)).view(R.shape))
+
+
+def shift_invariance(model: nn.Module, layer_names: Sequence[str], images: torch.Tensor,
+                     shift_px: int | tuple[int, int], normalize: Normalize | None = None,
+                     batch_size: int = 256, device=None) -> dict[str, float]:
+    """{layer: mean over images of the Pearson correlation, across the layer's units, between its
+    responses to an image and to the same image circularly shifted by ``shift_px`` (int: down and
+    right by that many pixels; or (dy, dx)).
+
+    1 means the layer's response pattern ignores the shift; Ukita argues that ablating low-layer
+    orientation-selective units hurts higher layers' shift invariance. The shift is circular
+    (torch.roll) so no content leaves the image; spatial means of a convolutional layer with
+    circular padding would be exactly invariant, so values below 1 come from zero padding, strides
+    and pooling. Images whose responses are constant across units (correlation undefined) are
+    left out of the mean; NaN if all are.
+    """
+    dy, dx = (shift_px, shift_px) if isinstance(shift_px, int) else shift_px
+    shifted = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+    a = unit_responses(model, layer_names, images, normalize, batch_size, device)
+    b = unit_responses(model, layer_names, shifted, normalize, batch_size, device)
+    out = {}
+    for name in a:
+        x = a[name].double() - a[name].double().mean(dim=1, keepdim=True)
+        y = b[name].double() - b[name].double().mean(dim=1, keepdim=True)
+        r = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
+        out[name] = float(r[r.isfinite()].mean()) if bool(r.isfinite().any()) else math.nan
+    return out

@@ -1,0 +1,93 @@
+"""Builds the selectivity-tracking package and its compiled ops, the module selectivity._C.
+
+    make build                                   # in place; what the tests and tools use
+    python setup.py build_ext --inplace          # the same, by hand
+    pip install --no-build-isolation .           # the build needs the installed torch
+
+The CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build and a CUDA
+toolkit is found. Environment:
+
+    CUDA_HOME=/path               toolkit root holding bin/nvcc (default: /usr/local/cuda if it has
+                                  one; an nvcc found on PATH is NOT used: it may be a wrapper script
+                                  whose directory is not the toolkit root)
+    TORCH_CUDA_ARCH_LIST="9.0"    GPU architectures to compile for; needed when no GPU is visible
+    SELECTIVITY_NO_CUDA=1         build the CPU kernels only
+    SELECTIVITY_REQUIRE_CUDA=1    fail instead of falling back to a CPU-only build (CI)
+
+Compiler flags are portable on purpose (-O3 and `omp simd`, no -march): the same build runs on CI,
+on clusters and on laptops.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_kernels.cpp"]
+CUDA_SOURCES = ["csrc/cuda_kernels.cu"]
+HEADERS = ["csrc/selectivity.h"]
+
+
+def find_cuda_home():
+    """Return (toolkit root, None) when the CUDA kernels should be built, else (None, reason)."""
+    if os.environ.get("SELECTIVITY_NO_CUDA") == "1":
+        return None, "SELECTIVITY_NO_CUDA=1"
+    if not torch.version.cuda:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if not (Path(home) / "bin" / "nvcc").is_file():
+        return None, f"no CUDA toolkit: {home}/bin/nvcc does not exist (set CUDA_HOME to the toolkit root)"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        return None, "TORCH_CUDA_ARCH_LIST is not set and no GPU is visible to detect it (e.g. TORCH_CUDA_ARCH_LIST=9.0)"
+    return home, None
+
+
+def extension():
+    cuda_home, why_not = find_cuda_home()
+    if why_not and os.environ.get("SELECTIVITY_REQUIRE_CUDA") == "1":
+        sys.exit(f"error: SELECTIVITY_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why_not}")
+    if cuda_home:
+        # cpp_extension reads CUDA_HOME when it is imported, so set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+        print(f"selectivity: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected')})", file=sys.stderr)
+    else:
+        print(f"selectivity: building CPU kernels only ({why_not})", file=sys.stderr)
+
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    kwargs = dict(
+        name="selectivity._C",
+        depends=HEADERS,
+        # The module only uses the stable Python ABI (see csrc/module.cpp): one .abi3.so for all Pythons.
+        py_limited_api=True,
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
+    )
+    if cuda_home:
+        return CUDAExtension(sources=CPU_SOURCES + CUDA_SOURCES, **kwargs)
+    return CppExtension(sources=CPU_SOURCES, **kwargs)
+
+
+def build_ext_class():
+    import shutil
+
+    from torch.utils.cpp_extension import BuildExtension
+
+    # Without ninja, cpp_extension falls back to setuptools' compiler (slower, same result).
+    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+setup(
+    name="selectivity-tracking",
+    version="0.1.0",
+    description="Class selectivity of units in CNNs: tracking, regularization, ablation",
+    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*", "pipelines", "pipelines.*"]),
+    python_requires=">=3.9",
+    ext_modules=[extension()],
+    cmdclass={"build_ext": build_ext_class()},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Selectivity figures for one or more runs (like paper 1's first figure).
+
+    python tools/plot_selectivity.py RUN [RUN ...] [--out DIR]
+
+Writes into DIR (default: the first run's figures/):
+  si_by_stage.png     mean SI per stage against epoch, one panel per stage; every run overlaid;
+                      the label-shuffled null as a band (null mean ± one s.d. over the stage's units)
+  si_heatmap_<run>.png  per-unit SI over evaluations (units sorted by final SI within each stage)
+Reads the per-evaluation files RUN/selectivity/*.pt that training writes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections import OrderedDict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from selectivity.models import stage_of  # noqa: E402
+
+
+def load_evals(run: str) -> list[dict]:
+    """The run's per-evaluation selectivity records, in training order."""
+    files = glob.glob(os.path.join(run, "selectivity", "*.pt"))
+    if not files:
+        raise SystemExit(f"error: no selectivity records in {run}/selectivity; train with "
+                         f"track: true (the default) first")
+    evals = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    return sorted(evals, key=lambda e: e["step"])
+
+
+def stage_series(evals: list[dict]) -> "OrderedDict[str, dict]":
+    """stage → {epoch, si (mean over blocks, each block weighted equally), null mean, null sd}."""
+    out = OrderedDict()
+    for e in evals:
+        by_stage = OrderedDict()
+        for name, layer in e["layers"].items():
+            by_stage.setdefault(stage_of(name), []).append(layer)
+        for stage, layers in by_stage.items():
+            s = out.setdefault(stage, {"epoch": [], "si": [], "null": [], "null_sd": []})
+            s["epoch"].append(float(e["epoch"]))
+            s["si"].append(np.mean([float(l["si"].mean()) for l in layers]))
+            null = torch.cat([l["si_null"] for l in layers]).numpy()
+            s["null"].append(null.mean())
+            s["null_sd"].append(null.std())
+    return out
+
+
+def plot_stages(runs: dict, path: str) -> None:
+    stages = list(OrderedDict.fromkeys(s for series in runs.values() for s in series))
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.2), squeeze=False,
+                             sharey=True)
+    for ax, stage in zip(axes[0], stages):
+        for i, (run, series) in enumerate(runs.items()):
+            if stage not in series:
+                continue
+            s, color = series[stage], f"C{i}"
+            ep, null, sd = map(np.asarray, (s["epoch"], s["null"], s["null_sd"]))
+            ax.fill_between(ep, null - sd, null + sd, color=color, alpha=0.15, linewidth=0)
+            ax.plot(ep, null, color=color, linestyle=":", linewidth=1)
+            ax.plot(ep, s["si"], color=color, marker="o", markersize=3, label=run)
+        ax.set_title(stage)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean class selectivity index")
+    axes[0][-1].legend(fontsize=7, title="dotted + band: shuffled-label null", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(run: str, evals: list[dict], path: str) -> None:
+    names = list(evals[-1]["layers"])
+    cols, bounds, order = [], [], []
+    for name in names:
+        final = evals[-1]["layers"][name]["si"].numpy()
+        order.append(np.argsort(-final))
+    for e in evals:
+        cols.append(np.concatenate([e["layers"][n]["si"].numpy()[o] for n, o in zip(names, order)]))
+    stage_starts, offset = OrderedDict(), 0
+    for n, o in zip(names, order):
+        stage_starts.setdefault(stage_of(n), offset)
+        offset += len(o)
+    mat = np.stack(cols, axis=1)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(evals) + 2), 5))
+    im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+                   vmax=max(float(np.nanmax(mat)), 1e-6))
+    ax.set_xticks(range(len(evals)))
+    ax.set_xticklabels([f"{float(e['epoch']):.2g}" for e in evals], rotation=90, fontsize=7)
+    ax.set_yticks(list(stage_starts.values()))
+    ax.set_yticklabels(list(stage_starts), fontsize=8)
+    for b in list(stage_starts.values())[1:]:
+        ax.axhline(b - 0.5, color="white", linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_title(f"per-unit SI: {os.path.basename(os.path.normpath(run))}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="SI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", help="output directory (default: RUN/figures of the first run)")
+    args = p.parse_args(argv)
+    for run in args.runs:
+        if not os.path.isdir(run):
+            raise SystemExit(f"error: run directory not found: {run}")
+    out = args.out or os.path.join(args.runs[0], "figures")
+    os.makedirs(out, exist_ok=True)
+    series, written = OrderedDict(), []
+    for run in args.runs:
+        evals = load_evals(run)
+        label = os.path.basename(os.path.normpath(run))
+        series[label] = stage_series(evals)
+        path = os.path.join(out, f"si_heatmap_{label}.png")
+        plot_heatmap(run, evals, path)
+        written.append(path)
+    path = os.path.join(out, "si_by_stage.png")
+    plot_stages(series, path)
+    written.insert(0, path)
+    for label, s in series.items():
+        last = {st: (v["si"][-1], v["null"][-1]) for st, v in s.items()}
+        print(f"{label}: final mean SI by stage " + ", ".join(
+            f"{st} {si:.3f} (null {nl:.3f})" for st, (si, nl) in last.items()))
+    print("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    main()
