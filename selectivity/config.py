@@ -73,6 +73,8 @@ class Config:
     tensorboard: bool = True
     progress: bool = True             # tqdm bar on rank 0
     save_every_epochs: int = 1
+    save_every_steps: int = 0         # also checkpoint every N steps during the first epochs ...
+    save_steps_epochs: int = 1        # ... of this many epochs (step_<global step>.pt)
 
 
 CHOICES = {

@@ -107,6 +107,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
                 "skipped_steps": self.skipped_steps, "rng": rng_state(),
                 "config": to_dict(self.cfg),
                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
@@ -223,6 +224,11 @@ class Trainer:
             run_n += labels.numel()
             n_images += labels.numel()
             faults.maybe_fault("train_step")
+            if cfg.save_every_steps and self.epoch < cfg.save_steps_epochs \
+                    and self.step % cfg.save_every_steps == 0 \
+                    and self.batch_in_epoch < self.steps_per_epoch:
+                # Sub-epoch checkpoints (paper 1's cadence inside the first epoch); resumable.
+                self.save(f"step_{self.step}.pt")
             if cfg.eval_every_steps and self.epoch < cfg.eval_steps_epochs \
                     and self.step % cfg.eval_every_steps == 0 \
                     and self.batch_in_epoch < self.steps_per_epoch:
