@@ -42,11 +42,21 @@ MIN_PAGE = 1 << 21  # FFCV's smallest page size (2 MiB; its default is 8 MiB)
 
 
 def _ffcv():
-    """Import ffcv (its import sets torch's thread count to 1: undone here)."""
+    """Import ffcv, undoing two costs of its import: it sets torch's thread count to 1, and its
+    ``IMAGE_MODES = numba.typed.Dict()`` (a two-entry table only ever read from Python) costs
+    5–10 s of numba compilation in every process — a plain dict is built instead."""
+    import sys
+    if "ffcv.fields.rgb_image" in sys.modules:
+        return
     threads = torch.get_num_threads()
     try:
-        import ffcv  # noqa: F401
-        import ffcv.fields  # noqa: F401  (~5 s of numba compilation, once per process)
+        import numba.typed
+        typed_dict = numba.typed.Dict
+        numba.typed.Dict = dict
+        try:
+            import ffcv.fields.rgb_image  # noqa: F401
+        finally:
+            numba.typed.Dict = typed_dict
         import ffcv.libffcv  # noqa: F401  (the compiled extension: fails without its system libs)
     except ImportError as e:
         raise DataError(f"data_backend 'ffcv' needs the ffcv package ({e}); install it with "
@@ -335,6 +345,50 @@ def _decoders():
     return TorchCenterCropDecoder
 
 
+def _pad_crop_class():
+    from dataclasses import replace
+
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class RandomPadCrop(Operation):
+        """The CIFAR augmentation (zero-pad ``padding`` px, crop back at a random offset), as
+        FFCV's RandomTranslate computes it, written as plain loops: numba compiles this in well
+        under a second, RandomTranslate's array expressions take ~5 s in every process."""
+
+        def __init__(self, padding: int):
+            super().__init__()
+            self.padding = int(padding)
+
+        def generate_code(self):
+            my_range = Compiler.get_iterator()
+            pad = self.padding
+
+            def pad_crop(images, dst):
+                n, h, w, c = images.shape
+                for i in my_range(n):
+                    dy = np.random.randint(-pad, pad + 1)
+                    dx = np.random.randint(-pad, pad + 1)
+                    for y in range(h):
+                        sy = y + dy
+                        for x in range(w):
+                            sx = x + dx
+                            inside = 0 <= sy < h and 0 <= sx < w
+                            for k in range(c):
+                                dst[i, y, x, k] = images[i, sy, sx, k] if inside else 0
+                return dst
+
+            pad_crop.is_parallel = True
+            return pad_crop
+
+        def declare_state_and_memory(self, previous_state):
+            return (replace(previous_state, jit_mode=True),
+                    AllocationQuery(previous_state.shape, previous_state.dtype))
+
+    return RandomPadCrop
+
+
 class _BetonInfo:
     """``loader.dataset``: the size, labels, classes and statistics behind a .beton."""
 
@@ -362,8 +416,8 @@ class FFCVLoader:
         from ffcv.loader import OrderOption
         from ffcv.pipeline.compiler import Compiler
         from ffcv.reader import Reader
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, RandomTranslate,
-                                     Squeeze, ToDevice, ToTensor, ToTorchImage)
+        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
+                                     ToTensor, ToTorchImage)
 
         if order not in ORDERS:
             raise DataError(f"unknown ffcv_order {order!r}; choose one of {', '.join(ORDERS)}")
@@ -393,7 +447,7 @@ class FFCVLoader:
         else:  # crop / crop_flip / none: the whole image (fraction 1.0), as the torch backend
             image = [CenterCrop(size, 0.875 if not train else 1.0)]
             if train and augment in ("crop", "crop_flip"):
-                image.append(RandomTranslate(padding=max(size // 8, 1)))
+                image.append(_pad_crop_class()(max(size // 8, 1)))
             if train and augment == "crop_flip":
                 image.append(RandomHorizontalFlip())
         mean255 = np.array(mean, dtype=np.float64) * 255

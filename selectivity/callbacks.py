@@ -23,8 +23,15 @@ def tracking_callbacks(cfg) -> list:
     return [Tracker(cfg.track_units, cfg.seed)]
 
 
+def regularizer_callbacks(cfg, alpha: float | None = None) -> list:
+    """The selectivity regularizer for cfg.selectivity_reg; ``alpha``: a constant α instead."""
+    from .regularizer import regularizer_callbacks as build
+    return build(cfg, alpha)
+
+
 def default_callbacks(cfg) -> list:
     callbacks = []
     if cfg.track:
         callbacks += tracking_callbacks(cfg)
+    callbacks += regularizer_callbacks(cfg)  # validates the windows; none configured → []
     return callbacks

@@ -20,6 +20,7 @@ feature map alive):
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -240,11 +241,17 @@ def eval_no_grad(*models: nn.Module):
             m.train(mode)
 
 
-def _batches(loader, max_batches):
+def _batches(loader, max_batches, min_size=1):
+    """The images of the first ``max_batches`` batches; batches of fewer than ``min_size`` images
+    (a short last batch) are skipped but still count towards ``max_batches``."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
-        yield batch[0]
+        if batch[0].shape[0] >= min_size:
+            yield batch[0]
+
+
+MIN_BATCH = 4  # the unbiased HSIC needs n ≥ 4
 
 
 def cka_over_loader(model: nn.Module, loader, layer_names: Sequence[str],
@@ -257,6 +264,8 @@ def cka_over_loader(model: nn.Module, loader, layer_names: Sequence[str],
     Between two networks: rows are ``model``'s layers, columns ``model_b``'s (``layer_names_b``,
     default the same names), both fed the same images. Runs in eval mode under no_grad and restores
     each model's mode. Returns ``((row_names, col_names), matrix)`` with a float64 CPU matrix.
+    A batch of fewer than 4 images (e.g. the short last batch of a split) is skipped: the unbiased
+    estimator is undefined there. It is an error if every batch is that small.
     """
     extra = [LOGITS] if include_logits else []
     rows = list(layer_names) + extra
@@ -273,8 +282,10 @@ def cka_over_loader(model: nn.Module, loader, layer_names: Sequence[str],
         run_a = stack.enter_context(collect_features(model, layer_names, include_logits, gram))
         run_b = None if model_b is None else stack.enter_context(
             collect_features(model_b, names_b, include_logits, gram))
-        for images in _batches(loader, max_batches):
+        for images in _batches(loader, max_batches, MIN_BATCH):
             cka.update_grams(run_a(images), None if run_b is None else run_b(images))
+    if not cka.batches:
+        raise ValueError(f"no batch of at least {MIN_BATCH} images: the unbiased HSIC needs them")
     return (rows, cols), cka.compute()
 
 
@@ -297,3 +308,61 @@ def relu_active_fraction(model: nn.Module, loader, layer_names: Sequence[str],
     if not any(total.values()):
         raise ValueError("the loader yielded no batches")
     return {n: float(active[n]) / total[n] for n in names}
+
+
+class ReluActivity:
+    """Active fraction of every ReLU inside each named module, accumulated over forward passes.
+
+    Yielded by ``count_relu_activity``. For a layer name L, the ReLUs counted are the ``nn.ReLU``
+    modules named L or L.* (so a stage ``layer2`` covers every ReLU of its blocks, and a ReLU module
+    names itself). Every call of a ReLU counts (torchvision blocks call one ``relu`` module two or
+    three times), element by element: all images, units and positions. ``F.relu`` calls inside a
+    ``forward`` are not modules and are not seen.
+    """
+
+    def __init__(self, layer_names: Sequence[str]):
+        self.names = list(layer_names)
+        self.active: dict[str, object] = dict.fromkeys(self.names, 0)
+        self.total: dict[str, int] = dict.fromkeys(self.names, 0)
+        self.relus: dict[str, list[str]] = {n: [] for n in self.names}
+
+    def fractions(self) -> dict[str, float]:
+        """{layer: fraction of ReLU outputs > 0}; NaN for a layer with no ReLU module or no data."""
+        return {n: float(self.active[n]) / self.total[n] if self.total[n] else math.nan
+                for n in self.names}
+
+
+@contextlib.contextmanager
+def count_relu_activity(model: nn.Module, layer_names: Sequence[str]) -> Iterator[ReluActivity]:
+    """Hook every ``nn.ReLU`` inside the named modules and count its positive outputs while the
+    caller runs forward passes; yields a ``ReluActivity``. The fraction of active ReLUs is a direct
+    proxy for linearity: with every ReLU active, a ReLU network computes a linear function. Counts
+    stay on the model's device until ``fractions()`` (no sync per batch). Hooks removed on exit."""
+    resolve_modules(model, layer_names)  # unknown names: the usual error
+    acc = ReluActivity(layer_names)
+    owners: dict[str, list[str]] = {}
+    relu_modules = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, nn.ReLU):
+            continue
+        for layer in acc.names:
+            if mod_name == layer or mod_name.startswith(layer + "."):
+                owners.setdefault(mod_name, []).append(layer)
+                acc.relus[layer].append(mod_name)
+                relu_modules[mod_name] = module
+
+    def hook_for(layers):
+        def hook(_module, _inputs, output):
+            count, numel = (output > 0).sum(), output.numel()
+            for layer in layers:
+                acc.active[layer] = acc.active[layer] + count
+                acc.total[layer] += numel
+        return hook
+
+    handles = [relu_modules[m].register_forward_hook(hook_for(layers))
+               for m, layers in owners.items()]
+    try:
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()

@@ -65,6 +65,9 @@ class Config:
     # selectivity tracking (selectivity/tracker.py)
     track: bool = True                # per-class unit statistics every step and at every eval
     track_units: str = "blocks"       # blocks | relu | bn
+    # regularizer (selectivity/regularizer.py): loss = CE − α · minibatch SI, α by epoch window,
+    # e.g. [{alpha: -1.0, start: 0, end: 5}] (start inclusive, end exclusive/absent = forever)
+    selectivity_reg: list = field(default_factory=list)
     # evaluation, logging, checkpoints
     eval_every_epochs: int = 1
     eval_every_steps: int = 0         # also evaluate every N steps during the first epochs ...

@@ -16,6 +16,7 @@ Stimuli, responses and indices follow the public code of the paper (ukky17/ori_s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .cka import eval_no_grad, collect_features
+from .cka import LOGITS, collect_features, eval_no_grad, resolve_modules
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -201,14 +202,101 @@ def shift_invariance(model: nn.Module, layer_names: Sequence[str], images: torch
     and pooling. Images whose responses are constant across units (correlation undefined) are
     left out of the mean; NaN if all are.
     """
-    dy, dx = (shift_px, shift_px) if isinstance(shift_px, int) else shift_px
-    shifted = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+    shifted = roll_images(images, shift_px)
     a = unit_responses(model, layer_names, images, normalize, batch_size, device)
     b = unit_responses(model, layer_names, shifted, normalize, batch_size, device)
-    out = {}
-    for name in a:
-        x = a[name].double() - a[name].double().mean(dim=1, keepdim=True)
-        y = b[name].double() - b[name].double().mean(dim=1, keepdim=True)
-        r = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
-        out[name] = float(r[r.isfinite()].mean()) if bool(r.isfinite().any()) else math.nan
-    return out
+    return {name: shift_correlation(a[name], b[name]) for name in a}
+
+
+def roll_images(images: torch.Tensor, shift_px: int | tuple[int, int]) -> torch.Tensor:
+    """Circular shift of [N, C, H, W] images down and right by ``shift_px`` (int) or (dy, dx).
+    Per-channel normalisation commutes with it, so normalised images can be shifted directly."""
+    dy, dx = (shift_px, shift_px) if isinstance(shift_px, int) else shift_px
+    return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+
+
+def shift_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of the Pearson correlation across units between rows of ``a`` and ``b``
+    ([N, U] responses to images and to their shifted copies). Images whose responses are constant
+    across units are left out; NaN if all are."""
+    x = a.double() - a.double().mean(dim=1, keepdim=True)
+    y = b.double() - b.double().mean(dim=1, keepdim=True)
+    r = (x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))
+    return float(r[r.isfinite()].mean()) if bool(r.isfinite().any()) else math.nan
+
+
+# ---------------------------------------------------------------- ablation by gOSI (Ukita 2020)
+
+def ablation_groups(indices: OrientationIndices) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top, bottom): the unit indices of the most and least orientation-selective halves of a
+    layer by gOSI, dead units excluded (Ukita put them in the control half, which flatters the
+    comparison). Each half holds ⌊alive/2⌋ units; with an odd count the median unit is in neither.
+    Ties are broken by unit index, so the split is deterministic."""
+    alive = torch.nonzero(~indices.dead).flatten()
+    order = alive[torch.argsort(indices.gosi[alive], stable=True)]  # ascending gOSI
+    half = order.numel() // 2
+    return order[order.numel() - half:].flip(0), order[:half]
+
+
+@contextlib.contextmanager
+def zero_channels(model: nn.Module, layer_name: str, channels: Sequence[int] | torch.Tensor):
+    """Set the given channels of a named module's output to 0 for the duration (a forward hook).
+
+    A deliberately small local mask for the orientation ablation; the project's general ablation
+    masks on residual-block outputs live in selectivity/ablation.py. Works for [B, U, ...] outputs
+    in any memory format; the output is replaced (not modified in place), so hooks registered
+    after this one, and the next layer, see the zeroed tensor.
+    """
+    module = resolve_modules(model, [layer_name])[layer_name]
+    index = torch.as_tensor(channels, dtype=torch.long).flatten()
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() < 2:
+            raise TypeError(f"cannot zero channels of {layer_name!r}: its output is not [B, U, ...]")
+        if index.numel() and int(index.max()) >= output.shape[1]:
+            raise IndexError(f"channel {int(index.max())} out of range for {layer_name!r} "
+                             f"({output.shape[1]} channels)")
+        mask = torch.ones(output.shape[1], dtype=output.dtype, device=output.device)
+        mask[index.to(output.device)] = 0
+        return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class LossAndShift:
+    loss: torch.Tensor                 # [N] float64 per-image cross-entropy
+    correct: torch.Tensor              # [N] bool: top-1 prediction right
+    shift_invariance: dict             # {layer: mean correlation (see shift_correlation)}
+
+
+def loss_and_shift_invariance(model: nn.Module, batches, layer_names: Sequence[str],
+                              shift_px: int | tuple[int, int]) -> LossAndShift:
+    """Per-image cross-entropy and correctness over ``batches`` of ``(images, labels)`` (already
+    normalised, on the model's device), and the shift invariance of ``layer_names`` on the same
+    images — two forward passes per batch (the images, then their circular shifts), eval mode,
+    no_grad. Hooks already on the model (e.g. ``zero_channels``) apply to both passes."""
+    names = list(layer_names)
+    losses, correct = [], []
+    a: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    b: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with eval_no_grad(model), collect_features(model, names, include_logits=True,
+                                               reduce=_spatial_mean) as run:
+        for images, labels in batches:
+            out = run(images)
+            logits = out.pop(LOGITS).float()
+            losses.append(torch.nn.functional.cross_entropy(
+                logits, labels, reduction="none").double().cpu())
+            correct.append((logits.argmax(1) == labels).cpu())
+            shifted = run(roll_images(images, shift_px))
+            for n in names:
+                a[n].append(out[n].float().cpu())
+                b[n].append(shifted[n].float().cpu())
+    if not losses:
+        raise ValueError("no batches to evaluate")
+    shift = {n: shift_correlation(torch.cat(a[n]), torch.cat(b[n])) for n in names}
+    return LossAndShift(torch.cat(losses), torch.cat(correct), shift)

@@ -1,0 +1,182 @@
+"""Benchmark the fused selectivity ops on this CPU, every figure measured side by side in one run.
+
+    .venv/bin/python tools/bench_selectivity.py            # ~2-3 min on 2 cores
+
+a. accumulate vs reading the tensor once (act.sum()) on one [64, 256, 16, 16] fp32 activation,
+   channels_last and NCHW (target: ratio <= 1.3);
+b. accumulate vs the best pure-PyTorch way (mean + index_add_) and vs a per-class Python loop like
+   the papers' public code;
+c. per-step overhead of tracking all 16 ResNet-50 block outputs (15,104 units, K=1000, B=64,
+   64-px input, channels_last fp32) as a % of a ResNet-50 training step measured in the same run
+   (target: <= 0.5%).
+
+Timings are medians over repeats, the candidates of one table interleaved repeat by repeat so that
+load from other processes hits them alike. Informational: always exits 0.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from selectivity import ops  # noqa: E402
+
+K = 1000
+B = 64
+
+
+def median_ms(fns, repeats, warmup=2):
+    """Median wall time in ms of each callable, calls interleaved round-robin."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def pytorch_accumulate(act, labels, sums, counts):
+    """The best pure-PyTorch way: one mean, one index_add_."""
+    means = act.mean((2, 3)) if act.dim() == 4 else act
+    sums.index_add_(0, labels, means.double())
+    counts.index_add_(0, labels, torch.ones_like(labels))
+
+
+def per_class_loop(act, labels, sums, counts):
+    """A loop over the classes present in the batch, as in the papers' public code."""
+    for c in labels.unique().tolist():
+        chosen = act[labels == c]
+        sums[c] += (chosen.mean((2, 3)) if act.dim() == 4 else chosen).double().sum(0)
+        counts[c] += chosen.shape[0]
+
+
+def verdict(value, target):
+    return "PASS" if value <= target else "FAIL"
+
+
+def single_tensor(repeats):
+    print("a/b. one [64, 256, 16, 16] fp32 activation (16.8 MB), K=1000; median ms")
+    print(f"  {'layout':<14}{'accumulate':>11}{'act.sum()':>11}{'mean+index_add_':>17}{'class loop':>12}"
+          f"{'acc/sum':>9}  {'(target <= 1.3)':<16}{'torch/acc':>10}{'loop/acc':>10}")
+    labels = torch.randint(0, K, (B,))
+    for layout in ("channels_last", "NCHW"):
+        act = torch.rand(B, 256, 16, 16)
+        if layout == "channels_last":
+            act = act.to(memory_format=torch.channels_last)
+        states = [ops.new_state(K, 256) for _ in range(3)]
+        fused, read, torch_way, loop = median_ms([
+            lambda: ops.accumulate(act, labels, *states[0]),
+            lambda: act.sum(),
+            lambda: pytorch_accumulate(act, labels, *states[1]),
+            lambda: per_class_loop(act, labels, *states[2]),
+        ], repeats)
+        ratio = fused / read
+        print(f"  {layout:<14}{fused:>11.3f}{read:>11.3f}{torch_way:>17.3f}{loop:>12.3f}"
+              f"{ratio:>9.2f}  {verdict(ratio, 1.3):<16}{torch_way / fused:>9.1f}x{loop / fused:>9.1f}x")
+
+
+def resnet50_block_outputs():
+    """The 16 residual-block outputs of ResNet-50 for a [64, 3, 64, 64] channels_last batch."""
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None, num_classes=K).to(memory_format=torch.channels_last)
+    outputs = []
+    blocks = [blk for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for blk in layer]
+    hooks = [blk.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for blk in blocks]
+    with torch.no_grad():
+        model(torch.rand(B, 3, 64, 64).to(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return model, outputs
+
+
+def training_step_ms(model, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(B, 3, 64, 64).to(memory_format=torch.channels_last)
+    y = torch.randint(0, K, (B,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return median_ms([step], steps, warmup=2)[0]
+
+
+def resnet50_overhead(repeats, steps):
+    model, acts = resnet50_block_outputs()
+    units = sum(a.shape[1] for a in acts)
+    assert len(acts) == 16 and units == 15104, (len(acts), units)
+    labels = torch.randint(0, K, (B,))
+    states = [ops.new_state(K, a.shape[1]) for a in acts]
+    torch_states = [ops.new_state(K, a.shape[1]) for a in acts]
+    loop_states = [ops.new_state(K, a.shape[1]) for a in acts]
+
+    def fused():
+        for act, state in zip(acts, states):
+            ops.accumulate(act, labels, *state)
+
+    def index():
+        for state in states:
+            ops.selectivity_index(*state)
+
+    def torch_way():
+        for act, state in zip(acts, torch_states):
+            pytorch_accumulate(act, labels, *state)
+
+    def loop():
+        for act, state in zip(acts, loop_states):
+            per_class_loop(act, labels, *state)
+
+    t_acc, t_index, t_torch, t_loop = median_ms([fused, index, torch_way, loop], repeats)
+    t_read = median_ms([lambda: [a.sum() for a in acts]], repeats)[0]
+    t_step = training_step_ms(model, steps)
+
+    print(f"c. ResNet-50, 16 block outputs ({units:,} units, {sum(a.numel() for a in acts) * 4 / 1e6:.0f} MB), "
+          f"K={K}, B={B}, channels_last fp32")
+    print(f"  training step (forward+backward+SGD, [64, 3, 64, 64]):  {t_step:9.1f} ms")
+    print(f"  {'per step':<46}{'ms':>9}{'% of step':>11}  (target <= 0.5%)")
+    rows = [
+        ("read all 16 outputs once (act.sum())", t_read, None),
+        ("fused accumulate (what the tracker does)", t_acc, 0.5),
+        ("fused accumulate + selectivity_index", t_acc + t_index, 0.5),
+        ("  selectivity_index alone (all layers)", t_index, None),
+        ("pure PyTorch mean + index_add_", t_torch, None),
+        ("per-class loop (papers' style)", t_loop, None),
+    ]
+    for name, t, target in rows:
+        pct = 100 * t / t_step
+        tail = f"  {verdict(pct, target)}" if target is not None else ""
+        print(f"  {name:<46}{t:>9.2f}{pct:>10.2f}%{tail}")
+    print(f"  fused accumulate / read once: {t_acc / t_read:.2f}   "
+          f"pure PyTorch / fused: {t_torch / t_acc:.1f}x   per-class loop / fused: {t_loop / t_acc:.1f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed repeats per op")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed ResNet-50 training steps")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if os.environ.get("SELECTIVITY_FORCE_REFERENCE") == "1":
+        backend = "reference (SELECTIVITY_FORCE_REFERENCE=1)"
+    else:
+        backend = "compiled selectivity._C" if ops.has_extension() else "reference (extension not built: make build)"
+    print(f"selectivity bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, ops: {backend}")
+    single_tensor(args.repeats)
+    resnet50_overhead(max(5, args.repeats // 3), args.train_steps)
+
+
+if __name__ == "__main__":
+    main()
