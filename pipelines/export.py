@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .datasets import ArrayDataset, DataError, ImageFolderDataset
+from .datasets import DataError, ImageFolderDataset
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
 MAX_SIDE = 65535  # .beton stores widths and heights as uint16
@@ -175,8 +175,3 @@ def export_png_tree(dataset, root: str, progress: bool | None = None) -> None:
         json.dump(entries, f)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
-
-
-def dataset_info(dataset) -> dict:
-    return {"classes": list(dataset.classes), "mean": tuple(dataset.mean),
-            "std": tuple(dataset.std), "in_memory": isinstance(dataset, ArrayDataset)}

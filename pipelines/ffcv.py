@@ -414,7 +414,6 @@ class FFCVLoader:
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import OrderOption
-        from ffcv.pipeline.compiler import Compiler
         from ffcv.reader import Reader
         from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
                                      ToTensor, ToTorchImage)
@@ -486,7 +485,8 @@ class FFCVLoader:
             self._loader = _loader_class()(path, **kwargs)
         finally:
             torch.set_num_threads(torch_threads)  # FFCV's Compiler sets torch's thread count too
-        self._Compiler = Compiler
+        if kwargs["order"] == OrderOption.QUASI_RANDOM:
+            _pure_quasi_random(self._loader.traversal_order)
 
     # ---- contract --------------------------------------------------------------------------
     @property
@@ -559,6 +559,19 @@ class FFCVLoader:
             self.close()
         except Exception:  # noqa: BLE001 — interpreter shutdown
             pass
+
+
+def _pure_quasi_random(order) -> None:
+    """FFCV's QuasiRandom shuffles its page table in place on every call, so the order of epoch
+    e depends on how often it was asked before; reset the table first: a function of (seed, e)."""
+    table = order.page_to_samples_array.copy()
+    sample = order.sample_order
+
+    def sample_order(epoch):
+        order.page_to_samples_array[:] = table
+        return sample(epoch)
+
+    order.sample_order = sample_order
 
 
 @functools.lru_cache(maxsize=None)

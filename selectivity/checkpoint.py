@@ -32,6 +32,7 @@ def _atomic_write(path: str, write_fn) -> None:
             write_fn(f)
             f.flush()
             faults.maybe_fault("checkpoint_write")
+            faults.maybe_fault("disk_full")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

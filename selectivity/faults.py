@@ -1,12 +1,17 @@
-"""Fault injection for the reliability tests: kill the process at a named point.
+"""Fault injection for the reliability tests.
 
-``SELECTIVITY_FAULT=<point>:<n>`` sends SIGKILL to this process the n-th time (1-based) execution
-passes ``maybe_fault(<point>)``. Points: ``train_step`` (after a step's optimizer update),
-``eval_batch`` (inside an evaluation), ``checkpoint_write`` (with a checkpoint half-written, before
-its rename). Unset, each call costs one dict lookup.
+``SELECTIVITY_FAULT=<point>:<n>`` triggers a fault the n-th time (1-based) execution passes
+``maybe_fault(<point>)``. Points and what they do:
+  train_step        SIGKILL after a step's optimizer update
+  eval_batch        SIGKILL inside an evaluation
+  checkpoint_write  SIGKILL with a checkpoint half-written, before its rename
+  disk_full         raise OSError(ENOSPC) while writing a checkpoint
+  nan_loss          make a training step's loss NaN (the caller asks ``maybe_fault`` and acts)
+Unset, each call costs one string comparison.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -15,9 +20,16 @@ _POINT, _, _N = _SPEC.partition(":")
 _counts: dict[str, int] = {}
 
 
-def maybe_fault(point: str) -> None:
+def maybe_fault(point: str) -> bool:
+    """Trigger the configured fault if this is its point and occurrence; True for nan_loss."""
     if point != _POINT:
-        return
+        return False
     _counts[point] = _counts.get(point, 0) + 1
-    if _counts[point] == int(_N or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _counts[point] != int(_N or 1):
+        return False
+    if point == "disk_full":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if point == "nan_loss":
+        return True
+    os.kill(os.getpid(), signal.SIGKILL)
+    return False

@@ -157,7 +157,8 @@ class Trainer:
             [loss_sum.item(), correct1.item(), correct5.item(), count.item()], self.device)
         record = {"epoch": self.epoch if epoch is None else epoch, "step": self.step, "split": "val",
                   "loss": loss_sum / count, "acc1": correct1 / count, "acc5": correct5 / count,
-                  "images": int(count), "images_per_sec": train_images_per_sec}
+                  "images": int(count), "images_per_sec": train_images_per_sec,
+                  "skipped_steps": self.skipped_steps}
         for cb in self.callbacks:
             record.update(cb.eval_end(self, record))
         self.net.train()
@@ -174,18 +175,24 @@ class Trainer:
             for cb in self.callbacks:
                 for term in cb.loss_terms(self, images, labels, logits).values():
                     loss = loss + term
+            if faults.maybe_fault("nan_loss"):
+                loss = loss * float("nan")
         for cb in self.callbacks:
             cb.after_batch(self)
         # A non-finite loss is checked every step on the CPU (free) or with nan_policy: skip;
-        # on CUDA with "stop" it is checked at log steps and before each checkpoint (no per-step sync).
+        # on CUDA with "stop" it is checked at log steps and at epoch end (no per-step sync).
         if self.device.type == "cpu" or cfg.nan_policy == "skip":
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if self.dist.enabled and cfg.nan_policy == "skip":
+                # Every rank must skip together, or DDP's gradient all_reduce would hang.
+                finite = all_reduce_sum([float(not finite)], self.device)[0] == 0
+            if not finite:
                 if cfg.nan_policy == "stop":
                     self._nonfinite(loss)
                 self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
-                return logits.detach(), loss.detach()
+                return logits.detach(), None
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -219,10 +226,11 @@ class Trainer:
                 cb.after_step(self, images, labels, logits)
             self.step += 1
             self.batch_in_epoch += 1
-            run_loss += loss.float() * labels.numel()
-            run_correct += (logits.argmax(1) == labels).sum()
-            run_n += labels.numel()
             n_images += labels.numel()
+            if loss is not None:  # None: a skipped non-finite step (nan_policy: skip)
+                run_loss += loss.float() * labels.numel()
+                run_correct += (logits.argmax(1) == labels).sum()
+                run_n += labels.numel()
             faults.maybe_fault("train_step")
             if cfg.save_every_steps and self.epoch < cfg.save_steps_epochs \
                     and self.step % cfg.save_every_steps == 0 \
@@ -240,8 +248,9 @@ class Trainer:
                     self._nonfinite(run_loss)
                 elapsed = time.perf_counter() - t0
                 record = {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
-                          "step": self.step, "split": "train", "loss": run_loss.item() / run_n,
-                          "acc1": run_correct.item() / run_n, "lr": self.scheduler.get_last_lr()[0],
+                          "step": self.step, "split": "train",
+                          "loss": run_loss.item() / max(run_n, 1),
+                          "acc1": run_correct.item() / max(run_n, 1), "lr": self.scheduler.get_last_lr()[0],
                           "images_per_sec": n_images * self.dist.world_size / elapsed}
                 for cb in self.callbacks:
                     record.update(cb.train_log(self))

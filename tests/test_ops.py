@@ -126,9 +126,15 @@ def batches(draw):
     return make_act(layout, B, U, H, W, dtype, values, gen), labels, K
 
 
-def assert_state_close(sums, counts, expected_sums, expected_counts):
-    # float64 accumulation in every backend: far tighter than the 1e-6 the project needs.
-    np.testing.assert_allclose(sums.cpu().numpy(), expected_sums, rtol=1e-9, atol=1e-12)
+def assert_state_close(sums, counts, act, labels, initial=0.0):
+    """sums within 1e-6 * sum|x| of the oracle: the CPU kernel sums runs of <= 8 values in float32
+    (error <= 7 * 2^-24 * sum|x|, csrc/cpu_accumulate.cpp); everything else is float64."""
+    K = sums.shape[0]
+    expected_sums, expected_counts = oracle_accumulate(act, labels, K)
+    scale, _ = oracle_accumulate(act.abs(), labels, K)
+    error = np.abs(sums.cpu().numpy() - (expected_sums + initial))
+    bound = 1e-6 * scale + 1e-12 * (1 + abs(initial))
+    assert (error <= bound).all(), f"max error {error.max():.3g}, worst ratio to bound {(error / bound).max():.3g}"
     np.testing.assert_array_equal(counts.cpu().numpy(), expected_counts)
 
 
@@ -153,8 +159,7 @@ def test_accumulate_matches_oracle(backend, case):
     sums, counts = ops.new_state(K, act.shape[1])
     sums += 0.25  # accumulate adds to what is there
     accumulate(backend, act, labels, sums, counts)
-    expected_sums, expected_counts = oracle_accumulate(act, labels, K)
-    assert_state_close(sums, counts, expected_sums + 0.25, expected_counts)
+    assert_state_close(sums, counts, act, labels, initial=0.25)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,8 +188,7 @@ def test_accumulate_detaches_act_that_requires_grad():
     sums, counts = ops.new_state(2, 3)
     ops.accumulate(act, torch.tensor([0, 1, 1, 0]), sums, counts)
     assert not sums.requires_grad and sums.grad_fn is None
-    expected, _ = oracle_accumulate(act, torch.tensor([0, 1, 1, 0]), 2)
-    np.testing.assert_allclose(sums.numpy(), expected, rtol=1e-12)
+    assert_state_close(sums, counts, act, torch.tensor([0, 1, 1, 0]))
 
 
 # ----- selectivity_index -----
@@ -399,7 +403,7 @@ def test_missing_extension_warns_once_and_uses_the_reference(monkeypatch):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "not built" in messages[0] and "make build" in messages[0]
     expected, _ = oracle_accumulate(act, labels, 3)
-    np.testing.assert_allclose(sums.numpy(), 2 * expected, rtol=1e-12)
+    np.testing.assert_allclose(sums.numpy(), 2 * expected, rtol=1e-12)  # the reference is float64 throughout
 
 
 # ----- CUDA (runs where a GPU exists) -----
@@ -416,7 +420,7 @@ def test_cuda_accumulate_and_index_match_oracle(backend, layout, dtype):
         labels = torch.randint(0, K, (B,), generator=gen).cuda()
         sums, counts = ops.new_state(K, U, device="cuda")
         accumulate(backend, act, labels, sums, counts)
-        assert_state_close(sums, counts, *oracle_accumulate(act, labels, K))
+        assert_state_close(sums, counts, act, labels)
         assert_index_close(selectivity_index(backend, sums, counts), oracle_index(sums, counts, 1e-7))
 
 

@@ -197,7 +197,7 @@ def plot_heatmaps(records, title, path, wanted=None):
         ax.set_xticklabels(r["cols"], rotation=90, fontsize=7)
         ax.set_yticks(range(len(r["rows"])))
         ax.set_yticklabels(r["rows"], fontsize=7)
-        ax.set_title(f"epoch {r['epoch']:g}", fontsize=9)
+        ax.set_title(f"epoch {r['epoch']:.3g}", fontsize=9)
         if size <= 8:
             for (i, j), v in np.ndenumerate(mat):
                 if np.isfinite(v):
@@ -250,7 +250,7 @@ def plot_curves(records, layers, between, title, path):
 
 def plot_relu(records, layers, labels, path):
     ep = [r["epoch"] for r in records]
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers) + 1))  # as in plot_curves
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for key, style, label in (("relu_active", "-", labels[0]), ("relu_active_b", "--", labels[1])):
         if records[0].get(key) is None:
@@ -346,10 +346,10 @@ def main(argv=None):
         write_jsonl(out_jsonl, records)  # rewritten each time: an interrupted run keeps its lines
         if between:
             cells = "  ".join(f"{n} {_entry(rec, n, n):.3f}" for n in layers + [LOGITS])
-            print(f"epoch {c.epoch:g}: CKA(A, B) same layer: {cells}", flush=True)
+            print(f"epoch {c.epoch:.3g}: CKA(A, B) same layer: {cells}", flush=True)
         else:
             cells = "  ".join(f"{n} {_entry(rec, n, LOGITS):.3f}" for n in layers)
-            print(f"epoch {c.epoch:g}: CKA(·, logits): {cells}", flush=True)
+            print(f"epoch {c.epoch:.3g}: CKA(·, logits): {cells}", flush=True)
 
     title = (f"linear CKA: {name_a} (rows) vs {name_b} (cols)" if between
              else f"linear CKA within {name_a}")
@@ -375,7 +375,7 @@ def print_summary(records, layers, between, out_jsonl, written):
         cka = [_entry(r, n, n if between else LOGITS) for n in layers + ([LOGITS] if between
                                                                          else [])]
         relu = [np.nan if r["relu_active"][n] is None else r["relu_active"][n] for n in layers]
-        print(f"{r['epoch']:<7g} {r['step']:>5}  " + " ".join(f"{v:>{w}.3f}" for v in cka)
+        print(f"{r['epoch']:<7.3g} {r['step']:>5}  " + " ".join(f"{v:>{w}.3f}" for v in cka)
               + "   |               " + " ".join(f"{v:>{w}.3f}" for v in relu))
     print(f"wrote {out_jsonl}, " + ", ".join(written))
 

@@ -1,0 +1,43 @@
+# The data-loading backends (pipelines/ffcv.py, pipelines/dali.py). Included by the top-level
+# Makefile, which defines VENV, PY, PIP and the `venv` target.
+#
+#   make data-deps      system libraries FFCV compiles against (apt-get, only when missing), then
+#                       FFCV, numba, OpenCV and NVIDIA DALI into the venv (requirements-data.txt)
+#   make data-syslibs   only the system-library check/install
+#   make bench-loader   torch vs ffcv vs dali throughput on generated JPEGs (tools/bench_loader.py)
+#
+# FFCV has no wheel: pip builds its C++ extension against OpenCV and libjpeg-turbo found through
+# pkg-config. When `pkg-config --exists opencv4 libturbojpeg` fails, data-syslibs installs them
+# with apt-get (Debian; needs root) and says so; otherwise it does nothing, instantly. The venv
+# part is a stamp file rebuilt only when requirements-data.txt changes, so a re-run is instant.
+
+DATA_APT := pkg-config libturbojpeg0-dev libopencv-dev libgl1 libglib2.0-0
+DATA_STAMP := $(VENV)/.data-installed
+
+DEPS += data-deps
+.PHONY: data-deps data-syslibs bench-loader
+
+data-deps: data-syslibs $(DATA_STAMP)
+
+data-syslibs:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then exit 0; fi; \
+	echo "mk/data.mk: FFCV needs OpenCV and libjpeg-turbo headers; installing with apt-get: $(DATA_APT)"; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "mk/data.mk: error: not root; run as root, or: sudo apt-get install -y $(DATA_APT)" >&2; \
+	  exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DATA_APT) >/dev/null && \
+	pkg-config --exists opencv4 libturbojpeg && echo "mk/data.mk: system libraries installed"
+
+# pillow is listed explicitly: FFCV imports it without declaring it. FFCV's build needs no numpy
+# or OpenCV Python package (its extension links the system libraries), so build isolation is kept.
+$(DATA_STAMP): requirements-data.txt | venv data-syslibs
+	$(PIP) install -q -r requirements-data.txt
+	$(PY) -c "import ffcv, ffcv.libffcv, numba, cv2, nvidia.dali, nvidia.dali.plugin.pytorch; \
+	print('data-deps: ffcv', __import__('importlib.metadata').metadata.version('ffcv'), \
+	      '| numba', numba.__version__, '| dali', nvidia.dali.__version__)"
+	@touch $@
+
+bench-loader: venv data-deps
+	$(PY) tools/bench_loader.py

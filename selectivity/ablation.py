@@ -1,0 +1,639 @@
+"""Unit ablation: mask chosen units and measure accuracy, for many conditions per forward pass.
+
+Paper 1's protocol (papers-notes §1), with its ranking/evaluation overlap fixed:
+
+1. **Rank** the units of every tracked layer by class selectivity (SI from class means, the fused
+   ops of selectivity/ops.py) on a *ranking split* — by default a fixed stratified 20 % of the
+   training split seen without augmentation (``ranking_loader``) — never on the data the accuracy
+   is then measured on (paper 1's code ranked and evaluated on the same ImageNet val set).
+2. **Ablate** k units per layer — ``selective`` (the k highest SI), ``least`` (the k lowest) or
+   ``random`` (k drawn uniformly; re-drawn for every batch as paper 1's code does, or fixed per
+   draw) — in every layer of a *scope* at once (a stage: the same k in all its blocks, as paper 1;
+   or the whole network). Ablating sets the unit's whole feature map to 0 (``mode="zero"``) or to
+   the unit's mean activation over the ranking split (``mode="mean"``).
+3. **Evaluate** top-1 accuracy and loss on the validation split for every (scope, condition, k).
+
+Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
+holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
+default the layers are the residual blocks of ``models.residual_blocks`` (their post-ReLU
+outputs, the units the tracker measures); any model can name its own: a list of
+``named_modules()`` names or a ``{name: module}`` mapping (``resolve_layers``).
+
+Many conditions per pass. ``AblationHooks`` masks a layer's output with a per-group mask
+``[G, U]``: the batch is repeated G times and ``out.view(G, B, U, H, W) * keep[:, None, :, None,
+None]`` gives every group its own condition (BatchNorm is in eval mode, so groups cannot
+interact). The batch is not repeated at the input but at the input of the first masked layer
+(``share_prefix``): everything before it is the same for all conditions and is computed once. On
+a CPU that shared prefix, not per-call overhead, is where the time goes (docs/ablation.md has the
+measurements). Identical conditions (k = 0 everywhere; k = U in every layer) are evaluated once.
+
+Random draws are a pure function of ``(seed, draw, layer, batch index)`` — not of the order of
+evaluation — so they are reproducible, and the batched and one-pass-per-condition evaluations
+(``evaluate_ablations(batched=False)``) see exactly the same masks. For one (draw, layer, batch)
+the units are a random permutation's first k, so the random sets are nested in k, as the selective
+and least-selective sets are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .models import residual_blocks, stage_of
+from .tracker import EPS, LayerStates
+
+CONDITIONS = ("selective", "random", "least")
+MODES = ("zero", "mean")
+WHOLE = "whole"
+# Fine steps up to half the units, coarser above (paper 1: steps of 15 to C/2, then 40), as
+# fractions of a layer's units so one grid serves 16-channel and 2048-channel blocks alike.
+DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+
+
+class AblationError(ValueError):
+    """A bad ablation request (unknown layer, k out of range, bad mode); the message says which."""
+
+
+# ---------------------------------------------------------------------------- layers and grids
+
+def resolve_layers(model: nn.Module, layers=None) -> "OrderedDict[str, nn.Module]":
+    """The layers whose outputs hold the units, in the given order.
+
+    ``None``: every residual block (``models.residual_blocks``); a sequence of
+    ``model.named_modules()`` names; or a ``{name: module}`` mapping (any names).
+    """
+    root = getattr(model, "module", model)
+    if layers is None:
+        out = residual_blocks(root)
+        if not out:
+            raise AblationError(f"{type(root).__name__} has no residual blocks; name the layers "
+                                f"to ablate (layers=[module names] or {{name: module}})")
+        return out
+    if isinstance(layers, Mapping):
+        return OrderedDict(layers)
+    modules = dict(root.named_modules())
+    out = OrderedDict()
+    for name in layers:
+        if name not in modules or name == "":
+            valid = ", ".join(n for n in modules if n)
+            raise AblationError(f"unknown layer {name!r} in {type(root).__name__}; valid: {valid}")
+        out[name] = modules[name]
+    return out
+
+
+def scopes_by_stage(layer_names: Iterable[str]) -> "OrderedDict[str, list[str]]":
+    """``{stage: [its layers]}`` (``layer2.1`` → ``layer2``), in order."""
+    out = OrderedDict()
+    for name in layer_names:
+        out.setdefault(stage_of(name), []).append(name)
+    return out
+
+
+def k_from_fractions(fractions: Sequence[float], units: int) -> list[int]:
+    """``round(f · units)`` for each fraction, de-duplicated, in increasing order."""
+    for f in fractions:
+        if not 0.0 <= f <= 1.0:
+            raise AblationError(f"fraction {f} outside [0, 1]")
+    return sorted({int(round(f * units)) for f in fractions})
+
+
+def paper_k_grid(units: int) -> list[int]:
+    """Paper 1's grid: 0 to C/2 in steps of 15, then C/2 to C in steps of 40 (never reaching C).
+
+    Meant for 256–2048-channel blocks; for a 16-channel block it is just [0, 8]."""
+    return list(range(0, units // 2, 15)) + list(range(units // 2, units, 40))
+
+
+# ---------------------------------------------------------------------------- ranking
+
+@dataclasses.dataclass
+class UnitRanking:
+    """One layer's units as measured on the ranking split (float64/int64, on the CPU)."""
+    si: torch.Tensor          # [U] selectivity index
+    pref_class: torch.Tensor  # [U] preferred class
+    mean: torch.Tensor        # [U] mean activation over all ranking images (the "mean" fill)
+    order: torch.Tensor       # [U] unit indices, most selective first (ties: lower index first)
+    images: int
+
+    @property
+    def units(self) -> int:
+        return int(self.si.numel())
+
+    def most(self, k: int) -> torch.Tensor:
+        return self.order[:k]
+
+    def least(self, k: int) -> torch.Tensor:
+        return self.order.flip(0)[:k]
+
+
+def ranking_from_state(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> UnitRanking:
+    """A ``UnitRanking`` from fused per-class sums/counts (``ops.accumulate``)."""
+    r = ops.selectivity_index(sums, counts, eps)
+    si = r.si.double().cpu()
+    n = int(counts.sum())
+    mean = (sums.sum(0) / max(n, 1)).double().cpu()
+    order = torch.sort(-si, stable=True).indices
+    return UnitRanking(si, r.pref_class.cpu(), mean, order, n)
+
+
+@torch.no_grad()
+def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int | None = None,
+               eps: float = EPS) -> "OrderedDict[str, UnitRanking]":
+    """SI (and mean activation) of every unit of ``layers`` over ``loader`` (eval mode, no grad).
+
+    ``loader`` yields ``(images, labels)`` on the model's device. ``num_classes``: taken from
+    ``loader.num_classes`` when not given.
+    """
+    layers = resolve_layers(model, layers)
+    K = num_classes if num_classes is not None else getattr(loader, "num_classes", None)
+    if K is None:
+        raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")
+    states, current = LayerStates(K), {}
+
+    def hook(name):
+        def fn(module, args, output):
+            states.add(name, output, current["labels"])
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in loader:
+            current["labels"] = labels
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in layers if n not in states.states]
+    if missing:
+        raise AblationError(f"layers never ran in the forward pass: {', '.join(missing)}")
+    return OrderedDict((n, ranking_from_state(*states.states[n], eps)) for n in layers)
+
+
+# ---------------------------------------------------------------------------- conditions
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One ablation condition: ``kind`` units, ``k[layer]`` of them, in each layer of a scope.
+
+    ``kind``: selective | random | least (k = 0 everywhere is the unablated model, whatever the
+    kind). ``draw``: which independent random draw; ``redraw``: random units re-drawn for every
+    batch (paper 1) or fixed for the whole evaluation. ``scope`` and ``grid`` are labels (the
+    scope's name; the grid value — a fraction or a k — this condition was made from).
+    """
+    kind: str
+    k: tuple  # ((layer, units to ablate), ...)
+    draw: int = 0
+    redraw: bool = True
+    scope: str = ""
+    grid: float | None = None
+
+    def k_of(self, layer: str) -> int:
+        return dict(self.k).get(layer, 0)
+
+    @property
+    def units_ablated(self) -> int:
+        return sum(k for _, k in self.k)
+
+
+def make_conditions(units: Mapping[str, int], kinds: Sequence[str] = CONDITIONS, *,
+                    fractions: Sequence[float] | None = None, k_grid: Sequence[int] | None = None,
+                    random_draws: int = 1, redraw: bool = True, scope: str = "") -> list[Condition]:
+    """Conditions for one scope (``units``: {layer: unit count} of its layers).
+
+    The grid is either ``fractions`` of each layer's units (k = round(f · U), so layers of different
+    widths are ablated in proportion) or an absolute ``k_grid`` (the same k in every layer; k larger
+    than a layer is an error). Default: ``DEFAULT_FRACTIONS``. One condition per (kind, grid value)
+    and, for ``random``, per draw.
+    """
+    for kind in kinds:
+        if kind not in CONDITIONS:
+            raise AblationError(f"unknown condition {kind!r}; choose from {', '.join(CONDITIONS)}")
+    if random_draws < 1:
+        raise AblationError(f"random_draws must be >= 1, got {random_draws}")
+    if fractions is not None and k_grid is not None:
+        raise AblationError("give fractions or k_grid, not both")
+    if k_grid is None:
+        grid = list(DEFAULT_FRACTIONS if fractions is None else fractions)
+        for f in grid:
+            if not 0.0 <= f <= 1.0:
+                raise AblationError(f"fraction {f} outside [0, 1]")
+        per = [tuple((n, int(round(f * u))) for n, u in units.items()) for f in grid]
+    else:
+        grid = list(k_grid)
+        for k in grid:
+            if k < 0:
+                raise AblationError(f"k must be >= 0, got {k}")
+            too_big = [n for n, u in units.items() if k > u]
+            if too_big:
+                raise AblationError(f"k = {k} exceeds the {units[too_big[0]]} units of "
+                                    f"{too_big[0]}")
+        per = [tuple((n, int(k)) for n in units) for k in grid]
+    out = []
+    for kind in kinds:
+        for g, k in zip(grid, per):
+            for draw in range(random_draws if kind == "random" else 1):
+                out.append(Condition(kind, k, draw, redraw, scope, g))
+    return out
+
+
+def _random_perm(seed: int, draw: int, layer_index: int, units: int, batch: int | None):
+    key = [seed, 1, draw, layer_index] if batch is None else [seed, 2, draw, layer_index, batch]
+    return torch.from_numpy(np.random.default_rng(key).permutation(units))
+
+
+class _MaskMaker:
+    """Ablated-unit masks per condition and batch (random ones cached per (draw, layer, batch))."""
+
+    def __init__(self, layers: Sequence[str], rankings: Mapping[str, UnitRanking], seed: int):
+        self.index = {n: i for i, n in enumerate(layers)}
+        self.rankings, self.seed = rankings, seed
+        self._perms: dict = {}
+
+    def units(self, cond: Condition, layer: str, batch: int) -> torch.Tensor:
+        k, r = cond.k_of(layer), self.rankings[layer]
+        if k == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if k == r.units or cond.kind != "random":
+            return r.order[:k] if cond.kind != "least" else r.least(k)
+        b = batch if cond.redraw else None
+        key = (cond.draw, layer, b)
+        if key not in self._perms:
+            if len(self._perms) > 4096:
+                self._perms.clear()
+            self._perms[key] = _random_perm(self.seed, cond.draw, self.index[layer], r.units, b)
+        return self._perms[key][:k]
+
+    def deterministic(self, cond: Condition) -> bool:
+        """True when the masks do not depend on the batch."""
+        return cond.kind != "random" or not cond.redraw or all(
+            k in (0, self.rankings[n].units) for n, k in cond.k)
+
+    def signature(self, cond: Condition):
+        """Equal signatures ⇔ identical masks in every batch."""
+        if not self.deterministic(cond):
+            return ("random", cond.draw, cond.k)
+        return tuple((n, tuple(sorted(self.units(cond, n, 0).tolist())))
+                     for n, k in cond.k if k > 0)
+
+    def ablated(self, conds: Sequence[Condition], layer: str, batch: int) -> torch.Tensor:
+        """[G, U] bool: True where a unit is ablated."""
+        m = torch.zeros(len(conds), self.rankings[layer].units, dtype=torch.bool)
+        for g, c in enumerate(conds):
+            m[g, self.units(c, layer, batch)] = True
+        return m
+
+
+# ---------------------------------------------------------------------------- hooks
+
+class AblationHooks:
+    """Forward hooks masking units of ``layers``; G conditions per forward pass.
+
+    ``set(ablated, fill)``: ``ablated[layer]`` is a ``[G, U]`` bool mask (True = ablate) and
+    ``fill[layer]`` a ``[U]`` value to clamp ablated units to (``None``: 0). Layers absent from
+    ``ablated`` are left alone. With ``expand=True`` the input of the first masked layer the forward
+    pass reaches is repeated G times (everything before it is computed once for all groups);
+    otherwise the caller repeats the batch itself. Outputs are viewed as ``[G, B, U, ...]``, so a
+    model's batch of ``G·B`` holds group g in rows ``g·B … (g+1)·B − 1``. A module called several
+    times in one forward is masked at every call. Use as a context manager, or ``remove()``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module]):
+        self.layers = OrderedDict(layers)
+        self.groups, self.expand, self.expanded = 1, False, False
+        self._masks: dict = {}
+        root = getattr(model, "module", model)
+        self.handles = [root.register_forward_pre_hook(self._reset)]
+        for name, module in self.layers.items():
+            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(module.register_forward_hook(self._post(name)))
+
+    def set(self, ablated: Mapping[str, torch.Tensor], fill: Mapping[str, torch.Tensor] | None = None,
+            expand: bool = False) -> None:
+        masks, groups = {}, None
+        for name, a in ablated.items():
+            if name not in self.layers:
+                raise AblationError(f"no hook on layer {name!r}; hooked: {', '.join(self.layers)}")
+            if a.dim() != 2 or (groups is not None and a.shape[0] != groups):
+                raise AblationError(f"masks must be [G, U] with one G, got {list(a.shape)} "
+                                    f"for {name}")
+            groups = a.shape[0]
+            a = a.bool()
+            keep = (~a).float()
+            f = None
+            if fill is not None and name in fill:
+                f = a.float() * fill[name].reshape(1, -1).float().to(a.device)
+            masks[name] = (keep, f)
+        self._masks, self.groups, self.expand = masks, groups or 1, expand
+
+    def clear(self) -> None:
+        self._masks, self.groups, self.expand = {}, 1, False
+
+    def _reset(self, module, args):
+        self.expanded = False
+
+    def _pre(self, name):
+        def hook(module, args):
+            if self.expand and not self.expanded and name in self._masks:
+                self.expanded = True
+                x = args[0]
+                # cat, not repeat: it keeps channels_last
+                return (torch.cat([x] * self.groups), *args[1:])
+            return None
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, out):
+            m = self._masks.get(name)
+            if m is None:
+                return None
+            keep, fill = m
+            G, U = keep.shape
+            if out.dim() < 2 or out.shape[1] != U or out.shape[0] % G:
+                raise AblationError(f"layer {name}: output {list(out.shape)} does not fit a "
+                                    f"[{G}, {U}] mask (batch must be G·B, dim 1 the units)")
+            if keep.device != out.device or keep.dtype != out.dtype:
+                keep = keep.to(out.device, out.dtype)
+                fill = None if fill is None else fill.to(out.device, out.dtype)
+                self._masks[name] = (keep, fill)
+            B, tail = out.shape[0] // G, (1,) * (out.dim() - 2)
+            o = out.view(G, B, *out.shape[1:])
+            res = o * keep.view(G, 1, U, *tail)
+            if fill is not None:
+                res = res + fill.view(G, 1, U, *tail)
+            return res.reshape(out.shape)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass
+class AblationResult:
+    condition: Condition
+    loss: float             # mean cross-entropy
+    acc1: float
+    correct: np.ndarray     # [K] correct top-1 per class
+    count: np.ndarray       # [K] images per class
+    images: int
+
+    @property
+    def class_acc(self) -> np.ndarray:
+        return self.correct / np.maximum(self.count, 1)
+
+
+def default_max_images(device) -> int:
+    # CPU: per-image cost is flat or rising above a few hundred 32-px images (caches), so a
+    # forward pass holds at most 256; a GPU wants big batches.
+    return 256 if torch.device(device).type == "cpu" else 4096
+
+
+@torch.no_grad()
+def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[Condition],
+                       rankings: Mapping[str, UnitRanking], *, layers=None, mode: str = "zero",
+                       seed: int = 0, batched: bool = True, share_prefix: bool = True,
+                       max_images: int | None = None, dedupe: bool = True) -> list[AblationResult]:
+    """Accuracy and loss of ``model`` on ``loader`` under every condition (one result each, in
+    order). Eval mode, no grad; the model's mode is restored afterwards.
+
+    ``batched``: all conditions in one pass over ``loader``, G per forward (at most
+    ``max_images`` images per forward pass, default ``default_max_images``), the batch repeated at
+    the first masked layer (``share_prefix``; else at the input). ``batched=False`` is the plain
+    way: for each condition, one full pass over ``loader`` with a [1, U] mask — the reference.
+    ``mode``: zero | mean (clamp to ``rankings[layer].mean``). ``seed``: the random draws'.
+    ``layers``: the hooked layers (default: all layers of ``rankings``, resolved by name).
+    """
+    if mode not in MODES:
+        raise AblationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if layers is None:
+        layers = list(rankings)
+    layers = resolve_layers(model, layers)
+    names = list(layers)
+    for c in conditions:
+        for n, k in c.k:
+            if n not in rankings or n not in layers:
+                raise AblationError(f"condition names layer {n!r}, which is not ranked/hooked")
+            if not 0 <= k <= rankings[n].units:
+                raise AblationError(f"k = {k} outside [0, {rankings[n].units}] for layer {n}")
+    maker = _MaskMaker(names, rankings, seed)
+    # Identical conditions are evaluated once.
+    unique, slot = [], []
+    seen: dict = {}
+    for c in conditions:
+        sig = maker.signature(c) if dedupe else len(unique)
+        if sig not in seen:
+            seen[sig] = len(unique)
+            unique.append(c)
+        slot.append(seen[sig])
+    fill = ({n: rankings[n].mean for n in names} if mode == "mean" else None)
+    max_images = max_images or default_max_images(next(model.parameters()).device)
+
+    stats = [[0.0, None] for _ in unique]  # per unique condition: loss sum, correct per class
+    count = None  # images per class
+    was_training = model.training
+    model.eval()
+    hooks = AblationHooks(model, layers)
+    try:
+        if batched:
+            groups = _prefix_groups(unique, names, share_prefix)
+            for b, (images, labels) in enumerate(loader):
+                for idx, expand in groups:
+                    _run_groups(model, hooks, maker, unique, idx, names, fill, images, labels, b,
+                                expand, max_images, stats)
+                count = _add(count, np.bincount(labels.cpu().numpy()))
+        else:
+            for i in range(len(unique)):
+                for b, (images, labels) in enumerate(loader):
+                    _run_groups(model, hooks, maker, unique, [i], names, fill, images, labels, b,
+                                False, None, stats)
+                    if i == 0:
+                        count = _add(count, np.bincount(labels.cpu().numpy()))
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    if count is None:
+        raise AblationError("the evaluation loader yielded no batches")
+    n = int(count.sum())
+    K = max([len(count)] + [len(s[1]) for s in stats if s[1] is not None])
+    count = np.pad(count, (0, K - len(count)))
+    out = []
+    for c, s in zip(conditions, slot):
+        loss_sum, correct = stats[s]
+        correct = np.zeros(K, dtype=np.int64) if correct is None else _add(np.zeros(K, np.int64),
+                                                                           correct)
+        out.append(AblationResult(c, loss_sum / n, float(correct.sum()) / n, correct,
+                                  count.copy(), n))
+    return out
+
+
+def _add(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """total + x for 1-D count arrays of possibly different lengths."""
+    if total is None:
+        return x.astype(np.int64)
+    n = max(len(total), len(x))
+    return np.pad(total, (0, n - len(total))) + np.pad(x, (0, n - len(x)))
+
+
+def _first_masked(cond: Condition, names: Sequence[str]) -> int | None:
+    ks = dict(cond.k)
+    for i, n in enumerate(names):
+        if ks.get(n, 0) > 0:
+            return i
+    return None
+
+
+def _prefix_groups(conds: Sequence[Condition], names: Sequence[str], share_prefix: bool):
+    """[(condition indices, expand at first masked layer?)]: one group per first masked layer, so
+    each group's shared prefix is as long as possible; unablated conditions join the deepest."""
+    if not share_prefix:
+        return [(list(range(len(conds))), False)]
+    by_cut: "OrderedDict[int, list[int]]" = OrderedDict()
+    none = []
+    for i, c in enumerate(conds):
+        cut = _first_masked(c, names)
+        (none if cut is None else by_cut.setdefault(cut, [])).append(i)
+    if not by_cut:
+        return [(none, False)]
+    deepest = max(by_cut)
+    by_cut[deepest] = none + by_cut[deepest]
+    return [(by_cut[cut], True) for cut in sorted(by_cut)]
+
+
+def _run_groups(model, hooks, maker, conds, idx, names, fill, images, labels, batch, expand,
+                max_images, stats) -> None:
+    """Evaluate conditions ``conds[i] for i in idx`` on one batch, adding into ``stats[i]``:
+    chunks of at most Gc conditions × sub-batches of b images (Gc · b <= max_images)."""
+    B, G = images.shape[0], len(idx)
+    if max_images is None:
+        b, Gc = B, G
+    else:
+        b = min(B, max(1, max_images // G))
+        Gc = min(G, max(1, max_images // b))
+    for g0 in range(0, G, Gc):
+        chunk = idx[g0:g0 + Gc]
+        cs = [conds[i] for i in chunk]
+        masked = {n: maker.ablated(cs, n, batch).to(images.device) for n in names
+                  if any(c.k_of(n) > 0 for c in cs)}
+        if masked:
+            hooks.set(masked, None if fill is None else {n: fill[n] for n in masked},
+                      expand=expand)
+        else:  # unablated only: one plain pass serves them all
+            hooks.clear()
+        g = len(cs) if masked else 1
+        for s in range(0, B, b):
+            x, y = images[s:s + b], labels[s:s + b]
+            if masked and not expand and g > 1:
+                x = torch.cat([x] * g)
+            logits = model(x)
+            if masked and expand and not hooks.expanded:
+                raise AblationError("no masked layer ran in the forward pass")
+            logits = logits.float().view(g, y.shape[0], -1)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(g), reduction="none")
+            loss = loss.view(g, -1).double().sum(1).cpu()
+            right = (logits.argmax(-1) == y).cpu()
+            yc = y.cpu()
+            for j, i in enumerate(chunk):
+                jj = j if masked else 0
+                stats[i][0] += float(loss[jj])
+                stats[i][1] = _add(stats[i][1], np.bincount(yc[right[jj]].numpy(),
+                                                            minlength=logits.shape[-1]))
+    hooks.clear()
+
+
+# ---------------------------------------------------------------------------- summaries
+
+def auc(norm_acc: Sequence[float]) -> float:
+    """Area under a normalized-accuracy curve as the mean over its grid points (so curves on
+    different grids stay comparable; paper 1 summed, which scales with the number of points)."""
+    return float(np.mean(norm_acc)) if len(norm_acc) else float("nan")
+
+
+def auc_table(rows: Sequence[Mapping]) -> "OrderedDict[tuple, dict]":
+    """From ablation.jsonl rows: {(epoch, step, stage): {condition: (auc, sd over random draws)}}."""
+    curves: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in rows:
+        key = (r["epoch"], r["step"], r["stage"])
+        curves.setdefault(key, OrderedDict()).setdefault(r["condition"], []).append(r)
+    out = OrderedDict()
+    for key, conds in curves.items():
+        out[key] = OrderedDict()
+        for cond, rs in conds.items():
+            rs = sorted(rs, key=lambda r: r["grid"])
+            per_draw = np.array([r.get("norm_acc1_draws") or [r["norm_acc1"]] for r in rs])
+            aucs = per_draw.mean(0)
+            out[key][cond] = (float(aucs.mean()), float(aucs.std()) if aucs.size > 1 else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------- the ranking split
+
+class SubsetView:
+    """A view of some images of a dataset that the loaders accept (labels, num_classes, mean, std)."""
+
+    def __init__(self, dataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(dataset.labels)[self.indices]
+        self.num_classes, self.mean, self.std = dataset.num_classes, dataset.mean, dataset.std
+        self.classes = getattr(dataset, "classes", None)
+        if hasattr(dataset, "load"):
+            self.load = lambda i: dataset.load(int(self.indices[i]))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])]
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int,
+                      max_images: int | None = None) -> np.ndarray:
+    """Sorted indices of a fixed stratified random subset: round(fraction · n_c) images of each
+    class c (at least one of each present class), scaled down to at most ``max_images``."""
+    if not 0.0 < fraction <= 1.0:
+        raise AblationError(f"ranking fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if max_images is not None:
+        fraction = min(fraction, max_images / max(len(labels), 1))
+    rng = np.random.default_rng([seed, 4099])
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(idx))))
+        out.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def ranking_loader(cfg, device, fraction: float = 0.2, seed: int = 0,
+                   max_images: int | None = 50_000, batch_size: int | None = None):
+    """The ranking split of a run's config: a fixed stratified ``fraction`` of the *training*
+    split, seen as evaluation sees images (no augmentation), via the torch backend.
+
+    These images were trained on; what matters is that accuracy is measured on other images (val).
+    """
+    from pipelines.datasets import build_dataset
+    from pipelines.torch_loader import TorchLoader
+    ds = build_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
+                       cfg.synthetic_size, cfg.seed)
+    view = SubsetView(ds, stratified_subset(ds.labels, fraction, seed, max_images))
+    return TorchLoader(view, batch_size=batch_size or cfg.eval_batch_size, train=False,
+                       augment="none", image_size=cfg.image_size, device=torch.device(device),
+                       seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
+

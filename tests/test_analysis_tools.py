@@ -1,0 +1,245 @@
+"""The analysis tools of issue 8 end to end (tools/cka.py, tools/orientation.py) on a tiny run,
+and the library pieces they added (ReLU activity, channel zeroing, gOSI halves, centred shift
+invariance)."""
+import json
+import math
+import os
+import shutil
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_tool
+from selectivity.cka import LOGITS, count_relu_activity, cka_over_loader
+from selectivity.errors import run_cli
+from selectivity.orientation import (OrientationIndices, ablation_groups,
+                                     loss_and_shift_invariance, shift_correlation, zero_channels)
+
+EPS = 1e-6
+# ResNet-20 on 200 synthetic 32×32 images (val: 40), 3 steps of 64; a step_2.pt inside epoch 1.
+TRAIN = ["tools/train.py", "-c", "configs/demo.yaml", "--dataset", "synthetic",
+         "--synthetic-size", "200", "--epochs", "1", "--batch-size", "64",
+         "--save-every-steps", "2", "--track", "false", "--tensorboard", "false",
+         "--progress", "false"]
+STAGES = ["layer1", "layer2", "layer3"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run_tool(*TRAIN, "--out-dir", str(out), "--name", "r", check=True)
+    return str(out / "r")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def in_unit_interval(values, eps=EPS):
+    return all(v is not None and -eps <= v <= 1 + eps for v in values)
+
+
+# ---------------------------------------------------------------- tools/cka.py
+
+def test_cka_within_one_run(run):
+    proc = run_tool("tools/cka.py", run, "--steps", check=True)
+    recs = read_jsonl(os.path.join(run, "cka.jsonl"))
+    assert [r["checkpoint"] for r in recs] == ["epoch_0.pt", "step_2.pt", "epoch_1.pt"]
+    assert [r["step"] for r in recs] == [0, 2, 3]
+    assert recs[1]["epoch"] == pytest.approx(2 / 3)
+    for r in recs:
+        assert r["rows"] == r["cols"] == STAGES + [LOGITS]
+        m = torch.tensor(r["matrix"], dtype=torch.float64)
+        torch.testing.assert_close(m.diagonal(), torch.ones(4, dtype=torch.float64))
+        torch.testing.assert_close(m, m.T)
+        assert in_unit_interval(m.flatten().tolist())
+        assert list(r["relu_active"]) == STAGES and in_unit_interval(r["relu_active"].values())
+        assert 0 < min(r["relu_active"].values()) and r["images"] == 40 and r["batches"] == 1
+        assert r["run_b"] is None and r["relu_active_b"] is None
+    for f in ("cka_heatmaps.png", "cka_curves.png", "cka_relu_active.png"):
+        assert os.path.getsize(os.path.join(run, "figures", f)) > 0
+    assert "summary:" in proc.stdout and "active ReLUs" in proc.stdout
+
+
+def test_cka_between_two_runs(run, tmp_path):
+    # The run against a copy of itself: the same network, so the same-layer entries are exactly 1.
+    twin = str(tmp_path / "twin")
+    shutil.copytree(run, twin)
+    run_tool("tools/cka.py", run, twin, "--epochs", "1", "--layers", "layer1", "layer3.2",
+             "--heatmap-epochs", "1", check=True)
+    (r,) = read_jsonl(os.path.join(run, "cka_vs_twin.jsonl"))
+    assert (r["run"], r["run_b"], r["epoch"]) == ("r", "twin", 1)
+    assert r["rows"] == r["cols"] == ["layer1", "layer3.2", LOGITS]
+    m = torch.tensor(r["matrix"], dtype=torch.float64)
+    torch.testing.assert_close(m.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert in_unit_interval(m.flatten().tolist())
+    assert r["relu_active_b"] == r["relu_active"]
+    for f in ("cka_vs_twin_heatmaps.png", "cka_vs_twin_curves.png",
+              "cka_vs_twin_relu_active.png"):
+        assert os.path.exists(os.path.join(run, "figures", f))
+
+
+# ---------------------------------------------------------------- tools/orientation.py
+
+def test_orientation(run):
+    layers = ["relu", "layer1.0", "layer3.0"]
+    proc = run_tool("tools/orientation.py", run, "--layers", *layers, "--shift-layers", "layer2",
+                    "layer3", "--ablate-epochs", "1", "--shift", "3", check=True)
+    recs = read_jsonl(os.path.join(run, "orientation.jsonl"))
+    assert [r["epoch"] for r in recs] == [0, 1]  # epoch_* checkpoints only by default
+    for r in recs:
+        g = r["gratings"]
+        assert (g["size"], g["n_sf"], g["n_orient"], g["n_phase"]) == (32, 9, 12, 4)
+        assert list(r["layers"]) == layers
+        for name, units in zip(layers, (16, 16, 64)):
+            d = r["layers"][name]
+            assert d["units"] == len(d["gosi"]) == len(d["control_gosi"]) == units
+            assert in_unit_interval(d["gosi"]) and in_unit_interval(d["control_gosi"])
+            assert all(d["gosi"][i] == 0 for i in d["dead_units"]) and d["dead"] < units
+            assert in_unit_interval([d["gosi_mean"], d["control_gosi_mean"], d["tuned_frac"]])
+        b = r["baseline"]
+        assert b["images"] == 40 and b["shift_px"] == 3 and 0 <= b["acc1"] <= 1
+        assert math.isfinite(b["loss"]) and b["loss"] > 0
+        for key in ("shift_invariance", "shift_invariance_centered"):
+            assert list(b[key]) == ["layer2", "layer3"]
+            assert all(-1 - EPS <= v <= 1 + EPS for v in b[key].values())
+    assert recs[0]["ablation"] == []
+    rows = recs[1]["ablation"]
+    assert [(a["layer"], a["group"]) for a in rows] == \
+        [(n, g) for n in layers for g in ("top", "bottom")]
+    for top, bottom in zip(rows[::2], rows[1::2]):
+        live = top["of_live"]
+        assert top["units"] == bottom["units"] == live // 2 > 0
+        assert top["gosi_mean"] >= bottom["gosi_mean"]
+        for a in (top, bottom):
+            assert math.isfinite(a["loss_increase"]) and a["loss_increase_sem"] >= 0
+            assert a["loss"] == pytest.approx(recs[1]["baseline"]["loss"] + a["loss_increase"])
+            assert -1 <= a["acc_drop"] <= 1 and set(a["shift_invariance"]) == {"layer2", "layer3"}
+    for f in ("orientation_gosi.png", "orientation_gosi_by_epoch.png",
+              "orientation_ablation.png", "orientation_shift.png"):
+        assert os.path.getsize(os.path.join(run, "figures", f)) > 0
+    assert "summary:" in proc.stdout and "ablation at epoch 1" in proc.stdout
+
+
+# ---------------------------------------------------------------- one-line errors, exit 2
+
+@pytest.mark.parametrize("tool_path", ["tools/cka.py", "tools/orientation.py"])
+def test_unknown_layer_is_a_one_line_error(run, tool_path):
+    proc = run_tool(tool_path, run, "--layers", "layer9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: unknown layer 'layer9'; stages: layer1, layer2, layer3")
+
+
+def _main(tool_name):
+    import importlib
+    return importlib.import_module(f"tools.{tool_name}").main
+
+
+@pytest.mark.parametrize("tool_name", ["cka", "orientation"])
+def test_missing_run_and_missing_checkpoints_exit_2(run, tmp_path, capsys, tool_name):
+    main = _main(tool_name)
+    cases = {"run directory not found": [str(tmp_path / "nope")]}
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    shutil.copy(os.path.join(run, "config.yaml"), empty)
+    cases["no epoch_* checkpoints in"] = [str(empty)]
+    cases["no checkpoint at epoch 7"] = [run, "--epochs", "7"]
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exc:
+            run_cli(main, argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- library pieces
+
+def test_relu_activity_counts_every_relu_call_inside_a_layer():
+    class Reuse(nn.Module):  # one ReLU module called twice, as in torchvision's blocks
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.relu(x) - 1.0)
+
+    net = nn.Sequential(OrderedDict(block=Reuse(), lin=nn.Identity(), out=nn.ReLU()))
+    x = torch.tensor([[2.0, 0.5, -1.0, 3.0]])  # 1st call: 3/4 > 0; 2nd (x−1): 2/4 > 0
+    with count_relu_activity(net, ["block", "block.relu", "lin", "out"]) as acc:
+        net(x)
+        net(x)
+    f = acc.fractions()
+    assert f["block"] == f["block.relu"] == pytest.approx(5 / 8)
+    assert math.isnan(f["lin"])  # no ReLU inside
+    assert f["out"] == pytest.approx(2 / 4)  # the output of the 2nd call: [1, 0, 0, 2]
+    assert acc.relus["block"] == ["block.relu"]
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_cka_over_loader_skips_batches_too_small_for_the_estimator():
+    torch.manual_seed(0)
+    net = nn.Sequential(OrderedDict(lin=nn.Linear(5, 4), relu=nn.ReLU()))
+    x = torch.randn(11, 5)
+    full = cka_over_loader(net, [(x[:8], None)], ["lin"])[1]
+    torch.testing.assert_close(cka_over_loader(net, [(x[:8], None), (x[8:], None)], ["lin"])[1],
+                               full)
+    with pytest.raises(ValueError, match="at least 4 images"):
+        cka_over_loader(net, [(x[8:], None)], ["lin"])
+
+
+def test_zero_channels_masks_only_the_chosen_channels_and_is_removed():
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(2, 4, 1), relu=nn.ReLU()))
+    x = torch.randn(3, 2, 5, 5).to(memory_format=torch.channels_last)
+    ref = net(x)
+    with zero_channels(net, "conv", torch.tensor([1, 3])):
+        got = net(x)
+    assert torch.equal(got[:, [1, 3]], torch.zeros_like(got[:, [1, 3]]))
+    assert torch.equal(got[:, [0, 2]], ref[:, [0, 2]])
+    assert torch.equal(net(x), ref)
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        with zero_channels(net, "nope", [0]):
+            pass
+
+
+def test_ablation_groups_exclude_dead_units_and_split_by_gosi():
+    gosi = torch.tensor([0.9, 0.0, 0.1, 0.5, 0.0, 0.7, 0.3], dtype=torch.float64)
+    dead = torch.tensor([False, True, False, False, True, False, False])
+    idx = OrientationIndices(*(torch.zeros(7),) * 4, gosi, dead)
+    top, bottom = ablation_groups(idx)
+    assert top.tolist() == [0, 5] and bottom.tolist() == [2, 6]  # median unit 3 in neither
+
+
+def test_shift_correlation_centred_ignores_the_shared_unit_profile():
+    torch.manual_seed(0)
+    profile = torch.linspace(0, 10, 50)
+    a = profile + 0.1 * torch.randn(200, 50)
+    b = profile + 0.1 * torch.randn(200, 50)  # shifted responses: only the profile survives
+    assert shift_correlation(a, b) > 0.99
+    assert abs(shift_correlation(a, b, centered=True)) < 0.1
+    assert shift_correlation(a, a, centered=True) == pytest.approx(1.0)
+
+
+def test_loss_and_shift_invariance_sees_the_ablation_hook():
+    torch.manual_seed(0)
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 6, 1), relu=nn.ReLU(),
+                                    pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+                                    fc=nn.Linear(6, 3)))
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))) for _ in range(2)]
+    base = loss_and_shift_invariance(net, batches, ["relu"], 2)
+    expected = torch.cat([nn.functional.cross_entropy(net(x), y, reduction="none")
+                          for x, y in batches]).double()
+    torch.testing.assert_close(base.loss, expected)
+    # A pointwise layer's spatial means ignore a circular shift exactly, centred or not.
+    assert base.shift_invariance["relu"] == pytest.approx(1.0)
+    assert base.shift_invariance_centered["relu"] == pytest.approx(1.0)
+    with zero_channels(net, "relu", list(range(6))):
+        dead = loss_and_shift_invariance(net, batches, ["relu"], 2)
+    logits = net.fc.bias.expand(16, 3)
+    torch.testing.assert_close(
+        dead.loss, nn.functional.cross_entropy(logits, torch.cat([y for _, y in batches]),
+                                               reduction="none").double())
+    assert math.isnan(dead.shift_invariance["relu"])  # all units constant: undefined, not 0

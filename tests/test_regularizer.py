@@ -1,0 +1,338 @@
+"""The selectivity regularizer (selectivity/regularizer.py): the differentiable minibatch SI
+against autograd's numerical gradient and the tracker's SI, α windows and their validation, the
+callback, DDP (2 gloo processes), and end to end: resume inside a window, and the sign of α.
+
+The end-to-end tests (marked ``# SLOW``) train small ResNet-20s on digits as subprocesses.
+"""
+import json
+import math
+import os
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from selectivity import ops, tracker
+from selectivity.checkpoint import load_state
+from selectivity.config import Config, ConfigError, load_config
+from selectivity.models import build_model
+from selectivity.regularizer import (SelectivityRegularizer, Window, alpha_at, parse_windows,
+                                     regularizer_callbacks, selectivity_reg)
+
+K = 5
+
+
+def batch(seed=0, B=12, dtype=torch.float32):
+    """Two layers (a channels_last conv map and a [B, U] output) and labels with class 2 absent
+    and uneven class counts."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(B, 6, 3, 4, generator=g, dtype=dtype).to(memory_format=torch.channels_last)
+    b = torch.rand(B, 4, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 0, 0, 1, 3, 3, 4, 1, 0, 3, 4, 0][:B])
+    return [a, b], labels
+
+
+# ----- the differentiable SI ---------------------------------------------------------------------
+
+
+def test_gradcheck_double():
+    (a, b), labels = batch(dtype=torch.float64)
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: selectivity_reg([a, b], labels, K)[0], (a, b))
+    assert torch.autograd.gradcheck(lambda a: selectivity_reg([a], labels, K)[1], (a,))
+    # One class present: μ_-max = 0, SI ≈ 1, still smooth.
+    one = torch.zeros(12, dtype=torch.long)
+    assert torch.autograd.gradcheck(lambda b: selectivity_reg([b], one, K)[0], (b,))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_tracker_si_of_the_same_minibatch(seed):
+    acts, labels = batch(seed)
+    si_reg, per_layer = selectivity_reg(acts, labels, K)
+    states = OrderedDict()
+    for i, act in enumerate(acts):
+        sums, counts = ops.new_state(K, act.shape[1])
+        ops.accumulate(act, labels, sums, counts)
+        states[f"l{i}"] = (sums, counts)
+    layers, mean = tracker.summarize(tracker.si_of(states))
+    assert per_layer.dtype == torch.float32 and si_reg.dim() == 0
+    torch.testing.assert_close(per_layer.double(), torch.tensor(list(layers.values()), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+    assert math.isclose(float(si_reg), mean, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_autocast_bf16_computes_in_float32():
+    acts, labels = batch(3)
+    ref, _ = selectivity_reg(acts, labels, K)
+    with torch.autocast("cpu", torch.bfloat16):
+        got, per_layer = selectivity_reg([a.bfloat16() for a in acts], labels, K)
+    assert got.dtype == per_layer.dtype == torch.float32
+    assert abs(float(got) - float(ref)) < 1e-2  # bf16 inputs, float32 arithmetic
+
+
+def test_class_means_not_sums():
+    """Every class has the same mean but class 0 has 5× the images: SI from means is 0 (sums, as in
+    paper 1's code, would call the unit selective for the most frequent class)."""
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 2])
+    acts = torch.ones(7, 3)
+    si, _ = selectivity_reg([acts], labels, K)  # classes 3 and 4 absent: excluded
+    assert abs(float(si)) < 1e-6
+
+
+# ----- windows -----------------------------------------------------------------------------------
+
+
+def test_windows_parse_and_lookup():
+    w = parse_windows([{"alpha": 0.0, "start": 5}, {"alpha": -1, "start": 0, "end": 5}])
+    assert w == [Window(-1.0, 0.0, 5.0), Window(0.0, 5.0, math.inf)]
+    assert alpha_at(w, 0.0) == -1.0 and alpha_at(w, 4.999) == -1.0 and alpha_at(w, 5.0) == 0.0
+    w = parse_windows([{"alpha": 2.5, "start": 0.5, "end": 1.25}])
+    assert [alpha_at(w, e) for e in (0.0, 0.49, 0.5, 1.2, 1.25, 9)] == [0, 0, 2.5, 2.5, 0, 0]
+    assert parse_windows([]) == [] and parse_windows({"alpha": 3}) == [Window(3.0)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([{"alpha": -1, "start": 0, "end": 5}, {"alpha": 1, "start": 4}], "overlap"),
+    ([{"alpha": -1}, {"alpha": 1, "start": 3}], "overlap"),
+    ([{"start": 0}], "needs an alpha"),
+    ([{"alpha": "big"}], "must be a finite number"),
+    ([{"alpha": True}], "must be a finite number"),
+    ([{"alpha": 1, "start": 3, "end": 2}], "0 <= start < end"),
+    ([{"alpha": 1, "begin": 3}], "unknown key 'begin'"),
+    ([-1.0], "must be a mapping"),
+    ("-1", "must be a list"),
+])
+def test_bad_windows_are_one_line_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_windows(spec)
+    assert "\n" not in str(e.value) and "selectivity_reg" in str(e.value)
+
+
+def test_windows_from_yaml_and_cli_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("selectivity_reg: [{alpha: -1.0, start: 0, end: 5}, {alpha: 0.5, start: 5}]\n")
+    cfg = load_config(str(path))
+    assert parse_windows(cfg.selectivity_reg)[1] == Window(0.5, 5.0)
+    from selectivity.config import parse_override
+    cfg = load_config(None, {"selectivity_reg": parse_override("selectivity_reg",
+                                                               "[{alpha: -3, start: 2.5}]")})
+    assert parse_windows(cfg.selectivity_reg) == [Window(-3.0, 2.5)]
+    assert regularizer_callbacks(Config()) == []  # default: no regularizer, no callback
+    (cb,) = regularizer_callbacks(Config(), alpha=-1.0)  # tools/bench_train.py's constant α
+    assert cb.windows == [Window(-1.0)]
+
+
+def test_train_rejects_overlapping_windows_before_writing(tool, tmp_path):
+    proc = tool("tools/train.py", "-c", "configs/demo.yaml", "--out-dir", str(tmp_path),
+                "--selectivity_reg", "[{alpha: -1, end: 3}, {alpha: 1, start: 2}]")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'selectivity_reg'")
+    assert "overlap" in proc.stderr and not os.listdir(tmp_path)
+
+
+# ----- the callback ------------------------------------------------------------------------------
+
+
+def fake_trainer(model, epoch=0, batch_in_epoch=0, steps_per_epoch=10):
+    return SimpleNamespace(model=model, num_classes=K, device=torch.device("cpu"), epoch=epoch,
+                           batch_in_epoch=batch_in_epoch, steps_per_epoch=steps_per_epoch)
+
+
+def test_callback_term_alpha_zero_and_channels_last_autocast():
+    torch.manual_seed(0)
+    model = build_model("resnet20", K).to(memory_format=torch.channels_last)
+    images = torch.randn(10, 3, 16, 16).to(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 1, 3, 4, 0, 0, 1, 3, 3])
+    cb = SelectivityRegularizer(parse_windows([{"alpha": -2.0, "start": 0, "end": 0.5}]))
+    tr = fake_trainer(model)
+    cb.setup(tr)
+    blocks = tracker.unit_modules(model)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o)) for m in blocks.values()]
+    # In the window: the term is -α · SI_reg of the block outputs, computed in float32.
+    for amp in (False, True):
+        seen.clear()
+        cb.before_batch(tr, images, labels, True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            logits = model(images)
+            terms = cb.loss_terms(tr, images, labels, logits)
+        cb.after_batch(tr)
+        assert set(terms) == {"selectivity_reg"} and terms["selectivity_reg"].requires_grad
+        assert terms["selectivity_reg"].dtype == torch.float32 and len(seen) == 9
+        expected, _ = selectivity_reg(seen, labels, K)
+        torch.testing.assert_close(terms["selectivity_reg"], 2.0 * expected)
+    terms["selectivity_reg"].backward()
+    assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
+    log = cb.train_log(tr)
+    assert log["alpha"] == -2.0 and 0 < log["si_reg"] < 1
+    # Outside the window (epoch 0.5 = batch 5 of 10): α = 0, hooks off, nothing computed.
+    tr.batch_in_epoch = 5
+    cb.before_batch(tr, images, labels, True)
+    assert not cb.probe.enabled
+    model(images)
+    assert cb._acts == [] and cb.loss_terms(tr, images, labels, None) == {}
+    assert cb.train_log(tr) == {"alpha": 0.0}  # no si_reg when no step was regularized
+    # Evaluation never regularizes.
+    tr.batch_in_epoch = 0
+    cb.before_batch(tr, images, labels, False)
+    assert not cb.probe.enabled
+    for h in hooks:
+        h.remove()
+
+
+# ----- DDP: class means over all ranks -----------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    """Two 'tracked layers' returned beside the logits: a conv map and a [B, U] layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 5)
+        self.head = nn.Linear(5, K)
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        b = torch.relu(self.fc1(a.mean((2, 3))))
+        return self.head(b), [a, b]
+
+
+ALPHA = -2.0
+
+
+def ddp_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, 5, 5, generator=g, dtype=torch.float64)
+    return x, torch.tensor([0, 1, 1, 3, 0, 4, 3, 3, 1, 0, 4, 1])
+
+
+def ddp_model():
+    torch.manual_seed(3)
+    return Tiny().double()
+
+
+def reg_loss(model, x, labels):
+    logits, acts = model(x)
+    si, per_layer = selectivity_reg(acts, labels, K)
+    return F.cross_entropy(logits, labels) - ALPHA * si, si, per_layer, acts
+
+
+def ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        x, labels = ddp_data()
+        # 1) DDP training step, even split 6 + 6: loss = CE − α·SI_reg(global batch).
+        net = nn.parallel.DistributedDataParallel(ddp_model())
+        mine = slice(6 * rank, 6 * rank + 6)
+        loss, si, per_layer, _ = reg_loss(net, x[mine], labels[mine])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in net.module.named_parameters()}
+        # 2) Uneven split 7 + 5, no DDP: the value, and the gradient reaching this rank's inputs.
+        uneven = slice(0, 7) if rank == 0 else slice(7, 12)
+        acts = [a.detach()[uneven].requires_grad_() for a in ddp_model()(x)[1]]
+        si2, _ = selectivity_reg(acts, labels[uneven], K)
+        si2.backward()
+        torch.save({"si": si.detach(), "per_layer": per_layer.detach(), "grads": grads,
+                    "si2": si2.detach(), "act_grads": [a.grad for a in acts]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_ddp_global_class_means_equal_single_process(tmp_path):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+             join=True)
+    x, labels = ddp_data()
+    model = ddp_model()
+    loss, si, per_layer, _ = reg_loss(model, x, labels)
+    loss.backward()
+    acts = [a.detach().requires_grad_() for a in ddp_model()(x)[1]]
+    si_full, _ = selectivity_reg(acts, labels, K)
+    si_full.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        # The term is the SI of the concatenated batch on every rank ...
+        torch.testing.assert_close(got["si"], si.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["per_layer"], per_layer.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["si2"], si_full.detach(), rtol=1e-12, atol=1e-14)
+        # ... and DDP's averaged update is the single-process update of CE − α·SI_reg.
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-10, atol=1e-12)
+        # The backward sums over ranks: rank r's inputs get world × ∂SI/∂(its slice).
+        part = slice(0, 7) if rank == 0 else slice(7, 12)
+        for g, a in zip(got["act_grads"], acts):
+            torch.testing.assert_close(g / 2, a.grad[part], rtol=1e-10, atol=1e-12)
+
+
+# ----- end to end (subprocesses) -----------------------------------------------------------------
+
+# digits at 16 px (4× fewer pixels than the demo's 32: same code paths, quicker), 11 steps/epoch.
+E2E = ["-c", "configs/demo.yaml", "--image-size", "16", "--batch-size", "128",
+       "--deterministic", "true", "--progress", "false", "--tensorboard", "false",
+       "--eval-every-steps", "0", "--threads", "1"]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+# Three windows, the second boundary inside epoch 1 at batch 6 of 11 (1 + 6/11 ≥ 1.5).
+WINDOWS = "[{alpha: -1.0, end: 0.5}, {alpha: 2.0, start: 0.5, end: 1.5}, {alpha: -3.0, start: 1.5}]"
+
+
+@pytest.mark.timeout(400)
+def test_SLOW_resume_inside_a_window_applies_the_same_alpha(tool, tmp_path):
+    """Killed at step 16 and resumed from the mid-epoch checkpoint at step 14 (epoch 1, batch 3):
+    the per-step α sequence, every train record and the final weights equal an uninterrupted
+    run's."""
+    out = str(tmp_path)
+    args = [*E2E, "--epochs", "2", "--track", "false", "--log-every-steps", "1",
+            "--save-every-steps", "7", "--save-steps-epochs", "2", "--selectivity_reg", WINDOWS,
+            "--out-dir", out]
+    tool("tools/train.py", *args, "--name", "ref", check=True)
+    killed = tool("tools/train.py", *args, "--name", "k", env={"SELECTIVITY_FAULT": "train_step:16"})
+    assert killed.returncode == -9, killed.stderr
+    assert "step_14.pt" in os.listdir(os.path.join(out, "k", "checkpoints"))
+    tool("tools/train.py", *args, "--name", "k", "--resume", check=True)
+
+    windows = parse_windows([{"alpha": -1.0, "end": 0.5}, {"alpha": 2.0, "start": 0.5, "end": 1.5},
+                             {"alpha": -3.0, "start": 1.5}])
+    expected = [alpha_at(windows, s // 11 + (s % 11) / 11) for s in range(22)]
+    assert expected[5:7] == [-1.0, 2.0] and expected[16:18] == [2.0, -3.0]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rs]
+    ref, res = metrics(os.path.join(out, "ref")), metrics(os.path.join(out, "k"))
+    ref_train = [r for r in ref if r["split"] == "train"]
+    assert [r["alpha"] for r in ref_train] == expected
+    assert all(0 < r["si_reg"] < 1 for r in ref_train)
+    assert strip(ref) == strip(res)
+    a, b = (load_state(os.path.join(out, n, "checkpoints", "last.pt")) for n in ("ref", "k"))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+# The sign of α on the demo setup, shortened (see docs/regularizer.md for the full 8-epoch sweep).
+SIGN_EPOCHS = "3"
+SIGN_ALPHAS = {"zero": 0.0, "neg": -10.0, "pos": 10.0}
+
+
+@pytest.mark.timeout(600)
+def test_SLOW_alpha_sign_moves_val_selectivity(tool, tmp_path):
+    out = str(tmp_path)
+    final = {}
+    for name, alpha in SIGN_ALPHAS.items():
+        tool("tools/train.py", *E2E, "--epochs", SIGN_EPOCHS, "--out-dir", out, "--name", name,
+             "--selectivity_reg", f"[{{alpha: {alpha}}}]", check=True, timeout=600)
+        final[name] = [r for r in metrics(os.path.join(out, name)) if r["split"] == "val"][-1]
+    si = {n: r["si_mean"] for n, r in final.items()}
+    assert si["neg"] <= 0.5 * si["zero"], si
+    assert si["pos"] > si["zero"], si
