@@ -7,8 +7,9 @@
 // into sums by label.
 //
 // Precision: every float64 addend is the float32 sum of at most kRun = 8 input values; everything
-// above that is float64. So |error| <= 7 * 2^-24 * sum|x| (~4e-7 relative for ReLU outputs) whatever
-// the batch or image size, while the inner loops run at float32 SIMD width.
+// above that is float64 (the mean is a multiply by 1/P). So |error| <= 7 * 2^-24 * sum|x| (~4e-7
+// relative for ReLU outputs) whatever the batch or image size, while the inner loops run at float32
+// SIMD width. (All-float64 sums were ~1.5-2x slower than act.sum(); tests/test_ops.py checks the bound.)
 #include "selectivity.h"
 
 #include <ATen/Parallel.h>

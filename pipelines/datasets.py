@@ -132,6 +132,18 @@ class SyntheticDataset(Dataset):
         return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), label
 
 
+def to_rgb(im):
+    """Any PIL image → 8-bit RGB. 16/32-bit greyscale is scaled to 8 bits by its bit depth
+    (PIL's own convert("RGB") would clip it to white); palette, grey, CMYK, alpha go through PIL."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        bits = 16 if im.mode.startswith("I;16") or arr.max(initial=0) < 65536 else 32
+        grey = (np.clip(arr, 0, None) >> (bits - 8)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return im.convert("RGB")
+
+
 class ImageFolderDataset(Dataset):
     """``root/<split>/<class>/<image>``: the ImageNet layout. Classes come from ``root/train``."""
 
@@ -174,7 +186,7 @@ class ImageFolderDataset(Dataset):
         path = self.samples[i][0]
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except Exception as e:  # PIL raises many types for corrupt/truncated files
             raise DataError(f"cannot decode image {path}: {e}; remove or replace the file "
                             f"(tools/build_ffcv.py lists every unreadable image)") from None
