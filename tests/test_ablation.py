@@ -235,36 +235,52 @@ def test_ablate_tool_on_demo_run(tool, demo_run):
     assert "AUC selective" in proc.stdout and "sel-rand" in proc.stdout
 
 
-def test_ablate_tool_whole_network_and_errors(tool, demo_run):
-    run = demo_run
-    proc = tool("tools/ablate.py", str(run), "--epochs", "2", "--whole", "--fractions", "0.5",
-                "--conditions", "selective", "least", "--mode", "mean", "--no-figures",
-                check=True)
+def load_tool(name):
+    """A tool's module, imported in this process (no second torch start-up for quick calls)."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablate_tool_whole_network_and_errors(demo_run, capsys):
+    run, ablate = demo_run, load_tool("ablate")
+    ablate.cli([str(run), "--epochs", "2", "--whole", "--fractions", "0.5", "--conditions",
+                "selective", "least", "--mode", "mean", "--no-figures"])
     rows = [json.loads(l) for l in open(run / "ablation.jsonl")]
     assert [(r["stage"], r["condition"], r["fraction"]) for r in rows] == [
         ("whole", "selective", 0.0), ("whole", "selective", 0.5),
         ("whole", "least", 0.0), ("whole", "least", 0.5)]
     assert rows[1]["k"] is None and rows[1]["units_ablated"] == 8 * 3 + 16 * 3 + 32 * 3
     assert rows[1]["si_ablated"] > rows[3]["si_ablated"]
-    for args, msg in [(["--stages", "layer9"], "unknown stage 'layer9'"),
-                      (["--epochs", "7"], "no checkpoint at epoch 7"),
-                      (["--fractions", "1.5"], "outside [0, 1]"),
-                      (["--k-grid", "x"], "--k-grid takes integers")]:
-        proc = tool("tools/ablate.py", str(run), *args)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and msg in proc.stderr, \
-            proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
-    proc = tool("tools/ablate.py", str(run.parent / "missing"))
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    capsys.readouterr()
+    for args, msg in [([str(run), "--stages", "layer9"], "unknown stage 'layer9'"),
+                      ([str(run), "--epochs", "7"], "no checkpoint at epoch 7"),
+                      ([str(run), "--fractions", "1.5"], "outside [0, 1]"),
+                      ([str(run), "--k-grid", "x"], "--k-grid takes integers"),
+                      ([str(run), "--stages", "layer1", "--whole"], "not allowed with"),
+                      ([str(run.parent / "missing")], "not a run directory")]:
+        with pytest.raises(SystemExit) as exit_:
+            ablate.cli(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and msg in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
-def test_bench_runs_and_batching_is_faster(tool):
-    proc = tool("tools/bench_ablation.py", "--images", "48", "--batch-size", "48",
-                "--conditions", "8", "--stages", "layer3", "--repeats", "2",
-                "--no-plain-batched", check=True)
-    line = next(l for l in proc.stdout.splitlines() if l.split()[:1] == ["layer3"])
-    assert line.rstrip().split()[-4:-3] == ["yes"] or " yes " in line, proc.stdout
+def test_bench_runs_and_batching_is_faster(capsys):
+    threads = torch.get_num_threads()
+    try:
+        load_tool("bench_ablation").main(["--images", "48", "--batch-size", "48", "--conditions",
+                                          "8", "--stages", "layer3", "--repeats", "2",
+                                          "--no-plain-batched"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.split()[:1] == ["layer3"])
+    assert " yes " in line, out  # identical results
     ratio = float(re.search(r"([\d.]+)x", line).group(1))
     # layers before layer3 (about 2/3 of ResNet-20's work) run once for all 8 conditions;
     # a loose bound, as other jobs share this machine.
-    assert ratio > 1.3, proc.stdout
+    assert ratio > 1.3, out

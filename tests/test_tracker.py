@@ -174,3 +174,23 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
     tool("tools/plot_selectivity.py", demo_run, check=True)
     for f in ("si_by_stage.png", "si_heatmap_d.png"):
         assert os.path.getsize(os.path.join(demo_run, "figures", f)) > 10_000
+
+
+def test_tracker_state_is_o_k_times_u():
+    """State per layer is sums [K, U] fp64 + counts [K] int64, whatever the batches seen."""
+    from selectivity.models import build_model, unit_registry
+    from selectivity.tracker import LayerStates
+
+    model = build_model("resnet20", 10).eval()
+    states, labels = LayerStates(1000), None
+    probe = UnitProbe(model, "blocks", lambda n, out: states.add(n, out, labels))
+    probe.enabled = True
+    expected = {n: 1000 * u * 8 + 1000 * 8 for n, u in unit_registry(model).items()}
+    with torch.no_grad():
+        for b in (1, 7, 33):
+            labels = torch.randint(0, 1000, (b,))
+            model(torch.randn(b, 3, 32, 32))
+            got = {n: s.numel() * s.element_size() + c.numel() * c.element_size()
+                   for n, (s, c) in states.states.items()}
+            assert got == expected
+    assert int(states.states["layer1.0"][1].sum()) == 41
