@@ -21,9 +21,9 @@ data-deps: data-syslibs $(DATA_STAMP)
 
 data-syslibs:
 	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then exit 0; fi; \
-	echo "mk/data.mk: FFCV needs OpenCV and libjpeg-turbo headers; installing with apt-get: $(DATA_APT)"; \
+	echo "mk/data.mk: FFCV builds against OpenCV + libjpeg-turbo; apt-get install $(DATA_APT)"; \
 	if [ "$$(id -u)" != 0 ]; then \
-	  echo "mk/data.mk: error: not root; run as root, or: sudo apt-get install -y $(DATA_APT)" >&2; \
+	  echo "mk/data.mk: error: not root; as root run: apt-get install -y $(DATA_APT)" >&2; \
 	  exit 1; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \

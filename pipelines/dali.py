@@ -7,8 +7,8 @@ the torch backend sees, and one reader/decoder graph serves every dataset with t
 prefetching. (``fn.external_source`` would skip the export but puts a Python callback, under the
 GIL, on every sample — slower, and a second code path to keep equal to this one.)
 
-Graph. ``fn.readers.file(shard_id=rank, num_shards=world_size)`` → decode (``mixed``: nvJPEG on the
-GPU; ``cpu`` with ``device_id=None`` without one) → training: random-resized-crop decode
+Graph. ``fn.readers.file(shard_id=rank, num_shards=world_size)`` → decode (``mixed``: nvJPEG on
+the GPU; ``cpu`` with ``device_id=None`` without one) → training: random-resized-crop decode
 (``rrc_flip``) or pad-4-and-crop (``crop``/``crop_flip``), flip via ``crop_mirror_normalize``'s
 mirror; validation: the torch backend's centre crop computed per image (an image already
 size×size passes through; otherwise round(0.875 × shorter side), centred, resized with

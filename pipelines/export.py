@@ -97,38 +97,40 @@ def note(msg: str) -> None:
 
 # ---- image checks ------------------------------------------------------------------------------
 def _check_one(dataset, i: int, max_resolution: int | None):
-    """None if image i decodes fully and fits a .beton; else the reason (one line)."""
+    """(None, (w, h)) if image i decodes fully and fits a .beton; else (the reason, None)."""
     try:
         pil = dataset.load(i)  # full decode: truncated files fail here, not in a writer worker
         w, h = pil.size
     except DataError as e:
-        return str(e).split(": ", 1)[-1].split("; remove")[0]
+        return str(e).split(": ", 1)[-1].split("; remove")[0], None
     except Exception as e:  # noqa: BLE001 — any failure to read is a bad image
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", None
     if w < 1 or h < 1:
-        return f"empty image ({w}x{h})"
+        return f"empty image ({w}x{h})", None
     if max(w, h) > MAX_SIDE and not (max_resolution and max_resolution <= MAX_SIDE):
-        return f"{w}x{h} exceeds {MAX_SIDE} px per side; set a max resolution"
-    return None
+        return f"{w}x{h} exceeds {MAX_SIDE} px per side; set a max resolution", None
+    return None, (w, h)
 
 
 def check_images(dataset, workers: int = 1, progress: bool = True,
                  max_resolution: int | None = None):
-    """Decode every image once in this process; returns (good indices, [(path, reason), ...]).
+    """Decode every image once in this process: (good indices, [(path, reason), ...], sizes).
 
-    In-memory datasets (digits, synthetic, cifar10) are valid by construction and are not decoded.
+    ``sizes`` is an int array [n, 2] of (width, height), -1 for bad images. In-memory datasets
+    (digits, synthetic, cifar10) are valid by construction: not decoded, ``sizes`` is None.
     """
     n = len(dataset)
     if not isinstance(dataset, ImageFolderDataset):
-        return np.arange(n), []
+        return np.arange(n), [], None
     from tqdm import tqdm
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
-        reasons = list(tqdm(pool.map(lambda i: _check_one(dataset, i, max_resolution), range(n)),
+        results = list(tqdm(pool.map(lambda i: _check_one(dataset, i, max_resolution), range(n)),
                             total=n, desc="checking images", unit="img",
                             disable=None if progress else True, leave=False))
-    bad = [(dataset.samples[i][0], r) for i, r in enumerate(reasons) if r is not None]
-    good = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
-    return good, bad
+    bad = [(dataset.samples[i][0], r) for i, (r, _) in enumerate(results) if r is not None]
+    good = np.array([i for i, (r, _) in enumerate(results) if r is None], dtype=np.int64)
+    sizes = np.array([wh if wh else (-1, -1) for _, wh in results], dtype=np.int64).reshape(-1, 2)
+    return good, bad, sizes
 
 
 # ---- PNG export (dali over in-memory datasets) -------------------------------------------------

@@ -1,18 +1,21 @@
 """The FFCV backend: ``.beton`` writing (safe) and an FFCV ``Loader`` behind the loader contract.
 
-Writing. ``write_beton`` decodes every image once in this process first (``export.check_images``),
-so a corrupt or truncated file is reported by path — and skipped, or with ``strict`` refused before
-anything is written — instead of reaching FFCV's writer workers: FFCV's ``DatasetWriter`` waits
-forever for a worker that raised. As a second guard ``_SafeWriter`` watches its workers and turns a
-dead one into a ``DataError`` (naming the image) rather than a hang. The file is written under a
-temporary name, its sample count and labels are read back and checked, and only then renamed.
+Writing. ``write_beton`` decodes every image once in this process first
+(``export.check_images``), so a corrupt or truncated file is reported by path — and skipped, or
+with ``strict`` refused before anything is written — instead of reaching FFCV's writer workers:
+FFCV's ``DatasetWriter`` waits forever for a worker that raised. As a second guard, ``_SafeWriter``
+watches its workers and turns a dead one into a ``DataError`` (naming the image), not a hang. The
+file is written under a temporary name, its sample count and labels are read back and checked,
+and only then is it renamed into place.
 
 Loading (``FFCVLoader``). Training: random-resized-crop decode + flip (``augment: rrc_flip``) or
-the CIFAR pad-and-crop (``crop`` / ``crop_flip``: ``RandomTranslate``), RANDOM order
-(``distributed=True`` under DDP, FFCV's DistributedSampler emulation) or QUASI_RANDOM.
-Validation: the torch backend's exact centre crop (``TorchCenterCropDecoder``), sequential, each
-rank a disjoint strided shard with no padding. Then normalize (FFCV's numba lookup table on the
-CPU; in torch on a GPU), NCHW channels_last views, labels int64, to the device.
+the CIFAR pad-and-crop (``crop`` / ``crop_flip``), RANDOM order (``distributed=True`` under DDP:
+FFCV's DistributedSampler emulation) or QUASI_RANDOM. Validation: the torch backend's exact
+centre crop (``TorchCenterCropDecoder``), sequential, each rank a disjoint strided shard with no
+padding. Then normalize (FFCV's numba lookup table on the CPU; torch on a GPU), NCHW
+channels_last views, labels int64, to the device. Each Loader compiles its pipeline with numba on
+first use; the pad-crop and flip ops here are loop-written because FFCV's own take 5–10 s longer
+to compile.
 
 What is and is not reproduced: the sample order is a function of (seed, epoch) — ``set_epoch``
 sets FFCV's epoch, and ``skip_batches`` is cheap (the epoch's order is sliced); the random crops
@@ -198,17 +201,13 @@ def _page_size(max_bytes: int) -> int:
     return size
 
 
-def _max_image_bytes(dataset, good, max_resolution):
-    if hasattr(dataset, "samples"):  # ImageFolder: read the headers only
-        from PIL import Image
-        side = 0
-        for i in good:
-            with Image.open(dataset.samples[i][0]) as im:
-                w, h = im.size
-            s = max(w, h)
-            scale = min(1.0, max_resolution / s) if max_resolution else 1.0
-            side = max(side, int(w * scale) * int(h * scale) * 3)
-        return side
+def _max_image_bytes(dataset, good, sizes, max_resolution) -> int:
+    """Raw bytes of the largest image as it will be stored (after the max-resolution resize)."""
+    if sizes is not None:
+        wh = sizes[good].astype(np.float64)
+        if max_resolution:
+            wh *= np.minimum(1.0, max_resolution / wh.max(axis=1, keepdims=True))
+        return int((wh.astype(np.int64).prod(axis=1) * 3).max()) if len(wh) else 3
     img = dataset[0][0] if len(dataset) else np.zeros((1, 1, 3), np.uint8)
     return int(np.prod(img.shape))
 
@@ -236,8 +235,8 @@ def write_beton(dataset, path: str, *, mode: str = "smart", max_resolution: int 
     if max_resolution is not None and max_resolution < 1:
         max_resolution = None
     t0 = time.perf_counter()
-    good, bad = check_images(dataset, workers=workers, progress=progress,
-                             max_resolution=max_resolution)
+    good, bad, sizes = check_images(dataset, workers=workers, progress=progress,
+                                    max_resolution=max_resolution)
     if bad and strict:
         first = f"{bad[0][0]}: {bad[0][1]}"
         raise DataError(f"{len(bad)} unreadable image(s) (first: {first}); nothing was written. "
@@ -256,7 +255,7 @@ def write_beton(dataset, path: str, *, mode: str = "smart", max_resolution: int 
     tmp = os.path.join(out_dir, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     Writer = _safe_writer_class()
     writer = Writer(tmp, fields, num_workers=max(1, workers),
-                    page_size=_page_size(_max_image_bytes(dataset, good, max_resolution)))
+                    page_size=_page_size(_max_image_bytes(dataset, good, sizes, max_resolution)))
     writer.progress = progress
     try:
         writer.from_indexed_dataset(_Items(dataset), indices=good, chunksize=chunk_size)
@@ -305,18 +304,21 @@ def ensure_beton(cfg, split: str, dataset, world_size: int = 1) -> str:
                             f"tools/build_ffcv.py, or unset ffcv_{split} to build it in the cache)")
         return explicit
     settings = auto_write_settings(cfg, dataset)
-    path = os.path.join(resolve_cache_dir(cfg), cache_name(cfg, split, dataset, settings) + ".beton")
+    name = cache_name(cfg, split, dataset, settings) + ".beton"
+    path = os.path.join(resolve_cache_dir(cfg), name)
     with file_lock(path):
         if not os.path.isfile(path):
             note(f"ffcv: building {path} ({len(dataset)} images, {settings['mode']}); once")
             s = write_beton(dataset, path, workers=threads_for(cfg, world_size), progress=False,
                             **settings)
+            skipped = f", skipped {len(s['skipped'])}" if s["skipped"] else ""
             note(f"ffcv: wrote {s['images']} images, {s['bytes'] / 2**20:.1f} MiB in "
-                 f"{s['seconds']:.1f} s" + (f", skipped {len(s['skipped'])}" if s["skipped"] else ""))
+                 f"{s['seconds']:.1f} s{skipped}")
     return path
 
 
 # ---- loading -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _decoders():
     from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 
@@ -345,7 +347,8 @@ def _decoders():
     return TorchCenterCropDecoder
 
 
-def _pad_crop_class():
+@functools.lru_cache(maxsize=None)
+def _ops():
     from dataclasses import replace
 
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -386,7 +389,32 @@ def _pad_crop_class():
             return (replace(previous_state, jit_mode=True),
                     AllocationQuery(previous_state.shape, previous_state.dtype))
 
-    return RandomPadCrop
+    class RandomFlip(Operation):
+        """Horizontal flip with probability 1/2, in place, as plain loops (FFCV's
+        RandomHorizontalFlip does the same with array expressions: ~10 s more compilation)."""
+
+        def generate_code(self):
+            my_range = Compiler.get_iterator()
+
+            def flip(images, _dst):
+                n, h, w, c = images.shape
+                for i in my_range(n):
+                    if np.random.random() < 0.5:
+                        for y in range(h):
+                            for x in range(w // 2):
+                                for k in range(c):
+                                    t = images[i, y, x, k]
+                                    images[i, y, x, k] = images[i, y, w - 1 - x, k]
+                                    images[i, y, w - 1 - x, k] = t
+                return images
+
+            flip.is_parallel = True
+            return flip
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=True), None
+
+    return RandomPadCrop, RandomFlip
 
 
 class _BetonInfo:
@@ -415,8 +443,7 @@ class FFCVLoader:
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import OrderOption
         from ffcv.reader import Reader
-        from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
-                                     ToTensor, ToTorchImage)
+        from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         if order not in ORDERS:
             raise DataError(f"unknown ffcv_order {order!r}; choose one of {', '.join(ORDERS)}")
@@ -441,14 +468,15 @@ class FFCVLoader:
 
         size = image_size
         CenterCrop = _decoders()
+        RandomPadCrop, RandomFlip = _ops()
         if train and augment == "rrc_flip":
-            image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
+            image = [RandomResizedCropRGBImageDecoder((size, size)), RandomFlip()]
         else:  # crop / crop_flip / none: the whole image (fraction 1.0), as the torch backend
             image = [CenterCrop(size, 0.875 if not train else 1.0)]
             if train and augment in ("crop", "crop_flip"):
-                image.append(_pad_crop_class()(max(size // 8, 1)))
+                image.append(RandomPadCrop(max(size // 8, 1)))
             if train and augment == "crop_flip":
-                image.append(RandomHorizontalFlip())
+                image.append(RandomFlip())
         mean255 = np.array(mean, dtype=np.float64) * 255
         std255 = np.array(std, dtype=np.float64) * 255
         self._gpu = device.type == "cuda"

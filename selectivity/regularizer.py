@@ -245,6 +245,7 @@ class SelectivityRegularizer(Callback):
         self._si_sum, self._si_n = None, 0
 
     def setup(self, trainer) -> None:
+        self.trainer = trainer
         self.probe = UnitProbe(trainer.model, self.units, self._sink)
         self.num_classes = trainer.num_classes
         self._si_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
@@ -261,6 +262,9 @@ class SelectivityRegularizer(Callback):
         self._acts = []
         if train:
             self.alpha = alpha_at(self.windows, self.epoch_position(trainer))
+            if trainer.batch_in_epoch == 0:  # log intervals restart with the epoch, as the loop's
+                self._si_sum.zero_()
+                self._si_n = 0
         self.probe.enabled = train and self.alpha != 0.0
 
     def loss_terms(self, trainer, images, labels, logits) -> dict:
@@ -285,8 +289,13 @@ class SelectivityRegularizer(Callback):
         return out
 
     def state_dict(self) -> dict:
-        # α needs no state (it is a function of epoch and step, which the trainer restores); the
-        # si_reg average of a log interval cut by a checkpoint does, for identical logs on resume.
+        # α needs no state (a function of epoch and step, which the trainer restores). The si_reg
+        # average of a log interval cut by a mid-epoch checkpoint does, so that a resumed run logs
+        # what an uninterrupted one does; a checkpoint at a log step is written before that step's
+        # log, which will consume the interval, so it holds an empty one.
+        t = self.trainer
+        if t.step % t.cfg.log_every_steps == 0:
+            return {"si_sum": 0.0, "si_n": 0}
         return {"si_sum": float(self._si_sum), "si_n": self._si_n}
 
     def load_state_dict(self, state: dict) -> None:

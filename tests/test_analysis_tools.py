@@ -66,10 +66,11 @@ def test_cka_within_one_run(run):
 
 def test_cka_between_two_runs(run, tmp_path):
     # The run against a copy of itself: the same network, so the same-layer entries are exactly 1.
+    # In-process (each tool subprocess pays ~10 s of imports on a loaded machine).
     twin = str(tmp_path / "twin")
     shutil.copytree(run, twin)
-    run_tool("tools/cka.py", run, twin, "--epochs", "1", "--layers", "layer1", "layer3.2",
-             "--heatmap-epochs", "1", check=True)
+    tool_main("cka")([run, twin, "--epochs", "1", "--layers", "layer1", "layer3.2",
+                      "--heatmap-epochs", "1"])
     (r,) = read_jsonl(os.path.join(run, "cka_vs_twin.jsonl"))
     assert (r["run"], r["run_b"], r["epoch"]) == ("r", "twin", 1)
     assert r["rows"] == r["cols"] == ["layer1", "layer3.2", LOGITS]
@@ -126,23 +127,24 @@ def test_orientation(run):
 
 # ---------------------------------------------------------------- one-line errors, exit 2
 
-@pytest.mark.parametrize("tool_path", ["tools/cka.py", "tools/orientation.py"])
-def test_unknown_layer_is_a_one_line_error(run, tool_path):
-    proc = run_tool(tool_path, run, "--layers", "layer9")
+def tool_main(tool_name):
+    import importlib
+    return importlib.import_module(f"tools.{tool_name}").main
+
+
+def test_unknown_layer_is_a_one_line_error(run):
+    proc = run_tool("tools/cka.py", run, "--layers", "layer9")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: unknown layer 'layer9'; stages: layer1, layer2, layer3")
 
 
-def _main(tool_name):
-    import importlib
-    return importlib.import_module(f"tools.{tool_name}").main
-
-
 @pytest.mark.parametrize("tool_name", ["cka", "orientation"])
-def test_missing_run_and_missing_checkpoints_exit_2(run, tmp_path, capsys, tool_name):
-    main = _main(tool_name)
-    cases = {"run directory not found": [str(tmp_path / "nope")]}
+def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_name):
+    main = tool_main(tool_name)  # in-process: the same run_cli path as the command line
+    cases = {"run directory not found": [str(tmp_path / "nope")],
+             "unknown layer 'layer9'; stages: layer1, layer2, layer3": [run, "--layers", "layer9"],
+             "unknown layer 'layer3.7'": [run, "--layers", "layer1", "layer3.7"]}
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     shutil.copy(os.path.join(run, "config.yaml"), empty)

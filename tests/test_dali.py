@@ -109,9 +109,9 @@ def test_dali_shards_disjoint_and_reshuffled(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_dali_crop_augment_is_a_padded_shift_and_leaving_early_is_safe(tmp_path):
+def test_dali_crop_flip_is_a_padded_shift_and_leaving_early_is_safe(tmp_path):
     files, labels, imgs = unique_pngs(str(tmp_path / "png"), n=24, size=16)
-    ld = loader(files, labels, augment="crop", image_size=16, batch_size=8)
+    ld = loader(files, labels, augment="crop_flip", image_size=16, batch_size=8)
     try:
         shifts = set()
         for e in range(2):
@@ -120,11 +120,11 @@ def test_dali_crop_augment_is_a_padded_shift_and_leaving_early_is_safe(tmp_path)
                 out = x.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
                 for k, i in enumerate(y.tolist()):
                     padded = np.pad(imgs[i], ((2, 2), (2, 2), (0, 0)))
-                    hits = [(dy, dx) for dy in range(5) for dx in range(5)
-                            if np.array_equal(padded[dy:dy + 16, dx:dx + 16], out[k])]
+                    hits = [(dy, dx, m) for dy in range(5) for dx in range(5) for m in (1, -1)
+                            if np.array_equal(padded[dy:dy + 16, dx:dx + 16][:, ::m], out[k])]
                     assert hits, f"image of sample {i} is not a padded shift"
                     shifts.update(hits)
-        assert len(shifts) > 5
+        assert len(shifts) > 5 and {m for *_, m in shifts} == {1, -1}
         ld.set_epoch(2)
         next(iter(ld))  # leave an epoch after one batch ...
         ld.set_epoch(3)

@@ -171,7 +171,8 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
             return torch.cat(xs), torch.cat(ys)
 
         x, y = epoch(train, 1)
-        assert x.shape == (22 * 64, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.shape == (22 * 64, 3, 32, 32) and x.dtype == torch.float32
+        assert y.dtype == torch.int64
         assert x.is_contiguous(memory_format=torch.channels_last)
         train.set_epoch(1)
         assert np.array_equal(train.labels[train.indices()], y.numpy())  # indices() = the order
@@ -202,8 +203,9 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_ffcv_crop_augment_is_a_padded_shift(tmp_path):
-    """augment crop = the torch backend's: each image shifted by at most 4 px, zero-filled."""
+def test_ffcv_crop_flip_augment_is_a_padded_shift(tmp_path):
+    """augment crop_flip = the torch backend's: each image shifted by at most 2 px (size // 8),
+    zero-filled, and mirrored half of the time."""
     from pipelines.ffcv import FFCVLoader, write_beton
     rng = np.random.default_rng(1)
     imgs = rng.integers(1, 256, (64, 16, 16, 3), dtype=np.uint8)  # no zeros: fill is visible
@@ -211,7 +213,7 @@ def test_ffcv_crop_augment_is_a_padded_shift(tmp_path):
     path = str(tmp_path / "s.beton")
     write_beton(ds, path, mode="raw", workers=1, progress=False)
     ld = FFCVLoader(path, classes=ds.classes, mean=(0, 0, 0), std=(1 / 255,) * 3, batch_size=16,
-                    train=True, augment="crop", image_size=16, device=CPU, threads=1)
+                    train=True, augment="crop_flip", image_size=16, device=CPU, threads=1)
     try:
         ld.set_epoch(0)
         order = ld.indices()
@@ -221,11 +223,11 @@ def test_ffcv_crop_augment_is_a_padded_shift(tmp_path):
     shifts = set()
     for k, i in enumerate(order):
         padded = np.pad(imgs[i], ((2, 2), (2, 2), (0, 0)))
-        hits = [(dy, dx) for dy in range(5) for dx in range(5)
-                if np.array_equal(padded[dy:dy + 16, dx:dx + 16], out[k].numpy())]
+        hits = [(dy, dx, m) for dy in range(5) for dx in range(5) for m in (1, -1)
+                if np.array_equal(padded[dy:dy + 16, dx:dx + 16][:, ::m], out[k].numpy())]
         assert hits, f"image {k} is not a padded shift of sample {i}"
         shifts.update(hits)
-    assert len(shifts) > 5  # the offsets vary
+    assert len(shifts) > 5 and {m for *_, m in shifts} == {1, -1}  # offsets and flips vary
 
 
 @pytest.mark.timeout(150)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Loader throughput, torch vs ffcv vs dali, side by side on the same files (CPU, loader only).
 
-    python tools/bench_loader.py [--workers 2] [--large 1200] [--small 20000] [--check]
+    python tools/bench_loader.py [--workers 2] [--large 1000] [--small 10000] [--check]
 
 Two workloads, generated into a temporary directory (nothing is downloaded):
   (1) ImageNet-like JPEGs (~500×375, q90), random-resized-crop to 224 + flip, batch 64;
@@ -106,17 +106,18 @@ def report(title: str, res: dict, targets: dict) -> bool:
         ratio = res[b] / res["torch"]
         hit = ratio >= targets[b]
         ok &= hit
-        print(f"    {b:5s} {res[b]:9,.0f} img/s  {ratio:5.2f}x torch  (target >= {targets[b]:.1f}x: "
-              f"{'met' if hit else 'MISSED'})" + (f"  [{res['ffcv_note']}]" if b == "ffcv" else ""))
+        note = f"  [{res['ffcv_note']}]" if b == "ffcv" else ""
+        print(f"    {b:5s} {res[b]:9,.0f} img/s  {ratio:5.2f}x torch  "
+              f"(target >= {targets[b]:.1f}x: {'met' if hit else 'MISSED'}){note}")
     return ok
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workers", type=int, default=2, help="workers/threads for every backend")
-    p.add_argument("--large", type=int, default=1200, help="ImageNet-like JPEGs")
-    p.add_argument("--small", type=int, default=20000, help="32×32 JPEGs")
-    p.add_argument("--seconds", type=float, default=4.0, help="timed seconds per backend (min)")
+    p.add_argument("--large", type=int, default=1000, help="ImageNet-like JPEGs")
+    p.add_argument("--small", type=int, default=10000, help="32×32 JPEGs")
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per backend (min)")
     p.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     a = p.parse_args(argv)

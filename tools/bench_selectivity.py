@@ -137,8 +137,8 @@ def resnet50_overhead(repeats, steps):
         for act, state in zip(acts, loop_states):
             per_class_loop(act, labels, *state)
 
-    t_acc, t_index, t_torch, t_loop = median_ms([fused, index, torch_way, loop], repeats)
-    t_read = median_ms([lambda: [a.sum() for a in acts]], repeats)[0]
+    t_acc, t_index, t_torch, t_read = median_ms([fused, index, torch_way, lambda: [a.sum() for a in acts]], repeats)
+    t_loop = median_ms([loop], 5, warmup=1)[0]  # ~100x slower than the rest: fewer repeats
     t_step = training_step_ms(model, steps)
 
     print(f"c. ResNet-50, 16 block outputs ({units:,} units, {sum(a.numel() for a in acts) * 4 / 1e6:.0f} MB), "

@@ -35,7 +35,7 @@ def parse_args(argv=None):
                    help="downscale so the longer side is at most this (default: keep)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--smart-threshold", type=int, default=3 * 64 * 64,
-                   help="bytes of raw pixels above which smart mode stores JPEG (default: 64² RGB)")
+                   help="raw bytes above which smart mode stores JPEG (default: 64×64 RGB)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="writer processes (and image-check threads)")
     p.add_argument("--strict", action="store_true",

@@ -318,9 +318,11 @@ def parse_args(argv=None):
                    help="also the step_* checkpoints taken inside an epoch")
     p.add_argument("--layers", nargs="+",
                    help="module names (default: the stem relu and every residual block)")
-    p.add_argument("--ablate-epochs", type=float, nargs="+",
-                   help="epochs at which to run the ablations (default: every measured epoch)")
-    p.add_argument("--no-ablation", action="store_true", help="skip the ablations")
+    ablation = p.add_mutually_exclusive_group()
+    ablation.add_argument("--ablate-epochs", type=float, nargs="+",
+                          help="epochs at which to run the ablations (default: every measured "
+                               "epoch)")
+    ablation.add_argument("--no-ablation", action="store_true", help="skip the ablations")
     p.add_argument("--shift", type=int, help="circular shift in px, down and right "
                                              "(default: image size / 8)")
     p.add_argument("--shift-layers", nargs="+",

@@ -103,6 +103,8 @@ def plot_alpha(runs: list[dict], path: str) -> bool:
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xscale("symlog", linthresh=lin)
+        ax.set_xticks(a)
+        ax.set_xticklabels([f"{x:g}" for x in a], fontsize=7)
         ax.axvline(0, color="k", linewidth=0.5)
         ax.set_xlabel("α  (loss = CE − α·SI;  α < 0 suppresses selectivity)")
         ax.grid(alpha=0.3)
@@ -130,7 +132,7 @@ def plot_curves(runs: list[dict], path: str) -> None:
             axes[2].plot([t["epoch"] for t in tr], [t["si_reg"] for t in tr], color=color,
                          linewidth=1)
         for w in r["windows"]:
-            if w.alpha != 0:
+            if w.alpha != 0 and w.start > 0:
                 for ax in axes:
                     ax.axvline(w.start, color=color, linewidth=0.8, linestyle="--", alpha=0.6)
     axes[0].set_ylabel("val top-1 (%)")
@@ -139,7 +141,7 @@ def plot_curves(runs: list[dict], path: str) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="dashed: window starts", title_fontsize=7)
+    axes[0].legend(fontsize=7, title="dashed: a window starts (after epoch 0)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
