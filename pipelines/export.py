@@ -43,15 +43,16 @@ def resolve_cache_dir(cfg) -> str:
                                               default_cache_dir()))
 
 
-def _file_stats(paths) -> list:
-    out = []
+def _files_digest(paths) -> str:
+    """A digest of the files' names, sizes and modification times (one stat per file)."""
+    h = hashlib.sha256()
     for p in paths:
         try:
             st = os.stat(p)
-            out.append((p, st.st_size, st.st_mtime_ns))
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            out.append((p, -1, -1))
-    return out
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
 
 
 def dataset_fingerprint(cfg, split: str, dataset) -> dict:
@@ -61,13 +62,13 @@ def dataset_fingerprint(cfg, split: str, dataset) -> dict:
     if cfg.dataset == "synthetic":
         fp.update(classes=cfg.synthetic_classes, size=cfg.synthetic_size, seed=cfg.seed)
     if isinstance(dataset, ImageFolderDataset):
-        fp["files"] = _file_stats(p for p, _ in dataset.samples)
+        fp["files"] = _files_digest(p for p, _ in dataset.samples)
         fp["classes"] = dataset.classes
     elif cfg.dataset == "cifar10":
         root = os.path.abspath(cfg.data_dir)
         names = [os.path.join(d, f) for d in (root, os.path.join(root, "cifar-10-batches-py"))
                  if os.path.isdir(d) for f in sorted(os.listdir(d)) if "batch" in f]
-        fp["files"] = _file_stats(names)
+        fp["files"] = _files_digest(names)
     return fp
 
 

@@ -22,10 +22,11 @@ outputs, the units the tracker measures); any model can name its own: a list of
 Many conditions per pass. ``AblationHooks`` masks a layer's output with a per-group mask
 ``[G, U]``: the batch is repeated G times and ``out.view(G, B, U, H, W) * keep[:, None, :, None,
 None]`` gives every group its own condition (BatchNorm is in eval mode, so groups cannot
-interact). The batch is not repeated at the input but at the input of the first masked layer
-(``share_prefix``): everything before it is the same for all conditions and is computed once. On
-a CPU that shared prefix, not per-call overhead, is where the time goes (docs/ablation.md has the
-measurements). Identical conditions (k = 0 everywhere; k = U in every layer) are evaluated once.
+interact). The batch is not repeated at the model's input but at the *output* of the first masked
+layer, just before its mask (``share_prefix``): that layer and everything before it are the same
+for all conditions and run once. On a CPU this shared prefix, not per-call overhead, is what
+makes batching pay (docs/ablation.md has the measurements). Identical conditions (k = 0
+everywhere; k = U in every layer) are evaluated once.
 
 Random draws are a pure function of ``(seed, draw, layer, batch index)`` — not of the order of
 evaluation — so they are reproducible, and the batched and one-pass-per-condition evaluations
@@ -299,8 +300,9 @@ class AblationHooks:
 
     ``set(ablated, fill)``: ``ablated[layer]`` is a ``[G, U]`` bool mask (True = ablate) and
     ``fill[layer]`` a ``[U]`` value to clamp ablated units to (``None``: 0). Layers absent from
-    ``ablated`` are left alone. With ``expand=True`` the input of the first masked layer the forward
-    pass reaches is repeated G times (everything before it is computed once for all groups);
+    ``ablated`` are left alone. With ``expand=True`` the output of the first masked layer the
+    forward pass reaches is repeated G times before masking (it and everything before it run once
+    for all groups; from there on the forward pass must be a chain, as a ResNet's blocks are);
     otherwise the caller repeats the batch itself. Outputs are viewed as ``[G, B, U, ...]``, so a
     model's batch of ``G·B`` holds group g in rows ``g·B … (g+1)·B − 1``. A module called several
     times in one forward is masked at every call. Use as a context manager, or ``remove()``.
@@ -313,7 +315,6 @@ class AblationHooks:
         root = getattr(model, "module", model)
         self.handles = [root.register_forward_pre_hook(self._reset)]
         for name, module in self.layers.items():
-            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
             self.handles.append(module.register_forward_hook(self._post(name)))
 
     def set(self, ablated: Mapping[str, torch.Tensor], fill: Mapping[str, torch.Tensor] | None = None,
@@ -340,16 +341,6 @@ class AblationHooks:
     def _reset(self, module, args):
         self.expanded = False
 
-    def _pre(self, name):
-        def hook(module, args):
-            if self.expand and not self.expanded and name in self._masks:
-                self.expanded = True
-                x = args[0]
-                # cat, not repeat: it keeps channels_last
-                return (torch.cat([x] * self.groups), *args[1:])
-            return None
-        return hook
-
     def _post(self, name):
         def hook(module, args, out):
             m = self._masks.get(name)
@@ -357,6 +348,11 @@ class AblationHooks:
                 return None
             keep, fill = m
             G, U = keep.shape
+            if self.expand and not self.expanded:
+                # The first masked layer's output is still the same for every group: repeat it
+                # here, so this layer and all before it run once (cat keeps channels_last).
+                self.expanded = True
+                out = torch.cat([out] * G)
             if out.dim() < 2 or out.shape[1] != U or out.shape[0] % G:
                 raise AblationError(f"layer {name}: output {list(out.shape)} does not fit a "
                                     f"[{G}, {U}] mask (batch must be G·B, dim 1 the units)")
@@ -416,7 +412,7 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
 
     ``batched``: all conditions in one pass over ``loader``, G per forward (at most
     ``max_images`` images per forward pass, default ``default_max_images``), the batch repeated at
-    the first masked layer (``share_prefix``; else at the input). ``batched=False`` is the plain
+    the output of the first masked layer (``share_prefix``; else at the input). ``batched=False`` is the plain
     way: for each condition, one full pass over ``loader`` with a [1, U] mask — the reference.
     ``mode``: zero | mean (clamp to ``rankings[layer].mean``). ``seed``: the random draws'.
     ``layers``: the hooked layers (default: all layers of ``rankings``, resolved by name).

@@ -88,6 +88,7 @@ CHOICES = {
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
     "track_units": ("blocks", "relu", "bn"),
+    "ffcv_order": ("random", "quasi_random"),
 }
 POSITIVE = ("batch_size", "eval_batch_size", "image_size", "epochs", "eval_every_epochs",
             "log_every_steps", "save_every_epochs", "synthetic_classes")

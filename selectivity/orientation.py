@@ -13,6 +13,11 @@ Stimuli, responses and indices follow the public code of the paper (ukky17/ori_s
 - negative responses are clamped at 0 before the indices. Ukita measured post-ReLU maps, where this
   changes nothing; for other layers it reads the unit as a rectified (firing-rate) response, which
   keeps OSI and gOSI inside [0, 1].
+- shift invariance: correlation across units between responses to an image and to its circular
+  shift, raw or centred (unit means removed first; see ``shift_correlation``).
+- ablation (for tools/orientation.py): ``ablation_groups`` splits a layer's live units into the
+  top and bottom halves by gOSI; ``zero_channels`` zeroes them; ``loss_and_shift_invariance``
+  measures per-image val loss and shift invariance in the same passes.
 """
 from __future__ import annotations
 
@@ -263,7 +268,8 @@ def zero_channels(model: nn.Module, layer_name: str, channels: Sequence[int] | t
 
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor) or output.dim() < 2:
-            raise TypeError(f"cannot zero channels of {layer_name!r}: its output is not [B, U, ...]")
+            raise TypeError(f"cannot zero channels of {layer_name!r}: "
+                            f"its output is not [B, U, ...]")
         if index.numel() and int(index.max()) >= output.shape[1]:
             raise IndexError(f"channel {int(index.max())} out of range for {layer_name!r} "
                              f"({output.shape[1]} channels)")

@@ -166,7 +166,9 @@ class Tracker(Callback):
         self._val_pos = 0
 
     def eval_end(self, trainer, record: dict) -> dict:
-        real = si_of(self.val_states.reduced())
+        # Every rank joins every all_reduce, in the same order; only rank 0 writes afterwards.
+        states = self.val_states.reduced()
+        real = si_of(states)
         null_states = self.null_states.reduced()
         null = si_of(null_states)
         per_layer, mean = summarize(real)
@@ -174,14 +176,13 @@ class Tracker(Callback):
         _, train_mean = summarize(si_of(self.train_states.reduced())) if self.train_states.states \
             else ({}, None)
         if trainer.dist.is_main:
-            self._save(trainer, record, real, null, null_states)
+            self._save(trainer, record, states, real, null, null_states)
             self._tensorboard(trainer, record["step"], real, null)
         return {"si": per_layer, "si_mean": mean, "si_null": null_mean,
                 "si_null_layers": null_layer, "si_train": train_mean}
 
-    def _save(self, trainer, record, real, null, null_states) -> None:
+    def _save(self, trainer, record, states, real, null, null_states) -> None:
         from .checkpoint import _atomic_write
-        states = self.val_states.reduced()
         out = {"epoch": record["epoch"], "step": record["step"], "units": self.units, "layers": {}}
         for name, r in real.items():
             s, c = states[name]

@@ -245,3 +245,14 @@ def test_loss_and_shift_invariance_sees_the_ablation_hook():
         dead.loss, nn.functional.cross_entropy(logits, torch.cat([y for _, y in batches]),
                                                reduction="none").double())
     assert math.isnan(dead.shift_invariance["relu"])  # all units constant: undefined, not 0
+
+
+def test_epochs_can_be_named_as_the_tools_print_them():
+    import importlib
+    from selectivity.checkpoint import CheckpointError
+    nearest = importlib.import_module("tools.cka").nearest_epoch
+    epochs = [0.0, 5 / 22, 10 / 22, 1.0, 12.0]
+    assert nearest(0.227, epochs, "r") == nearest(0.227273, epochs, "r") == 5 / 22
+    assert nearest(12, epochs, "r") == 12.0 and nearest(0.3, epochs, "r") is None
+    with pytest.raises(CheckpointError, match="ambiguous"):
+        nearest(0.5, [0.5001, 0.4999], "r")

@@ -162,6 +162,7 @@ def test_torchrun_two_processes_dali(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "runs" / "dali" / "metrics.jsonl") as f:
         vals = [r for r in map(json.loads, f) if r["split"] == "val"]
-    assert [r["epoch"] for r in vals] == [0, 1, 2]
+    # every epoch end (plus the demo's evaluations inside epoch 1, at fractional epochs)
+    assert [r["epoch"] for r in vals if float(r["epoch"]).is_integer()] == [0, 1, 2]
     assert vals[-1]["images"] == 360  # val shards: disjoint, every image once
     assert vals[-1]["step"] == 2 * ((1437 // 2) // 64)  # the same step count on both ranks

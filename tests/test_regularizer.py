@@ -127,12 +127,23 @@ def test_windows_from_yaml_and_cli_override(tmp_path):
     assert cb.windows == [Window(-1.0)]
 
 
-def test_train_rejects_overlapping_windows_before_writing(tool, tmp_path):
-    proc = tool("tools/train.py", "-c", "configs/demo.yaml", "--out-dir", str(tmp_path),
-                "--selectivity_reg", "[{alpha: -1, end: 3}, {alpha: 1, start: 2}]")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'selectivity_reg'")
-    assert "overlap" in proc.stderr and not os.listdir(tmp_path)
+def test_train_rejects_overlapping_windows_before_writing(tmp_path, capsys):
+    """tools/train.py (in this process: its CLI wrapper, exit status and message) stops with one
+    line before anything is written."""
+    import importlib.util
+    from conftest import ROOT
+    from selectivity.errors import run_cli
+    spec = importlib.util.spec_from_file_location("train_tool", os.path.join(ROOT, "tools", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--out-dir",
+                             str(tmp_path), "--selectivity_reg",
+                             "[{alpha: -1, end: 3}, {alpha: 1, start: 2}]"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: config key 'selectivity_reg'") and "overlap" in err
+    assert not os.listdir(tmp_path)
 
 
 # ----- the callback ------------------------------------------------------------------------------
@@ -343,3 +354,74 @@ def test_SLOW_alpha_sign_moves_val_selectivity(tool, tmp_path):
     si = {n: r["si_mean"] for n, r in final.items()}
     assert si["neg"] <= 0.5 * si["zero"], si
     assert si["pos"] > si["zero"], si
+
+
+# ----- tools: sweep plan and figures (no training) -----------------------------------------------
+
+
+def load_tool(name):
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(run_dir, alpha_spec, final_epoch, si, acc, ckpt=True):
+    """A run directory as training leaves it: config.yaml, metrics.jsonl, a checkpoint."""
+    import yaml
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    if ckpt:
+        open(os.path.join(run_dir, "checkpoints", "last.pt"), "w").close()
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({"epochs": 2, "selectivity_reg": alpha_spec}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for e in range(final_epoch + 1):
+            f.write(json.dumps({"epoch": e, "step": 10 * e, "split": "train", "alpha": -1.0,
+                                "si_reg": si}) + "\n")
+            f.write(json.dumps({"epoch": e, "step": 10 * e, "split": "val", "acc1": acc,
+                                "si_mean": si, "si_null": 0.04}) + "\n")
+
+
+def test_sweep_plan_skips_finished_and_resumes_unfinished(tmp_path, capsys):
+    sweep = load_tool("sweep")
+    out = tmp_path / "sweep"
+    fake_run(str(out / "done"), [{"alpha": -1.0}], 2, 0.1, 0.9)
+    fake_run(str(out / "half"), [{"alpha": -1.0}], 1, 0.1, 0.9)
+    assert sweep.status(str(out / "done"), 2) == "done"
+    assert sweep.status(str(out / "done"), 3) == "resume"  # more epochs asked
+    assert sweep.status(str(out / "half"), 2) == "resume"
+    assert sweep.status(str(out / "none"), 2) == "new"
+    cmd = sweep.train_command("c/x.yaml", str(out), "x", ["lr=-0.1"], resume=True)
+    assert cmd[-2:] == ["--lr=-0.1", "--resume"] and "--name" in cmd
+    cfgs = []
+    for name in ("done", "half", "none"):
+        cfgs.append(str(tmp_path / f"{name}.yaml"))
+        with open(cfgs[-1], "w") as f:
+            f.write("epochs: 2\nselectivity_reg: [{alpha: -1.0}]\n")
+    sweep.main([*cfgs, "--out-dir", str(out), "--dry-run"])
+    plan = capsys.readouterr().out.split()
+    assert plan[plan.index("done") + 1] == "done" and plan[plan.index("half") + 1] == "resume"
+    assert plan[plan.index("none") + 1] == "new"
+    with pytest.raises(ConfigError, match="overlap"):  # every config is checked before any run
+        with open(cfgs[0], "w") as f:
+            f.write("selectivity_reg: [{alpha: -1.0}, {alpha: 1.0, start: 1}]\n")
+        sweep.main([*cfgs, "--out-dir", str(out), "--dry-run"])
+
+
+def test_plot_regularization_figures_and_table(tmp_path, capsys):
+    plot = load_tool("plot_regularization")
+    runs = []
+    for name, spec, si, acc in [("a0", [], 0.2, 0.95), ("am1", [{"alpha": -1.0}], 0.08, 0.96),
+                                ("ap1", [{"alpha": 1.0}], 0.3, 0.9),
+                                ("late", [{"alpha": -1.0, "start": 1}], 0.12, 0.95)]:
+        runs.append(str(tmp_path / "runs" / name))
+        fake_run(runs[-1], spec, 2, si, acc)
+    plot.main(runs)
+    out = capsys.readouterr().out
+    for f in ("reg_alpha.png", "reg_curves.png"):
+        assert os.path.getsize(tmp_path / "runs" / "figures" / f) > 10_000
+    rows = [l for l in out.splitlines() if l.startswith("| a") or l.startswith("| late")]
+    assert [r.split("|")[1].strip() for r in rows] == ["am1", "a0", "ap1", "late"]
+    assert "α=-1 [1, ∞)" in out and "| 0.0800 |" in out

@@ -2,7 +2,7 @@
 """Benchmark: G ablation conditions per forward pass vs one pass per condition.
 
     python tools/bench_ablation.py [--model resnet20] [--image-size 32] [--images 360]
-        [--batch-size 360] [--conditions 8 32] [--stages layer1 layer2 layer3 whole]
+        [--batch-size 360] [--conditions 8] [--stages layer1 layer2 layer3 whole]
         [--max-images 256] [--repeats 2] [--threads 1] [--checkpoint PATH]
 
 For each scope (a stage, or the whole network) and each number of conditions N (distinct
@@ -13,8 +13,9 @@ same N conditions are evaluated on the same cached images three ways, side by si
                mask per block (paper 1's way, minus its data loading per condition)
   batched      G conditions per forward, the batch repeated at the model's input
                (``share_prefix=False``): what batching alone buys
-  batched+pre  the batch repeated at the first ablated block, so the layers before it run once
-               for all conditions (``share_prefix=True``, what tools/ablate.py does)
+  batched+pre  the batch repeated at the output of the first ablated block (before its mask),
+               so that block and all before it run once for all conditions
+               (``share_prefix=True``, what tools/ablate.py does)
 
 Timings are the minimum over --repeats interleaved repeats; the results of the three are checked
 to be identical (per-class correct counts; loss to float tolerance). Weights are random unless
@@ -60,15 +61,20 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=360, help="evaluation images (the demo's val)")
     p.add_argument("--batch-size", type=int, default=360,
                    help="images per pass of the one-by-one way (the demo's eval batch)")
-    p.add_argument("--conditions", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--stages", nargs="+", default=None,
-                   help="scopes: stage names and/or 'whole' (default: every stage, then whole)")
+    p.add_argument("--conditions", type=int, nargs="+", default=[8])
+    p.add_argument("--stages", nargs="*", default=None,
+                   help="scopes: stage names and/or 'whole' (default: every stage, then whole; "
+                        "none: only --tool-workload)")
     p.add_argument("--max-images", type=int, default=256, help="images per batched forward pass")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-plain-batched", action="store_true",
                    help="skip the 'batched' (repeat at the input) column")
     p.add_argument("--checkpoint", help="a checkpoint whose weights to use")
+    p.add_argument("--tool-workload", action="store_true",
+                   help="also time tools/ablate.py's default workload for one checkpoint (every "
+                        "stage, the default fraction grid, 3 random draws; 105 conditions for "
+                        "ResNet-20): one pass per condition vs batched + de-duplicated")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,7 +93,7 @@ def main(argv=None):
     registry = unit_registry(model)
     rankings = A.rank_units(model, batches, num_classes=10)
     stages = A.scopes_by_stage(registry)
-    scopes = args.stages or [*stages, A.WHOLE]
+    scopes = [*stages, A.WHOLE] if args.stages is None else args.stages
     print(f"{args.model}, {args.image_size}px, {args.images} images, one-by-one batch "
           f"{args.batch_size}, batched <= {args.max_images} images/forward, "
           f"{torch.get_num_threads()} thread(s), min of {args.repeats}; times in s")
@@ -131,9 +137,27 @@ def main(argv=None):
             print(f"{scope:>7} {n:>4} " + " ".join(f"{best[c]:12.2f}" for c in cols)
                   + f" {ratio:5.2f}x {per:11.2f}  {'yes' if same else 'NO'} "
                   f"(max |dloss| {dloss:.1e})", flush=True)
-    ratio = totals["one-by-one"] / totals["batched+pre"]
-    print(f"{'all':>7} {'':>4} " + " ".join(f"{totals[c]:12.2f}" for c in cols)
-          + f" {ratio:5.2f}x")
+    if scopes:
+        ratio = totals["one-by-one"] / totals["batched+pre"]
+        print(f"{'all':>7} {'':>4} " + " ".join(f"{totals[c]:12.2f}" for c in cols)
+              + f" {ratio:5.2f}x")
+    if args.tool_workload:
+        conds = []
+        for stage, names in stages.items():
+            conds += A.make_conditions({n: registry[n] for n in names}, random_draws=3,
+                                       scope=stage)
+        one = bat = float("inf")
+        for _ in range(args.repeats):
+            t, ref = timed(lambda: A.evaluate_ablations(model, batches, conds, rankings,
+                                                        batched=False, dedupe=False))
+            one = min(one, t)
+            t, got = timed(lambda: A.evaluate_ablations(model, batches, conds, rankings,
+                                                        max_images=args.max_images))
+            bat = min(bat, t)
+        same = all((a.correct == b.correct).all() for a, b in zip(ref, got))
+        print(f"tools/ablate.py default workload ({len(conds)} conditions, every stage): "
+              f"one-by-one {one:.1f} s, batched + prefix + de-duplicated {bat:.1f} s: "
+              f"{one / bat:.2f}x; identical: {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark the fused selectivity ops on this CPU, every figure measured side by side in one run.
 
-    .venv/bin/python tools/bench_selectivity.py            # ~2-3 min on 2 cores
+    .venv/bin/python tools/bench_selectivity.py            # ~1-3 min on 2 cores
 
 a. accumulate vs reading the tensor once (act.sum()) on one [64, 256, 16, 16] fp32 activation,
    channels_last and NCHW (target: ratio <= 1.3);
@@ -10,8 +10,10 @@ c. per-step overhead of tracking all 16 ResNet-50 block outputs (15,104 units, K
    64-px input, channels_last fp32) as a % of a ResNet-50 training step measured in the same run
    (target: <= 0.5%).
 
-Timings are medians over repeats, the candidates of one table interleaved repeat by repeat so that
-load from other processes hits them alike. Informational: always exits 0.
+Times are medians over repeats (min in brackets: on a machine shared with other jobs the median
+includes time the threads were preempted), the candidates of one table interleaved repeat by repeat
+so that such load hits them alike. PASS/FAIL compare the median with the target. Informational:
+always exits 0.
 """
 
 import argparse
@@ -30,18 +32,33 @@ K = 1000
 B = 64
 
 
-def median_ms(fns, repeats, warmup=2):
-    """Median wall time in ms of each callable, calls interleaved round-robin."""
+class Timing:
+    def __init__(self, seconds):
+        self.median = statistics.median(seconds) * 1e3
+        self.min = min(seconds) * 1e3
+
+
+def timings(fns, repeats, warmup=2):
+    """Wall time of each callable (ms), calls interleaved round-robin."""
     for fn in fns:
         for _ in range(warmup):
             fn()
-    times = [[] for _ in fns]
+    seconds = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
+            seconds[i].append(time.perf_counter() - t0)
+    return [Timing(s) for s in seconds]
+
+
+def ratio(a, b):
+    """'median ratio [min ratio]' of two Timings."""
+    return f"{a.median / b.median:5.2f} [{a.min / b.min:4.2f}]"
+
+
+def verdict(value, target):
+    return "PASS" if value <= target else "FAIL"
 
 
 def pytorch_accumulate(act, labels, sums, counts):
@@ -59,29 +76,26 @@ def per_class_loop(act, labels, sums, counts):
         counts[c] += chosen.shape[0]
 
 
-def verdict(value, target):
-    return "PASS" if value <= target else "FAIL"
-
-
 def single_tensor(repeats):
-    print("a/b. one [64, 256, 16, 16] fp32 activation (16.8 MB), K=1000; median ms")
-    print(f"  {'layout':<14}{'accumulate':>11}{'act.sum()':>11}{'mean+index_add_':>17}{'class loop':>12}"
-          f"{'acc/sum':>9}  {'(target <= 1.3)':<16}{'torch/acc':>10}{'loop/acc':>10}")
+    print("a/b. one [64, 256, 16, 16] fp32 activation (16.8 MB), K=1000; ms: median [min]")
     labels = torch.randint(0, K, (B,))
     for layout in ("channels_last", "NCHW"):
         act = torch.rand(B, 256, 16, 16)
         if layout == "channels_last":
             act = act.to(memory_format=torch.channels_last)
         states = [ops.new_state(K, 256) for _ in range(3)]
-        fused, read, torch_way, loop = median_ms([
+        fused, read, torch_way = timings([
             lambda: ops.accumulate(act, labels, *states[0]),
             lambda: act.sum(),
             lambda: pytorch_accumulate(act, labels, *states[1]),
-            lambda: per_class_loop(act, labels, *states[2]),
         ], repeats)
-        ratio = fused / read
-        print(f"  {layout:<14}{fused:>11.3f}{read:>11.3f}{torch_way:>17.3f}{loop:>12.3f}"
-              f"{ratio:>9.2f}  {verdict(ratio, 1.3):<16}{torch_way / fused:>9.1f}x{loop / fused:>9.1f}x")
+        (loop,) = timings([lambda: per_class_loop(act, labels, *states[2])], 5, warmup=1)
+        print(f"  {layout}:  accumulate {fused.median:.3f} [{fused.min:.3f}]   act.sum() {read.median:.3f} "
+              f"[{read.min:.3f}]   mean+index_add_ {torch_way.median:.3f}   per-class loop {loop.median:.1f}")
+        print(f"    a. accumulate / act.sum()        {ratio(fused, read)}   target <= 1.3: "
+              f"{verdict(fused.median / read.median, 1.3)}")
+        print(f"    b. mean+index_add_ / accumulate  {ratio(torch_way, fused)}   "
+              f"per-class loop / accumulate {loop.median / fused.median:.0f}x")
 
 
 def resnet50_block_outputs():
@@ -99,7 +113,7 @@ def resnet50_block_outputs():
     return model, outputs
 
 
-def training_step_ms(model, steps):
+def training_step(model, steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.rand(B, 3, 64, 64).to(memory_format=torch.channels_last)
     y = torch.randint(0, K, (B,))
@@ -109,7 +123,7 @@ def training_step_ms(model, steps):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    return median_ms([step], steps, warmup=2)[0]
+    return timings([step], steps, warmup=1)[0]
 
 
 def resnet50_overhead(repeats, steps):
@@ -137,43 +151,48 @@ def resnet50_overhead(repeats, steps):
         for act, state in zip(acts, loop_states):
             per_class_loop(act, labels, *state)
 
-    t_acc, t_index, t_torch, t_read = median_ms([fused, index, torch_way, lambda: [a.sum() for a in acts]], repeats)
-    t_loop = median_ms([loop], 5, warmup=1)[0]  # ~100x slower than the rest: fewer repeats
-    t_step = training_step_ms(model, steps)
+    t_acc, t_index, t_torch, t_read = timings([fused, index, torch_way, lambda: [a.sum() for a in acts]], repeats)
+    (t_loop,) = timings([loop], 3, warmup=1)  # ~100x slower than the rest: fewer repeats
+    t_step = training_step(model, steps)
 
     print(f"c. ResNet-50, 16 block outputs ({units:,} units, {sum(a.numel() for a in acts) * 4 / 1e6:.0f} MB), "
           f"K={K}, B={B}, channels_last fp32")
-    print(f"  training step (forward+backward+SGD, [64, 3, 64, 64]):  {t_step:9.1f} ms")
-    print(f"  {'per step':<46}{'ms':>9}{'% of step':>11}  (target <= 0.5%)")
+    print(f"  training step (forward+backward+SGD, [64, 3, 64, 64]): {t_step.median:.0f} ms [{t_step.min:.0f}]")
+    print(f"  {'per step':<44}{'ms':>16}{'% of step':>18}")
     rows = [
-        ("read all 16 outputs once (act.sum())", t_read, None),
-        ("fused accumulate (what the tracker does)", t_acc, 0.5),
-        ("fused accumulate + selectivity_index", t_acc + t_index, 0.5),
-        ("  selectivity_index alone (all layers)", t_index, None),
-        ("pure PyTorch mean + index_add_", t_torch, None),
-        ("per-class loop (papers' style)", t_loop, None),
+        ("read all 16 outputs once (act.sum())", t_read.median, t_read.min, None),
+        ("fused accumulate (what the tracker does)", t_acc.median, t_acc.min, 0.5),
+        ("fused accumulate + selectivity_index", t_acc.median + t_index.median, t_acc.min + t_index.min, 0.5),
+        ("  selectivity_index alone (all layers)", t_index.median, t_index.min, None),
+        ("pure PyTorch mean + index_add_", t_torch.median, t_torch.min, None),
+        ("per-class loop (papers' style)", t_loop.median, t_loop.min, None),
     ]
-    for name, t, target in rows:
-        pct = 100 * t / t_step
-        tail = f"  {verdict(pct, target)}" if target is not None else ""
-        print(f"  {name:<46}{t:>9.2f}{pct:>10.2f}%{tail}")
-    print(f"  fused accumulate / read once: {t_acc / t_read:.2f}   "
-          f"pure PyTorch / fused: {t_torch / t_acc:.1f}x   per-class loop / fused: {t_loop / t_acc:.1f}x")
+    for name, med, low, target in rows:
+        pct, pct_min = 100 * med / t_step.median, 100 * low / t_step.min
+        tail = f"   target <= 0.5%: {verdict(pct, target)}" if target is not None else ""
+        print(f"  {name:<44}{med:>8.1f} [{low:>6.1f}]{pct:>8.2f}% [{pct_min:5.2f}%]{tail}")
+    print(f"  accumulate / read once {ratio(t_acc, t_read)}   pure PyTorch / accumulate {ratio(t_torch, t_acc)}   "
+          f"per-class loop / accumulate {t_loop.median / t_acc.median:.0f}x")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per op")
-    parser.add_argument("--train-steps", type=int, default=5, help="timed ResNet-50 training steps")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed ResNet-50 training steps")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (default: torch's). 1 is steadier on a machine shared with other jobs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     if os.environ.get("SELECTIVITY_FORCE_REFERENCE") == "1":
         backend = "reference (SELECTIVITY_FORCE_REFERENCE=1)"
     else:
         backend = "compiled selectivity._C" if ops.has_extension() else "reference (extension not built: make build)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"selectivity bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, ops: {backend}")
+          f"{platform.machine()} with {os.cpu_count()} CPUs (load average {load:.1f}), ops: {backend}")
     single_tensor(args.repeats)
     resnet50_overhead(max(5, args.repeats // 3), args.train_steps)
 

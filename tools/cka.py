@@ -55,6 +55,23 @@ def open_run(run_dir: str, **overrides):
     return run_config(run_dir, **overrides)
 
 
+def epoch_matches(asked: float, epoch: float) -> bool:
+    """Whether an epoch typed by the user names a checkpoint's epoch. Step checkpoints have
+    fractional epochs (step / steps per epoch, e.g. 0.227273), so both forms the tools print are
+    accepted: 6 significant digits (error messages) and 3 (summaries, figure titles)."""
+    return abs(asked - epoch) <= 1e-5 * max(1.0, abs(asked)) or f"{asked:.3g}" == f"{epoch:.3g}"
+
+
+def nearest_epoch(asked: float, epochs, what: str):
+    """The one epoch of ``epochs`` that ``asked`` names; None if none does; an error if several
+    do only by their 3-digit form."""
+    match = sorted((e for e in epochs if epoch_matches(asked, e)), key=lambda e: abs(e - asked))
+    if len(match) > 1 and abs(match[0] - asked) > 1e-5 * max(1.0, abs(asked)):
+        raise CheckpointError(f"epoch {asked:g} is ambiguous in {what}: "
+                              f"{', '.join(f'{e:g}' for e in match)}; give more digits")
+    return match[0] if match else None
+
+
 def choose_checkpoints(run_dir: str, epochs, steps: bool):
     """epoch_* checkpoints (and step_* with ``steps``), or exactly the ``epochs`` asked for (any
     kind); one per epoch, an epoch_* file preferred over a step_* file at the same point."""
@@ -70,11 +87,12 @@ def choose_checkpoints(run_dir: str, epochs, steps: bool):
     if epochs is not None:
         chosen = []
         for e in epochs:
-            match = [c for c in found if abs(c.epoch - e) < 1e-9]
-            if not match:
+            epoch = nearest_epoch(e, sorted({c.epoch for c in found}), run_dir)
+            if epoch is None:
                 raise CheckpointError(f"no checkpoint at epoch {e:g} in {run_dir}; available: "
                                       f"{', '.join(f'{c.epoch:g}' for c in found) or 'none'}")
-            chosen.append(by_epoch.get(round(e, 9), match[0]))
+            chosen.append(by_epoch.get(round(epoch, 9)) or
+                          next(c for c in found if c.epoch == epoch))
         return chosen
     if not by_epoch:
         kinds = "epoch_*/step_*" if steps else "epoch_*"
@@ -169,7 +187,9 @@ def measure(model, loader, layers, max_batches, model_b=None):
 
 def _epochs_to_show(records, wanted):
     if wanted:
-        keep = [r for r in records if any(abs(r["epoch"] - e) < 1e-9 for e in wanted)]
+        picked = {nearest_epoch(e, [r["epoch"] for r in records], "the measured epochs")
+                  for e in wanted}
+        keep = [r for r in records if r["epoch"] in picked]
         if not keep:
             raise CheckpointError(f"--heatmap-epochs: none of {wanted} was measured")
         return keep

@@ -54,8 +54,8 @@ from selectivity.orientation import (ablation_groups, channel_normalize,  # noqa
                                      orientation_indices, orientation_responses,
                                      permuted_control, zero_channels)
 from selectivity.runs import load_model  # noqa: E402
-from tools.cka import (check_layers, choose_checkpoints, open_run, pick_device,  # noqa: E402
-                       run_label, stage_names, write_jsonl)
+from tools.cka import (check_layers, choose_checkpoints, nearest_epoch, open_run,  # noqa: E402
+                       pick_device, run_label, stage_names, write_jsonl)
 
 TUNED = 0.33  # Ukita's threshold for an orientation-tuned unit (gOSI > 0.33)
 CENTRED = "shift_invariance_centered"  # the primary shift-invariance measure in figures/summary
@@ -67,8 +67,20 @@ def default_layers(model: nn.Module) -> list[str]:
     return stem + list(residual_blocks(model))
 
 
+def measured_epochs(asked, measured, flag):
+    """The measured checkpoint epochs that the user's ``asked`` values name (see epoch_matches)."""
+    out = []
+    for e in asked:
+        epoch = nearest_epoch(e, measured, "the measured epochs")
+        if epoch is None:
+            raise CheckpointError(f"{flag} {e:g} is not among the measured epochs "
+                                  f"({', '.join(f'{m:g}' for m in measured)})")
+        out.append(epoch)
+    return out
+
+
 def val_batches(loader, max_images: int) -> list:
-    """The first ``max_images`` val images and labels, kept on the device for the repeated passes."""
+    """The first ``max_images`` val images and labels, kept on the device for repeated passes."""
     out, n = [], 0
     for images, labels in loader:
         take = min(images.shape[0], max_images - n)
@@ -115,7 +127,8 @@ def ablate(model, layers, indices, batches, shift_layers, shift, base):
                            loss_increase=float(diff.mean()),
                            loss_increase_sem=float(diff.std() / diff.numel() ** 0.5)
                            if diff.numel() > 1 else float("nan"),
-                           acc_drop=float(base.correct.double().mean() - res.correct.double().mean()),
+                           acc_drop=float(base.correct.double().mean()
+                                          - res.correct.double().mean()),
                            shift_invariance=res.shift_invariance,
                            shift_invariance_centered=res.shift_invariance_centered)
             else:  # nothing alive to ablate: no change by definition
@@ -130,7 +143,8 @@ def ablate(model, layers, indices, batches, shift_layers, shift, base):
 # ---------------------------------------------------------------- figures
 
 def _near(records, epochs):
-    return [r for r in records if any(abs(r["epoch"] - e) < 1e-9 for e in epochs)]
+    picked = set(measured_epochs(epochs, [r["epoch"] for r in records], "--plot-epochs"))
+    return [r for r in records if r["epoch"] in picked]
 
 
 def _live(rec, layer, key):
@@ -359,22 +373,15 @@ def main(argv=None):
     shift_layers = list(args.shift_layers) if args.shift_layers else stage_names(probe)
     check_layers(probe, layers)
     check_layers(probe, shift_layers)
-    measured = [round(c.epoch, 9) for c in ckpts]
+    measured = [c.epoch for c in ckpts]
     if args.no_ablation:
         ablate_at = set()
     elif args.ablate_epochs:
-        ablate_at = {round(e, 9) for e in args.ablate_epochs}
-        missing = sorted(ablate_at - set(measured))
-        if missing:
-            raise CheckpointError(f"--ablate-epochs {missing[0]:g} is not among the measured "
-                                  f"epochs ({', '.join(f'{e:g}' for e in measured)})")
+        ablate_at = set(measured_epochs(args.ablate_epochs, measured, "--ablate-epochs"))
     else:
         ablate_at = set(measured)
     if args.plot_epochs:
-        missing = [e for e in args.plot_epochs if round(e, 9) not in measured]
-        if missing:
-            raise CheckpointError(f"--plot-epochs {missing[0]:g} is not among the measured "
-                                  f"epochs ({', '.join(f'{e:g}' for e in measured)})")
+        measured_epochs(args.plot_epochs, measured, "--plot-epochs")
 
     device = pick_device(args.device)
     loader = build_loader(cfg, "val", device)
@@ -417,7 +424,7 @@ def main(argv=None):
                             "shift_px": shift, "shift_invariance": base.shift_invariance,
                             "shift_invariance_centered": base.shift_invariance_centered},
                "ablation": []}
-        if round(c.epoch, 9) in ablate_at:
+        if c.epoch in ablate_at:
             rec["ablation"] = ablate(model, layers, indices, batches, shift_layers, shift, base)
         records.append(rec)
         write_jsonl(out_jsonl, records)  # rewritten each time: an interrupted run keeps its lines

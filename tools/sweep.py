@@ -16,6 +16,7 @@ sweep; the exit status is non-zero when any run failed. ``--dry-run`` prints the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,7 +24,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from selectivity.config import ConfigError, load_config, parse_override  # noqa: E402
+import yaml  # noqa: E402
+
+from selectivity.config import ConfigError, load_config, parse_override, to_dict  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 from selectivity.runlog import read_metrics, run_paths  # noqa: E402
@@ -53,6 +56,16 @@ def status(run_dir: str, epochs: int) -> str:
         return "done"
     ckpts = paths["checkpoints"]
     return "resume" if os.path.isdir(ckpts) and os.listdir(ckpts) else "new"
+
+
+def changed_keys(run_dir: str, cfg) -> list[str]:
+    """Keys whose value differs from the run directory's saved config.yaml (none if no run)."""
+    path = run_paths(run_dir)["config"]
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    return [k for k, v in to_dict(cfg).items() if k in saved and saved[k] != v]
 
 
 def train_command(config: str, out_dir: str, name: str, raw_sets: list[str],
@@ -90,6 +103,10 @@ def main(argv=None):
         parse_windows(cfg.selectivity_reg)
         run_dir = os.path.join(args.out_dir, name)
         plan.append((config, name, run_dir, status(run_dir, cfg.epochs)))
+        changed = changed_keys(run_dir, dataclasses.replace(cfg, out_dir=args.out_dir, name=name))
+        if changed:
+            print(f"warning: {name}: the config differs from the one its run started with "
+                  f"({', '.join(changed)}); delete {run_dir} to start it afresh", file=sys.stderr)
     for config, name, run_dir, st in plan:
         print(f"{name:24s} {st:7s} {config}")
     if args.dry_run:
