@@ -7,7 +7,7 @@ from selectivity.checkpoint import load_state
 
 # Small and deterministic: digits, ResNet-20, 2 epochs of 11 steps.
 FAST = ["-c", "configs/demo.yaml", "--epochs", "2", "--batch-size", "128", "--deterministic",
-        "true", "--log-every-steps", "5", "--progress", "false"]
+        "true", "--log-every-steps", "5", "--progress", "false", "--eval-every-steps", "0"]
 
 
 def metrics(run_dir):

@@ -3,7 +3,7 @@
 
     python tools/bench_ablation.py [--model resnet20] [--image-size 32] [--images 360]
         [--batch-size 360] [--conditions 8] [--stages layer1 layer2 layer3 whole]
-        [--max-images 256] [--repeats 2] [--threads 1] [--checkpoint PATH]
+        [--max-images 256] [--repeats 3] [--threads 1] [--checkpoint PATH]
 
 For each scope (a stage, or the whole network) and each number of conditions N (distinct
 selective / least / random conditions at k spread over 1 … U−1, random re-drawn per batch), the
@@ -66,7 +66,7 @@ def main(argv=None):
                    help="scopes: stage names and/or 'whole' (default: every stage, then whole; "
                         "none: only --tool-workload)")
     p.add_argument("--max-images", type=int, default=256, help="images per batched forward pass")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-plain-batched", action="store_true",
                    help="skip the 'batched' (repeat at the input) column")
@@ -112,19 +112,21 @@ def main(argv=None):
         for n in args.conditions:
             conds = spread_conditions(units, n, scope)
             runs = {
-                "one-by-one": lambda: A.evaluate_ablations(model, batches, conds, rankings,
-                                                           batched=False, dedupe=False),
-                "batched": lambda: A.evaluate_ablations(model, batches, conds, rankings,
-                                                        share_prefix=False, dedupe=False,
-                                                        max_images=args.max_images),
-                "batched+pre": lambda: A.evaluate_ablations(model, batches, conds, rankings,
-                                                            share_prefix=True, dedupe=False,
-                                                            max_images=args.max_images),
+                "one-by-one": lambda data: A.evaluate_ablations(
+                    model, data, conds, rankings, batched=False, dedupe=False),
+                "batched": lambda data: A.evaluate_ablations(
+                    model, data, conds, rankings, share_prefix=False, dedupe=False,
+                    max_images=args.max_images),
+                "batched+pre": lambda data: A.evaluate_ablations(
+                    model, data, conds, rankings, share_prefix=True, dedupe=False,
+                    max_images=args.max_images),
             }
             best, results = {c: float("inf") for c in cols}, {}
+            for c in cols:  # untimed warm-up on one batch: one-time set-up costs of new shapes
+                runs[c](batches[:1])
             for _ in range(args.repeats):
                 for c in cols:  # interleaved, so load changes hit all three alike
-                    t, results[c] = timed(runs[c])
+                    t, results[c] = timed(lambda: runs[c](batches))
                     best[c] = min(best[c], t)
             ref = results["one-by-one"]
             same = all(all((a.correct == b.correct).all() for a, b in zip(ref, results[c]))
