@@ -28,15 +28,17 @@ for all conditions and run once. On a CPU this shared prefix, not per-call overh
 makes batching pay (docs/ablation.md has the measurements). Identical conditions (k = 0
 everywhere; k = U in every layer) are evaluated once.
 
-Random draws are a pure function of ``(seed, draw, layer, batch index)`` — not of the order of
-evaluation — so they are reproducible, and the batched and one-pass-per-condition evaluations
-(``evaluate_ablations(batched=False)``) see exactly the same masks. For one (draw, layer, batch)
+Random draws are a pure function of ``(seed, draw, layer name, batch index)`` — not of the order
+of evaluation, nor of the other layers or conditions evaluated alongside — so they are
+reproducible, and the batched and one-pass-per-condition evaluations
+(``evaluate_ablations(batched=False)``) see exactly the same masks (``units_to_ablate``). For one (draw, layer, batch)
 the units are a random permutation's first k, so the random sets are nested in k, as the selective
 and least-selective sets are.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections import OrderedDict
 from typing import Iterable, Mapping, Sequence
 
@@ -246,16 +248,17 @@ def make_conditions(units: Mapping[str, int], kinds: Sequence[str] = CONDITIONS,
     return out
 
 
-def _random_perm(seed: int, draw: int, layer_index: int, units: int, batch: int | None):
-    key = [seed, 1, draw, layer_index] if batch is None else [seed, 2, draw, layer_index, batch]
+def _random_perm(seed: int, draw: int, layer: str, units: int, batch: int | None):
+    """A permutation of a layer's units from (seed, draw, layer name[, batch]) alone."""
+    name = zlib.crc32(layer.encode())
+    key = [seed, 1, draw, name] if batch is None else [seed, 2, draw, name, batch]
     return torch.from_numpy(np.random.default_rng(key).permutation(units))
 
 
 class _MaskMaker:
     """Ablated-unit masks per condition and batch (random ones cached per (draw, layer, batch))."""
 
-    def __init__(self, layers: Sequence[str], rankings: Mapping[str, UnitRanking], seed: int):
-        self.index = {n: i for i, n in enumerate(layers)}
+    def __init__(self, rankings: Mapping[str, UnitRanking], seed: int):
         self.rankings, self.seed = rankings, seed
         self._perms: dict = {}
 
@@ -270,7 +273,7 @@ class _MaskMaker:
         if key not in self._perms:
             if len(self._perms) > 4096:
                 self._perms.clear()
-            self._perms[key] = _random_perm(self.seed, cond.draw, self.index[layer], r.units, b)
+            self._perms[key] = _random_perm(self.seed, cond.draw, layer, r.units, b)
         return self._perms[key][:k]
 
     def deterministic(self, cond: Condition) -> bool:
@@ -291,6 +294,13 @@ class _MaskMaker:
         for g, c in enumerate(conds):
             m[g, self.units(c, layer, batch)] = True
         return m
+
+
+def units_to_ablate(cond: Condition, layer: str, rankings: Mapping[str, UnitRanking],
+                    seed: int = 0, batch: int = 0) -> torch.Tensor:
+    """The unit indices ``cond`` ablates in ``layer`` for batch number ``batch`` (what
+    ``evaluate_ablations(..., seed=seed)`` uses)."""
+    return _MaskMaker(rankings, seed).units(cond, layer, batch)
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -317,8 +327,8 @@ class AblationHooks:
         for name, module in self.layers.items():
             self.handles.append(module.register_forward_hook(self._post(name)))
 
-    def set(self, ablated: Mapping[str, torch.Tensor], fill: Mapping[str, torch.Tensor] | None = None,
-            expand: bool = False) -> None:
+    def set(self, ablated: Mapping[str, torch.Tensor],
+            fill: Mapping[str, torch.Tensor] | None = None, expand: bool = False) -> None:
         masks, groups = {}, None
         for name, a in ablated.items():
             if name not in self.layers:
@@ -412,10 +422,12 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
 
     ``batched``: all conditions in one pass over ``loader``, G per forward (at most
     ``max_images`` images per forward pass, default ``default_max_images``), the batch repeated at
-    the output of the first masked layer (``share_prefix``; else at the input). ``batched=False`` is the plain
-    way: for each condition, one full pass over ``loader`` with a [1, U] mask — the reference.
+    the output of the first masked layer (``share_prefix``; else at the input).
+    ``batched=False`` is the plain way: for each condition, one full pass over ``loader`` with a
+    [1, U] mask — the reference. ``dedupe``: evaluate identical conditions once.
     ``mode``: zero | mean (clamp to ``rankings[layer].mean``). ``seed``: the random draws'.
     ``layers``: the hooked layers (default: all layers of ``rankings``, resolved by name).
+    Results are per condition: mean loss, top-1 accuracy, and correct/count per class.
     """
     if mode not in MODES:
         raise AblationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -429,7 +441,7 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
                 raise AblationError(f"condition names layer {n!r}, which is not ranked/hooked")
             if not 0 <= k <= rankings[n].units:
                 raise AblationError(f"k = {k} outside [0, {rankings[n].units}] for layer {n}")
-    maker = _MaskMaker(names, rankings, seed)
+    maker = _MaskMaker(rankings, seed)
     # Identical conditions are evaluated once.
     unique, slot = [], []
     seen: dict = {}
@@ -563,7 +575,8 @@ def auc(norm_acc: Sequence[float]) -> float:
 
 
 def auc_table(rows: Sequence[Mapping]) -> "OrderedDict[tuple, dict]":
-    """From ablation.jsonl rows: {(epoch, step, stage): {condition: (auc, sd over random draws)}}."""
+    """From ablation.jsonl rows: {(epoch, step, stage): {condition: (AUC, s.d. over random
+    draws)}}."""
     curves: "OrderedDict[tuple, dict]" = OrderedDict()
     for r in rows:
         key = (r["epoch"], r["step"], r["stage"])
@@ -582,7 +595,7 @@ def auc_table(rows: Sequence[Mapping]) -> "OrderedDict[tuple, dict]":
 # ---------------------------------------------------------------------------- the ranking split
 
 class SubsetView:
-    """A view of some images of a dataset that the loaders accept (labels, num_classes, mean, std)."""
+    """Some images of a dataset, as the loaders want a dataset (labels, num_classes, mean, std)."""
 
     def __init__(self, dataset, indices: np.ndarray):
         self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)

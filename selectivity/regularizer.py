@@ -20,10 +20,10 @@ in the batch):
     selectivity_reg: [{alpha: -1.0, start: 0, end: 5}, {alpha: 0.0, start: 5}]
 
 ``start`` inclusive, ``end`` exclusive (absent = forever), fractional epochs allowed; outside every
-window α = 0; overlapping windows are a ConfigError. The window is chosen by the epoch being trained,
-``trainer.epoch + trainer.batch_in_epoch / trainer.steps_per_epoch``, which the checkpoint restores,
-so resuming never shifts a window (paper 1's code indexed α relative to the resumed epoch). A step
-with α = 0 does nothing at all: the hooks are off and no term is added.
+window α = 0; overlapping windows are a ConfigError. The window is chosen by the epoch being
+trained, ``trainer.epoch + trainer.batch_in_epoch / trainer.steps_per_epoch``, which the checkpoint
+restores, so resuming never shifts a window (paper 1's code indexed α relative to the resumed
+epoch). A step with α = 0 does nothing at all: the hooks are off and no term is added.
 
 Under DDP the class sums and counts are summed over all ranks (see ``global_sums``): the term is
 the SI of the global batch, the same value on every rank, and equal — value and gradient — to a

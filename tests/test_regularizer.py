@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import ROOT
 
 from selectivity import ops, tracker
 from selectivity.checkpoint import load_state
@@ -25,6 +26,15 @@ from selectivity.regularizer import (SelectivityRegularizer, Window, alpha_at, p
                                      regularizer_callbacks, selectivity_reg)
 
 K = 5
+
+
+def load_tool(name):
+    """tools/<name>.py as a module (to call its main in this process: no interpreter start-up)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def batch(seed=0, B=12, dtype=torch.float32):
@@ -61,8 +71,8 @@ def test_equals_tracker_si_of_the_same_minibatch(seed):
         states[f"l{i}"] = (sums, counts)
     layers, mean = tracker.summarize(tracker.si_of(states))
     assert per_layer.dtype == torch.float32 and si_reg.dim() == 0
-    torch.testing.assert_close(per_layer.double(), torch.tensor(list(layers.values()), dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+    expected = torch.tensor(list(layers.values()), dtype=torch.float64)
+    torch.testing.assert_close(per_layer.double(), expected, rtol=1e-5, atol=1e-6)
     assert math.isclose(float(si_reg), mean, rel_tol=1e-5, abs_tol=1e-6)
 
 
@@ -130,12 +140,8 @@ def test_windows_from_yaml_and_cli_override(tmp_path):
 def test_train_rejects_overlapping_windows_before_writing(tmp_path, capsys):
     """tools/train.py (in this process: its CLI wrapper, exit status and message) stops with one
     line before anything is written."""
-    import importlib.util
-    from conftest import ROOT
     from selectivity.errors import run_cli
-    spec = importlib.util.spec_from_file_location("train_tool", os.path.join(ROOT, "tools", "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_tool("train")
     with pytest.raises(SystemExit) as e:
         run_cli(train.main, ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--out-dir",
                              str(tmp_path), "--selectivity_reg",
@@ -318,7 +324,8 @@ def test_SLOW_resume_inside_a_window_applies_the_same_alpha(tool, tmp_path):
             "--save-every-steps", "7", "--save-steps-epochs", "2", "--selectivity_reg", WINDOWS,
             "--out-dir", out]
     tool("tools/train.py", *args, "--name", "ref", check=True)
-    killed = tool("tools/train.py", *args, "--name", "k", env={"SELECTIVITY_FAULT": "train_step:16"})
+    killed = tool("tools/train.py", *args, "--name", "k",
+                  env={"SELECTIVITY_FAULT": "train_step:16"})
     assert killed.returncode == -9, killed.stderr
     assert "step_14.pt" in os.listdir(os.path.join(out, "k", "checkpoints"))
     tool("tools/train.py", *args, "--name", "k", "--resume", check=True)
@@ -357,15 +364,6 @@ def test_SLOW_alpha_sign_moves_val_selectivity(tool, tmp_path):
 
 
 # ----- tools: sweep plan and figures (no training) -----------------------------------------------
-
-
-def load_tool(name):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(run_dir, alpha_spec, final_epoch, si, acc, ckpt=True):

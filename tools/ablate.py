@@ -5,6 +5,7 @@
         [--conditions selective random least] [--fractions F ... | --k-grid K ... | --k-grid paper]
         [--mode zero|mean] [--random-draws N] [--random-fixed] [--seed S]
         [--rank-fraction 0.2] [--batch-size 64] [--device cpu] [--threads N] [--no-figures]
+    python tools/ablate.py RUN --plot-only      # figures + summary again from RUN/ablation.jsonl
 
 For each chosen checkpoint (default: all of RUN/checkpoints, sub-epoch step_*.pt included):
   1. rank every residual block's units by class selectivity on the ranking split — a fixed
@@ -87,6 +88,8 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu | cuda (default: the run's device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's)")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the figures and the summary from RUN/ablation.jsonl; no ablation")
     args = p.parse_args(argv)
     for name in ("random_draws", "batch_size", "rank_max_images"):
         if getattr(args, name) < 1:
@@ -121,7 +124,8 @@ def choose_checkpoints(run: str, epochs) -> list:
 
 
 def maybe_cached(loader, image_size: int):
-    """The loader's batches in a list when the split is small (decode once, reuse per checkpoint)."""
+    """The loader's batches in a list when the split is small (decoded once, reused for every
+    checkpoint)."""
     n = len(loader.labels) if hasattr(loader, "labels") else None
     if n is not None and n * 3 * image_size ** 2 * 4 <= CACHE_BYTES:
         loader.set_epoch(0)
@@ -224,6 +228,7 @@ def rows_for(results, ckpt, rankings, scopes, logged_acc, args, n_val, n_rank) -
                "acc1": float(np.mean(accs)), "loss": float(np.mean([r.loss for r in rs])),
                "norm_acc1": float(np.mean(accs)) / acc0 if acc0 > 0 else None,
                "acc1_unablated": acc0, "loss_unablated": loss0, "acc1_logged": logged_acc,
+               "chance": 1.0 / len(rs[0].count),
                "mode": args.mode, "si_ablated": si_abl,
                "images": rs[0].images, "rank_images": n_rank}
         if kind == "random":
@@ -238,7 +243,9 @@ def rows_for(results, ckpt, rankings, scopes, logged_acc, args, n_val, n_rank) -
 
 def _grid_x(rows):
     uniform = all(r["k"] is not None for r in rows)
-    return ("k", "units ablated per block") if uniform else ("fraction", "fraction of units ablated")
+    if uniform:
+        return "k", "units ablated per block"
+    return "fraction", "fraction of units ablated"
 
 
 def plot_curves(rows, scope, path):
@@ -267,7 +274,11 @@ def plot_curves(rows, scope, path):
                 ax.fill_between(x, d.min(1), d.max(1), color=COLORS[cond], alpha=0.25, lw=0)
         acc0 = rs[0]["acc1_unablated"]
         ax.axhline(1.0, color="k", lw=0.5, alpha=0.4)
-        ax.set_title(f"epoch {epoch:.3g} (acc {acc0:.2f})", fontsize=8)
+        near_chance = acc0 < 2 * rs[0].get("chance", 0.0)
+        if near_chance:  # acc / acc0 is noise when acc0 is about chance
+            ax.set_facecolor("0.93")
+        ax.set_title(f"epoch {epoch:.3g} (acc {acc0:.2f}{', ~chance' if near_chance else ''})",
+                     fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(ckpts):]:
@@ -289,18 +300,23 @@ def plot_auc(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     table = A.auc_table(rows)
+    acc0 = {(r["epoch"], r["step"], r["stage"]): r["acc1_unablated"] for r in rows}
+    chance_of = {(r["epoch"], r["step"], r["stage"]): r.get("chance", 0.0) for r in rows}
     scopes = list(OrderedDict.fromkeys(k[2] for k in table))
     fig, axes = plt.subplots(1, len(scopes), figsize=(3.6 * len(scopes), 3.2), squeeze=False,
                              sharey=True)
     for ax, scope in zip(axes[0], scopes):
         keys = [k for k in table if k[2] == scope]
         ep = np.array([k[0] for k in keys])
+        near = np.array([acc0[k] < 2 * chance_of[k] for k in keys], dtype=bool)
         for cond in A.CONDITIONS:
             if cond not in table[keys[0]]:
                 continue
             m = np.array([table[k][cond][0] for k in keys])
             sd = np.array([table[k][cond][1] for k in keys])
             ax.plot(ep, m, marker="o", markersize=3, color=COLORS[cond], label=cond)
+            ax.plot(ep[near], m[near], "o", markersize=6, markerfacecolor="none",
+                    markeredgecolor="k", markeredgewidth=0.6)
             if cond == "random":
                 ax.fill_between(ep, m - sd, m + sd, color=COLORS[cond], alpha=0.25, lw=0)
         ax.set_xscale("symlog", linthresh=1.0)
@@ -308,7 +324,8 @@ def plot_auc(rows, path):
         ax.set_xlabel("epoch (linear below 1, log above)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("AUC (mean normalized acc over the grid)")
-    axes[0][-1].legend(fontsize=7, title="random: ± s.d. over draws", title_fontsize=7)
+    axes[0][-1].legend(fontsize=7, title="random: ± s.d. over draws\nringed: unablated acc "
+                       "< 2x chance", title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,10 +356,37 @@ def write_jsonl(path, rows):
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def read_jsonl(path):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no {path}; run tools/ablate.py without --plot-only first")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_figures(run, rows) -> list[str]:
+    fig_dir = os.path.join(run, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    written = []
+    for scope in OrderedDict.fromkeys(r["stage"] for r in rows):
+        path = os.path.join(fig_dir, f"ablation_curves_{scope}.png")
+        plot_curves(rows, scope, path)
+        written.append(path)
+    path = os.path.join(fig_dir, "ablation_auc.png")
+    plot_auc(rows, path)
+    return written + [path]
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = args.run
     cfg = run_config(run)
+    out_path = os.path.join(run, "ablation.jsonl")
+    if args.plot_only:
+        rows = read_jsonl(out_path)
+        written = write_figures(run, rows)
+        print_summary(rows)
+        print(f"wrote {', '.join(written)}")
+        return
     if args.device:
         if args.device not in ("cpu", "cuda"):
             raise A.AblationError(f"--device must be cpu or cuda, got {args.device!r}")
@@ -356,21 +400,22 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     ckpts = choose_checkpoints(run, args.epochs)
+    # The same model (so the same scopes and conditions) at every checkpoint: check the request
+    # before any data is read.
+    model = load_model(cfg, ckpts[0], device)
+    scopes = scope_units(unit_registry(model), args)
+    layers = [n for units in scopes.values() for n in units]
+    conds = conditions_for(scopes, args)
     val, rank, num_classes, n_val, n_rank = build_data(cfg, args, device)
     logged = {r["step"]: r["acc1"] for r in val_records(run)}
-    out_path = os.path.join(run, "ablation.jsonl")
-    print(f"{run}: {len(ckpts)} checkpoint(s); ranking on {n_rank} train images "
-          f"(stratified {args.rank_fraction:g}), evaluating on {n_val} val images; "
+    print(f"{run}: {len(ckpts)} checkpoint(s), {len(conds)} conditions; ranking on {n_rank} "
+          f"train images (stratified {args.rank_fraction:g}), evaluating on {n_val} val images; "
           f"mode {args.mode}")
     rows, t_all = [], time.perf_counter()
     for ckpt in ckpts:
         t0 = time.perf_counter()
         model = load_model(cfg, ckpt, device)
-        registry = unit_registry(model)
-        scopes = scope_units(registry, args)
-        layers = [n for units in scopes.values() for n in units]
         rankings = A.rank_units(model, rank, layers=layers, num_classes=num_classes)
-        conds = conditions_for(scopes, args)
         results = A.evaluate_ablations(model, val, conds, rankings, layers=layers, mode=args.mode,
                                        seed=args.seed, max_images=args.max_images)
         acc_log = logged.get(ckpt.step)
@@ -379,21 +424,12 @@ def main(argv=None):
         write_jsonl(out_path, rows)
         acc0 = new[0]["acc1_unablated"]
         check = ""
-        if acc_log is not None:
-            check = f" (logged {acc_log:.4f}{'' if abs(acc_log - acc0) < 1.5 / n_val else ' MISMATCH'})"
+        if acc_log is not None:  # the trainer's evaluation of the same weights
+            same = abs(acc_log - acc0) < 1.5 / n_val
+            check = f" (logged {acc_log:.4f}{'' if same else ' MISMATCH'})"
         print(f"  epoch {ckpt.epoch:.4g} step {ckpt.step}: unablated acc1 {acc0:.4f}{check}; "
-              f"{len(conds)} conditions in {time.perf_counter() - t0:.1f} s", flush=True)
-    written = [out_path]
-    if not args.no_figures:
-        fig_dir = os.path.join(run, "figures")
-        os.makedirs(fig_dir, exist_ok=True)
-        for scope in OrderedDict.fromkeys(r["stage"] for r in rows):
-            path = os.path.join(fig_dir, f"ablation_curves_{scope}.png")
-            plot_curves(rows, scope, path)
-            written.append(path)
-        path = os.path.join(fig_dir, "ablation_auc.png")
-        plot_auc(rows, path)
-        written.append(path)
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    written = [out_path] + ([] if args.no_figures else write_figures(run, rows))
     print_summary(rows)
     print(f"done in {time.perf_counter() - t_all:.1f} s; wrote {', '.join(written)}")
 
