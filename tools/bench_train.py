@@ -59,8 +59,9 @@ def bare_loop(cfg, loader, steps: int, channels_last: bool) -> float:
 def trainer_loop(cfg, callbacks, steps: int) -> float:
     """img/s of the engine's train_epoch over the same number of steps."""
     with tempfile.TemporaryDirectory() as tmp:
-        c = dataclasses.replace(cfg, out_dir=tmp, name="bench", progress=False,
-                                epochs=1, log_every_steps=10)
+        # Training throughput only: no sub-epoch evaluations or checkpoints inside the window.
+        c = dataclasses.replace(cfg, out_dir=tmp, name="bench", progress=False, epochs=1,
+                                log_every_steps=10, eval_every_steps=0, save_every_steps=0)
         tr = Trainer(c, DistInfo(), callbacks=callbacks)
         tr.steps_per_epoch = steps + 2
         tr.train_loader.set_epoch(0)
