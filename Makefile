@@ -17,7 +17,6 @@ all: demo
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
 	@touch $@
 
@@ -26,7 +25,7 @@ include $(sort $(wildcard mk/*.mk))
 demo: venv $(DEPS)
 	rm -rf runs/demo
 	$(PY) tools/train.py -c configs/demo.yaml
-	@if [ -f tools/plot_selectivity.py ]; then $(PY) tools/plot_selectivity.py runs/demo; fi
+	$(PY) tools/plot_selectivity.py runs/demo
 
 test: venv $(DEPS)
 	$(PY) -m pytest -q tests
