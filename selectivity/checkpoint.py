@@ -21,18 +21,18 @@ from . import faults
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a checkpoint write failed; the message says which file and why."""
+    """No usable checkpoint, or a file write failed; the message says which file and why."""
 
 
 def _atomic_write(path: str, write_fn) -> None:
+    """Write via ``write_fn(file)`` to a temp file in the same directory, fsync, rename over
+    ``path``. On any failure the temp file is removed and ``path`` is untouched."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
-            faults.maybe_fault("checkpoint_write")
-            faults.maybe_fault("disk_full")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -41,8 +41,24 @@ def _atomic_write(path: str, write_fn) -> None:
         raise
 
 
+def _write_error(path: str, e: OSError, what: str = "") -> CheckpointError:
+    return CheckpointError(f"cannot write {what}{path}: {e.strerror or e}; free disk space or fix "
+                           f"permissions of {os.path.dirname(os.path.abspath(path))} (earlier "
+                           f"files are intact)")
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    try:
+        _atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
+def atomic_torch_save(path: str, obj) -> None:
+    try:
+        _atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def rng_state() -> dict:
@@ -65,8 +81,14 @@ def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
     """Write ``state`` to ckpt_dir/filename atomically and point last.pt at it."""
     os.makedirs(ckpt_dir, exist_ok=True)
     path = os.path.join(ckpt_dir, filename)
+
+    def write(f):
+        torch.save(state, f)
+        faults.maybe_fault("checkpoint_write")  # tests: killed with the file half-done
+        faults.maybe_fault("disk_full")  # tests: the write fails
+
     try:
-        _atomic_write(path, lambda f: torch.save(state, f))
+        _atomic_write(path, write)
         tmp_link = os.path.join(ckpt_dir, ".tmp-last.pt")
         if os.path.lexists(tmp_link):
             os.unlink(tmp_link)
@@ -76,9 +98,7 @@ def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
         except OSError:  # filesystems without hard links: a second atomic copy
             _atomic_write(os.path.join(ckpt_dir, "last.pt"), lambda f: torch.save(state, f))
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; free disk "
-                              f"space or fix permissions of {ckpt_dir} (earlier checkpoints are "
-                              f"intact)") from None
+        raise _write_error(path, e, "checkpoint ") from None
     return path
 
 
@@ -92,6 +112,16 @@ def checkpoint_paths(ckpt_dir: str) -> list[str]:
     paths = glob.glob(os.path.join(ckpt_dir, "epoch_*.pt")) + \
         glob.glob(os.path.join(ckpt_dir, "step_*.pt"))
     return sorted(paths, key=lambda p: (os.path.getmtime(p), _order_key(p)), reverse=True)
+
+
+def remove_stale_temp_files(directories) -> list[str]:
+    """Delete ``.tmp-*`` files left by writes that were killed before their rename."""
+    removed = []
+    for d in directories:
+        for path in glob.glob(os.path.join(d, ".tmp-*")):
+            os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 def load_state(path: str, map_location="cpu") -> dict:

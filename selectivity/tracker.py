@@ -182,7 +182,7 @@ class Tracker(Callback):
                 "si_null_layers": null_layer, "si_train": train_mean}
 
     def _save(self, trainer, record, states, real, null, null_states) -> None:
-        from .checkpoint import _atomic_write
+        from .checkpoint import atomic_torch_save
         out = {"epoch": record["epoch"], "step": record["step"], "units": self.units, "layers": {}}
         for name, r in real.items():
             s, c = states[name]
@@ -194,7 +194,7 @@ class Tracker(Callback):
         e = record["epoch"]
         fname = f"epoch_{e}.pt" if float(e).is_integer() else f"step_{record['step']}.pt"
         path = os.path.join(trainer.paths["selectivity"], fname)
-        _atomic_write(path, lambda f: torch.save(out, f))
+        atomic_torch_save(path, out)
 
     def _tensorboard(self, trainer, step, real, null) -> None:
         tb = trainer.log.tb

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import faults
 from .callbacks import Callback  # noqa: F401  (re-exported: the extension points)
-from .checkpoint import load_last_good, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum
 from .models import build_model
@@ -92,6 +93,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.callbacks = list(callbacks or [])
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        if resume and dist.is_main:  # leftovers of writes a killed run never renamed
+            remove_stale_temp_files([self.run_dir, self.paths["checkpoints"],
+                                     self.paths["selectivity"]])
         self.resume_state = load_last_good(self.paths["checkpoints"]) if resume else None
         for cb in self.callbacks:
             cb.setup(self)
