@@ -46,7 +46,7 @@ from selectivity import ablation as A  # noqa: E402
 from selectivity.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.models import unit_registry  # noqa: E402
-from selectivity.runs import list_checkpoints, load_model, run_config, val_records  # noqa: E402
+from selectivity.runs import choose_checkpoints, load_model, run_config, val_records  # noqa: E402
 
 COLORS = {"selective": "C3", "random": "C7", "least": "C0"}
 CACHE_BYTES = 1 << 30  # data sets smaller than this are decoded once and kept in memory
@@ -105,23 +105,6 @@ def parse_args(argv):
 
 
 # ---------------------------------------------------------------------------- data
-
-def choose_checkpoints(run: str, epochs) -> list:
-    ckpts = list_checkpoints(run)
-    if not ckpts:
-        raise CheckpointError(f"no epoch_*/step_* checkpoints in {run}/checkpoints")
-    if epochs is None:
-        return ckpts
-    chosen = []
-    for e in epochs:
-        near = min(ckpts, key=lambda c: abs(c.epoch - e))
-        if abs(near.epoch - e) > 5e-3:  # step checkpoints have epochs like 0.2273: 0.227 is fine
-            raise CheckpointError(f"no checkpoint at epoch {e:g} in {run}; available: "
-                                  f"{', '.join(f'{c.epoch:.4g}' for c in ckpts)}")
-        if near not in chosen:
-            chosen.append(near)
-    return chosen
-
 
 def maybe_cached(loader, image_size: int):
     """The loader's batches in a list when the split is small (decoded once, reused for every
@@ -399,7 +382,7 @@ def main(argv=None):
     threads = cfg.threads if args.threads is None else args.threads
     if threads:
         torch.set_num_threads(threads)
-    ckpts = choose_checkpoints(run, args.epochs)
+    ckpts = choose_checkpoints(run, args.epochs, steps=True)
     # The same model (so the same scopes and conditions) at every checkpoint: check the request
     # before any data is read.
     model = load_model(cfg, ckpts[0], device)

@@ -44,62 +44,11 @@ from selectivity.cka import (LOGITS, MIN_BATCH, MinibatchCKA, collect_features, 
 from selectivity.config import ConfigError  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.models import ModelError, build_model  # noqa: E402
-from selectivity.runs import list_checkpoints, load_model, run_config  # noqa: E402
+from selectivity.runs import (choose_checkpoints, load_model, nearest_epoch,  # noqa: E402,F401
+                              open_run)
 
 
 # ---------------------------------------------------------------- run directory helpers
-
-def open_run(run_dir: str, **overrides):
-    if not os.path.isdir(run_dir):
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    return run_config(run_dir, **overrides)
-
-
-def epoch_matches(asked: float, epoch: float) -> bool:
-    """Whether an epoch typed by the user names a checkpoint's epoch. Step checkpoints have
-    fractional epochs (step / steps per epoch, e.g. 0.227273), so both forms the tools print are
-    accepted: 6 significant digits (error messages) and 3 (summaries, figure titles)."""
-    return abs(asked - epoch) <= 1e-5 * max(1.0, abs(asked)) or f"{asked:.3g}" == f"{epoch:.3g}"
-
-
-def nearest_epoch(asked: float, epochs, what: str):
-    """The one epoch of ``epochs`` that ``asked`` names; None if none does; an error if several
-    do only by their 3-digit form."""
-    match = sorted((e for e in epochs if epoch_matches(asked, e)), key=lambda e: abs(e - asked))
-    if len(match) > 1 and abs(match[0] - asked) > 1e-5 * max(1.0, abs(asked)):
-        raise CheckpointError(f"epoch {asked:g} is ambiguous in {what}: "
-                              f"{', '.join(f'{e:g}' for e in match)}; give more digits")
-    return match[0] if match else None
-
-
-def choose_checkpoints(run_dir: str, epochs, steps: bool):
-    """epoch_* checkpoints (and step_* with ``steps``), or exactly the ``epochs`` asked for (any
-    kind); one per epoch, an epoch_* file preferred over a step_* file at the same point."""
-    found = list_checkpoints(run_dir)
-    by_epoch = {}
-    for c in found:
-        is_epoch = os.path.basename(c.path).startswith("epoch_")
-        if epochs is None and not (is_epoch or steps):
-            continue
-        key = round(c.epoch, 9)
-        if key not in by_epoch or is_epoch:
-            by_epoch[key] = c
-    if epochs is not None:
-        chosen = []
-        for e in epochs:
-            epoch = nearest_epoch(e, sorted({c.epoch for c in found}), run_dir)
-            if epoch is None:
-                raise CheckpointError(f"no checkpoint at epoch {e:g} in {run_dir}; available: "
-                                      f"{', '.join(f'{c.epoch:g}' for c in found) or 'none'}")
-            chosen.append(by_epoch.get(round(epoch, 9)) or
-                          next(c for c in found if c.epoch == epoch))
-        return chosen
-    if not by_epoch:
-        kinds = "epoch_*/step_*" if steps else "epoch_*"
-        raise CheckpointError(f"no {kinds} checkpoints in {run_dir}; train it first "
-                              f"(tools/train.py)")
-    return sorted(by_epoch.values(), key=lambda c: c.step)
-
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":

@@ -54,8 +54,9 @@ from selectivity.orientation import (ablation_groups, channel_normalize,  # noqa
                                      orientation_indices, orientation_responses,
                                      permuted_control, zero_channels)
 from selectivity.runs import load_model  # noqa: E402
-from tools.cka import (check_layers, choose_checkpoints, nearest_epoch, open_run,  # noqa: E402
-                       pick_device, run_label, stage_names, write_jsonl)
+from selectivity.runs import choose_checkpoints, nearest_epoch, open_run  # noqa: E402
+from tools.cka import (check_layers, pick_device, run_label, stage_names,  # noqa: E402
+                       write_jsonl)
 
 TUNED = 0.33  # Ukita's threshold for an orientation-tuned unit (gOSI > 0.33)
 CENTRED = "shift_invariance_centered"  # the primary shift-invariance measure in figures/summary
