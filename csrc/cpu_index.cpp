@@ -1,4 +1,5 @@
 // CPU kernel of selectivity_index: one pass over sums[K, U], parallel over tiles of units.
+#include "cpu_clones.h"
 #include "selectivity.h"
 
 #include <ATen/Parallel.h>
@@ -17,6 +18,57 @@ constexpr int64_t kGrainElements = 32768;
 // Units are tiled so the running max/argmax/total of a tile stay in L1 while the present
 // classes stream past; the tile loop is vectorized over units (sums rows are contiguous in u).
 constexpr int64_t kIndexTile = 256;
+
+// One tile of n units starting at u0: best/arg/total running over the present classes' rows.
+SELECTIVITY_HOT void index_tile(const double* S, const int64_t* C, const std::vector<int64_t>& present, int64_t U,
+                                int64_t u0, int64_t n, double eps, double* o_si, int64_t* o_pref, double* o_max,
+                                double* o_rest) {
+  const int64_t n_present = static_cast<int64_t>(present.size());
+  double* best = o_max + u0;
+  int64_t* arg = o_pref + u0;
+  double* total = o_rest + u0;  // holds the sum of all class means until the last step
+  if (n_present == 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      best[i] = 0.0;
+      arg[i] = -1;
+      total[i] = 0.0;
+      o_si[u0 + i] = 0.0;
+    }
+    return;
+  }
+  {
+    const int64_t c = present[0];
+    const double cnt = static_cast<double>(C[c]);
+    const double* row = S + c * U + u0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      best[i] = row[i] / cnt;
+      arg[i] = c;
+      total[i] = best[i];
+    }
+  }
+  for (int64_t j = 1; j < n_present; ++j) {
+    const int64_t c = present[j];
+    const double cnt = static_cast<double>(C[c]);
+    const double* row = S + c * U + u0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const double m = row[i] / cnt;
+      total[i] += m;
+      const bool better = m > best[i];  // strict: ties keep the lower class index
+      best[i] = better ? m : best[i];
+      arg[i] = better ? c : arg[i];
+    }
+  }
+  const double others = static_cast<double>(n_present - 1);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double rest = n_present > 1 ? (total[i] - best[i]) / others : 0.0;
+    const double den = best[i] + rest + eps;
+    total[i] = rest;
+    o_si[u0 + i] = den != 0.0 ? (best[i] - rest) / den : 0.0;  // all-zero unit -> 0, not NaN
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu(const at::Tensor& sums,
                                                                                   const at::Tensor& counts,
@@ -40,51 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu
 
   at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t u0 = t * kIndexTile, n = std::min(U, u0 + kIndexTile) - u0;
-      double* best = o_max + u0;
-      int64_t* arg = o_pref + u0;
-      double* total = o_rest + u0;  // holds the sum of all class means until the last step
-      if (n_present == 0) {
-        for (int64_t i = 0; i < n; ++i) {
-          best[i] = 0.0;
-          arg[i] = -1;
-          total[i] = 0.0;
-          o_si[u0 + i] = 0.0;
-        }
-        continue;
-      }
-      {
-        const int64_t c = present[0];
-        const double cnt = static_cast<double>(C[c]);
-        const double* row = S + c * U + u0;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          best[i] = row[i] / cnt;
-          arg[i] = c;
-          total[i] = best[i];
-        }
-      }
-      for (int64_t j = 1; j < n_present; ++j) {
-        const int64_t c = present[j];
-        const double cnt = static_cast<double>(C[c]);
-        const double* row = S + c * U + u0;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const double m = row[i] / cnt;
-          total[i] += m;
-          const bool better = m > best[i];  // strict: ties keep the lower class index
-          best[i] = better ? m : best[i];
-          arg[i] = better ? c : arg[i];
-        }
-      }
-      const double others = static_cast<double>(n_present - 1);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const double rest = n_present > 1 ? (total[i] - best[i]) / others : 0.0;
-        const double den = best[i] + rest + eps;
-        total[i] = rest;
-        o_si[u0 + i] = den != 0.0 ? (best[i] - rest) / den : 0.0;  // all-zero unit -> 0, not NaN
-      }
+      const int64_t u0 = t * kIndexTile;
+      index_tile(S, C, present, U, u0, std::min(U, u0 + kIndexTile) - u0, eps, o_si, o_pref, o_max, o_rest);
     }
   });
   return {si, pref, mu_max, mu_rest};
@@ -93,7 +102,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
-
   m.impl("selectivity_index", &selectivity_index_cpu);
 }
 

@@ -176,6 +176,25 @@ def test_accumulate_in_pieces_equals_one_call(backend, case, data):
     assert torch.equal(pieces[1], whole[1])
 
 
+# The CPU kernel's paths by shape, at sizes the random cases above do not reach: rows of 256
+# units (prefetched), 2048 units (8 KB apart: not prefetched), few pixels (one pass, no phase 1),
+# many pixels (runs of 8 rows plus a remainder of 1-7), and their NCHW twins.
+NETWORK_SHAPES = [(6, 256, 16, 16), (2, 2048, 7, 7), (5, 2048, 2, 2), (4, 100, 3, 5), (3, 512, 9, 9)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", NETWORK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_network_shapes_match_oracle(backend, shape, layout, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    act = make_act(layout, *shape, dtype, "relu", gen)
+    labels = torch.randint(0, 7, (shape[0],), generator=gen)
+    sums, counts = ops.new_state(7, shape[1])
+    accumulate(backend, act, labels, sums, counts)
+    assert_state_close(sums, counts, act, labels)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_accumulate_empty_batch_is_a_no_op(backend):
     sums, counts = ops.new_state(3, 5)
