@@ -1,5 +1,5 @@
-# The data-loading backends (pipelines/ffcv.py, pipelines/dali.py). Included by the top-level
-# Makefile, which defines VENV, PY, PIP and the `venv` target.
+# The data-loading backends (pipelines/ffcv.py + ffcv_write.py, pipelines/dali.py). Included by
+# the top-level Makefile, which defines VENV, PY, PIP and the `venv` target.
 #
 #   make data-deps      system libraries FFCV compiles against (apt-get, only when missing), then
 #                       FFCV, numba, OpenCV and NVIDIA DALI into the venv (requirements-data.txt)

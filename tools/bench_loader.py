@@ -71,7 +71,8 @@ def run_workload(name: str, root: str, size: int, batch: int, workers: int, seco
                  ffcv_mode: str) -> dict:
     from pipelines.dali import DALILoader
     from pipelines.datasets import ImageFolderDataset
-    from pipelines.ffcv import FFCVLoader, write_beton
+    from pipelines.ffcv import FFCVLoader
+    from pipelines.ffcv_write import write_beton
     from pipelines.torch_loader import TorchLoader
 
     cpu = torch.device("cpu")

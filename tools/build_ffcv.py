@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     from pipelines.datasets import DataError, build_dataset
-    from pipelines.ffcv import write_beton
+    from pipelines.ffcv_write import write_beton
 
     a = parse_args(argv)
     if a.workers < 1:
