@@ -2,10 +2,9 @@
 
 Paper 1's protocol (papers-notes §1), with its ranking/evaluation overlap fixed:
 
-1. **Rank** the units of every tracked layer by class selectivity (SI from class means, the fused
-   ops of selectivity/ops.py) on a *ranking split* — by default a fixed stratified 20 % of the
-   training split seen without augmentation (``ranking_loader``) — never on the data the accuracy
-   is then measured on (paper 1's code ranked and evaluated on the same ImageNet val set).
+1. **Rank** the units of every tracked layer by class selectivity (selectivity/unit_ranking.py) on
+   a *ranking split* (selectivity/ranking_split.py) — never on the data the accuracy is then
+   measured on (paper 1's code ranked and evaluated on the same ImageNet val set).
 2. **Ablate** k units per layer — ``selective`` (the k highest SI), ``least`` (the k lowest) or
    ``random`` (k drawn uniformly; re-drawn for every batch as paper 1's code does, or fixed per
    draw) — in every layer of a *scope* at once (a stage: the same k in all its blocks, as paper 1;
@@ -13,11 +12,9 @@ Paper 1's protocol (papers-notes §1), with its ranking/evaluation overlap fixed
    the unit's mean activation over the ranking split (``mode="mean"``).
 3. **Evaluate** top-1 accuracy and loss on the validation split for every (scope, condition, k).
 
-Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
-holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
-default the layers are the residual blocks of ``models.residual_blocks`` (their post-ReLU
-outputs, the units the tracker measures); any model can name its own: a list of
-``named_modules()`` names or a ``{name: module}`` mapping (``resolve_layers``).
+This module does steps 2 and 3 (and the AUC summaries), given the rankings of step 1. Which
+layers hold the units, and how a model names its own, is described in selectivity/unit_ranking.py
+(``resolve_layers``).
 
 Many conditions per pass. ``AblationHooks`` masks a layer's output with a per-group mask
 ``[G, U]``: the batch is repeated G times and ``out.view(G, B, U, H, W) * keep[:, None, :, None,
@@ -47,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .models import residual_blocks, stage_of
-from .tracker import EPS, LayerStates
+from .models import stage_of
+from .unit_ranking import AblationError, UnitRanking, resolve_layers
 
 CONDITIONS = ("selective", "random", "least")
 MODES = ("zero", "mean")
@@ -59,36 +55,7 @@ WHOLE = "whole"
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
 
 
-class AblationError(ValueError):
-    """A bad ablation request (unknown layer, k out of range, bad mode); the message says which."""
-
-
-# ---------------------------------------------------------------------------- layers and grids
-
-def resolve_layers(model: nn.Module, layers=None) -> "OrderedDict[str, nn.Module]":
-    """The layers whose outputs hold the units, in the given order.
-
-    ``None``: every residual block (``models.residual_blocks``); a sequence of
-    ``model.named_modules()`` names; or a ``{name: module}`` mapping (any names).
-    """
-    root = getattr(model, "module", model)
-    if layers is None:
-        out = residual_blocks(root)
-        if not out:
-            raise AblationError(f"{type(root).__name__} has no residual blocks; name the layers "
-                                f"to ablate (layers=[module names] or {{name: module}})")
-        return out
-    if isinstance(layers, Mapping):
-        return OrderedDict(layers)
-    modules = dict(root.named_modules())
-    out = OrderedDict()
-    for name in layers:
-        if name not in modules or name == "":
-            valid = ", ".join(n for n in modules if n)
-            raise AblationError(f"unknown layer {name!r} in {type(root).__name__}; valid: {valid}")
-        out[name] = modules[name]
-    return out
-
+# ---------------------------------------------------------------------------- grids
 
 def scopes_by_stage(layer_names: Iterable[str]) -> "OrderedDict[str, list[str]]":
     """``{stage: [its layers]}`` (``layer2.1`` → ``layer2``), in order."""
@@ -111,74 +78,6 @@ def paper_k_grid(units: int) -> list[int]:
 
     Meant for 256–2048-channel blocks; for a 16-channel block it is just [0, 8]."""
     return list(range(0, units // 2, 15)) + list(range(units // 2, units, 40))
-
-
-# ---------------------------------------------------------------------------- ranking
-
-@dataclasses.dataclass
-class UnitRanking:
-    """One layer's units as measured on the ranking split (float64/int64, on the CPU)."""
-    si: torch.Tensor          # [U] selectivity index
-    pref_class: torch.Tensor  # [U] preferred class
-    mean: torch.Tensor        # [U] mean activation over all ranking images (the "mean" fill)
-    order: torch.Tensor       # [U] unit indices, most selective first (ties: lower index first)
-    images: int
-
-    @property
-    def units(self) -> int:
-        return int(self.si.numel())
-
-    def most(self, k: int) -> torch.Tensor:
-        return self.order[:k]
-
-    def least(self, k: int) -> torch.Tensor:
-        return self.order.flip(0)[:k]
-
-
-def ranking_from_state(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> UnitRanking:
-    """A ``UnitRanking`` from fused per-class sums/counts (``ops.accumulate``)."""
-    r = ops.selectivity_index(sums, counts, eps)
-    si = r.si.double().cpu()
-    n = int(counts.sum())
-    mean = (sums.sum(0) / max(n, 1)).double().cpu()
-    order = torch.sort(-si, stable=True).indices
-    return UnitRanking(si, r.pref_class.cpu(), mean, order, n)
-
-
-@torch.no_grad()
-def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int | None = None,
-               eps: float = EPS) -> "OrderedDict[str, UnitRanking]":
-    """SI (and mean activation) of every unit of ``layers`` over ``loader`` (eval mode, no grad).
-
-    ``loader`` yields ``(images, labels)`` on the model's device. ``num_classes``: taken from
-    ``loader.num_classes`` when not given.
-    """
-    layers = resolve_layers(model, layers)
-    K = num_classes if num_classes is not None else getattr(loader, "num_classes", None)
-    if K is None:
-        raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")
-    states, current = LayerStates(K), {}
-
-    def hook(name):
-        def fn(module, args, output):
-            states.add(name, output, current["labels"])
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for images, labels in loader:
-            current["labels"] = labels
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [n for n in layers if n not in states.states]
-    if missing:
-        raise AblationError(f"layers never ran in the forward pass: {', '.join(missing)}")
-    return OrderedDict((n, ranking_from_state(*states.states[n], eps)) for n in layers)
 
 
 # ---------------------------------------------------------------------------- conditions
@@ -590,59 +489,3 @@ def auc_table(rows: Sequence[Mapping]) -> "OrderedDict[tuple, dict]":
             aucs = per_draw.mean(0)
             out[key][cond] = (float(aucs.mean()), float(aucs.std()) if aucs.size > 1 else 0.0)
     return out
-
-
-# ---------------------------------------------------------------------------- the ranking split
-
-class SubsetView:
-    """Some images of a dataset, as the loaders want a dataset (labels, num_classes, mean, std)."""
-
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
-        self.labels = np.asarray(dataset.labels)[self.indices]
-        self.num_classes, self.mean, self.std = dataset.num_classes, dataset.mean, dataset.std
-        self.classes = getattr(dataset, "classes", None)
-        if hasattr(dataset, "load"):
-            self.load = lambda i: dataset.load(int(self.indices[i]))
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[int(self.indices[i])]
-
-
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int,
-                      max_images: int | None = None) -> np.ndarray:
-    """Sorted indices of a fixed stratified random subset: round(fraction · n_c) images of each
-    class c (at least one of each present class), scaled down to at most ``max_images``."""
-    if not 0.0 < fraction <= 1.0:
-        raise AblationError(f"ranking fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    if max_images is not None:
-        fraction = min(fraction, max_images / max(len(labels), 1))
-    rng = np.random.default_rng([seed, 4099])
-    out = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = max(1, int(round(fraction * len(idx))))
-        out.append(rng.choice(idx, size=n, replace=False))
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
-
-
-def ranking_loader(cfg, device, fraction: float = 0.2, seed: int = 0,
-                   max_images: int | None = 50_000, batch_size: int | None = None):
-    """The ranking split of a run's config: a fixed stratified ``fraction`` of the *training*
-    split, seen as evaluation sees images (no augmentation), via the torch backend.
-
-    These images were trained on; what matters is that accuracy is measured on other images (val).
-    """
-    from pipelines.datasets import build_dataset
-    from pipelines.torch_loader import TorchLoader
-    ds = build_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
-                       cfg.synthetic_size, cfg.seed)
-    view = SubsetView(ds, stratified_subset(ds.labels, fraction, seed, max_images))
-    return TorchLoader(view, batch_size=batch_size or cfg.eval_batch_size, train=False,
-                       augment="none", image_size=cfg.image_size, device=torch.device(device),
-                       seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
-

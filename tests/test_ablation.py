@@ -1,4 +1,5 @@
-"""Unit ablation (selectivity/ablation.py, tools/ablate.py, tools/bench_ablation.py)."""
+"""Unit ablation (selectivity/ablation.py, unit_ranking.py, ranking_split.py; tools/ablate.py,
+tools/bench_ablation.py)."""
 import json
 import os
 import re
@@ -10,6 +11,8 @@ from torch import nn
 
 from selectivity import ablation as A
 from selectivity.models import build_model, unit_registry
+from selectivity.ranking_split import stratified_subset
+from selectivity.unit_ranking import AblationError, rank_units, resolve_layers
 
 
 # ------------------------------------------------------------------ a model with a planted unit
@@ -45,7 +48,7 @@ def planted_data(n, seed, batch=50):
 def planted():
     model = Planted().eval()
     rank_split, val_split = planted_data(300, 1), planted_data(300, 2)  # never the same images
-    rankings = A.rank_units(model, rank_split, layers=["hidden"], num_classes=3)
+    rankings = rank_units(model, rank_split, layers=["hidden"], num_classes=3)
     return model, rankings, val_split
 
 
@@ -146,7 +149,7 @@ def resnet():
     x = torch.randn(30, 3, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (30,), generator=g)
     batches = [(x[:18], y[:18]), (x[18:], y[18:])]
-    rankings = A.rank_units(model, batches, num_classes=10)
+    rankings = rank_units(model, batches, num_classes=10)
     return model, batches, rankings
 
 
@@ -174,24 +177,24 @@ def test_batched_equals_one_pass_per_condition(resnet, mode):
 
 def test_stratified_subset():
     labels = np.repeat(np.arange(5), [10, 20, 30, 40, 50])
-    idx = A.stratified_subset(labels, 0.2, seed=0)
+    idx = stratified_subset(labels, 0.2, seed=0)
     assert np.bincount(labels[idx]).tolist() == [2, 4, 6, 8, 10]
-    assert np.array_equal(idx, A.stratified_subset(labels, 0.2, seed=0))
-    assert len(A.stratified_subset(labels, 0.2, seed=0, max_images=15)) <= 16
-    with pytest.raises(A.AblationError):
-        A.stratified_subset(labels, 0.0, seed=0)
+    assert np.array_equal(idx, stratified_subset(labels, 0.2, seed=0))
+    assert len(stratified_subset(labels, 0.2, seed=0, max_images=15)) <= 16
+    with pytest.raises(AblationError):
+        stratified_subset(labels, 0.0, seed=0)
 
 
 def test_grids_and_errors():
     assert A.k_from_fractions(A.DEFAULT_FRACTIONS, 16) == [0, 2, 4, 6, 8, 12, 16]
     assert A.paper_k_grid(256) == [0, 15, 30, 45, 60, 75, 90, 105, 120, 128, 168, 208, 248]
     assert len(A.paper_k_grid(2048)) == 95
-    with pytest.raises(A.AblationError, match="exceeds"):
+    with pytest.raises(AblationError, match="exceeds"):
         A.make_conditions({"a": 4}, k_grid=[5])
-    with pytest.raises(A.AblationError, match="unknown condition"):
+    with pytest.raises(AblationError, match="unknown condition"):
         A.make_conditions({"a": 4}, ["top"])
-    with pytest.raises(A.AblationError, match="unknown layer"):
-        A.resolve_layers(Planted(), ["nope"])
+    with pytest.raises(AblationError, match="unknown layer"):
+        resolve_layers(Planted(), ["nope"])
 
 
 # ------------------------------------------------------------------ the tools, end to end

@@ -46,7 +46,9 @@ from selectivity import ablation as A  # noqa: E402
 from selectivity.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.models import unit_registry  # noqa: E402
+from selectivity.ranking_split import ranking_loader  # noqa: E402
 from selectivity.runs import choose_checkpoints, load_model, run_config, val_records  # noqa: E402
+from selectivity.unit_ranking import AblationError, rank_units  # noqa: E402
 
 COLORS = {"selective": "C3", "random": "C7", "least": "C0"}
 CACHE_BYTES = 1 << 30  # data sets smaller than this are decoded once and kept in memory
@@ -132,8 +134,8 @@ def build_data(cfg, args, device):
     from pipelines import build_loader
     ecfg = dataclasses.replace(cfg, eval_batch_size=args.batch_size)
     val = build_loader(ecfg, "val", device)
-    rank = A.ranking_loader(ecfg, device, args.rank_fraction, args.seed, args.rank_max_images,
-                            args.batch_size)
+    rank = ranking_loader(ecfg, device, args.rank_fraction, args.seed, args.rank_max_images,
+                          args.batch_size)
     out = []
     for ld in (val, rank):
         c = maybe_cached(ld, cfg.image_size)
@@ -151,8 +153,8 @@ def scope_units(registry: "OrderedDict[str, int]", args) -> "OrderedDict[str, Or
     wanted = args.stages or list(stages)
     unknown = [s for s in wanted if s not in stages]
     if unknown:
-        raise A.AblationError(f"unknown stage {unknown[0]!r}; this model has "
-                              f"{', '.join(stages)} (or use --whole)")
+        raise AblationError(f"unknown stage {unknown[0]!r}; this model has "
+                            f"{', '.join(stages)} (or use --whole)")
     return OrderedDict((s, OrderedDict((n, registry[n]) for n in stages[s])) for s in wanted)
 
 
@@ -163,8 +165,8 @@ def conditions_for(scopes, args) -> list:
         if args.k_grid == ["paper"]:
             widths = set(units.values())
             if len(widths) > 1:
-                raise A.AblationError("--k-grid paper needs blocks of one width; use --fractions "
-                                      "with --whole")
+                raise AblationError("--k-grid paper needs blocks of one width; use --fractions "
+                                    "with --whole")
             kw["k_grid"] = A.paper_k_grid(widths.pop())
         elif args.k_grid:
             cap = min(units.values())
@@ -372,12 +374,12 @@ def main(argv=None):
         return
     if args.device:
         if args.device not in ("cpu", "cuda"):
-            raise A.AblationError(f"--device must be cpu or cuda, got {args.device!r}")
+            raise AblationError(f"--device must be cpu or cuda, got {args.device!r}")
         dev = args.device
     else:
         dev = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if dev == "cuda" and not torch.cuda.is_available():
-        raise A.AblationError("--device cuda, but torch sees no CUDA device")
+        raise AblationError("--device cuda, but torch sees no CUDA device")
     device = torch.device(dev)
     threads = cfg.threads if args.threads is None else args.threads
     if threads:
@@ -398,7 +400,7 @@ def main(argv=None):
     for ckpt in ckpts:
         t0 = time.perf_counter()
         model = load_model(cfg, ckpt, device)
-        rankings = A.rank_units(model, rank, layers=layers, num_classes=num_classes)
+        rankings = rank_units(model, rank, layers=layers, num_classes=num_classes)
         results = A.evaluate_ablations(model, val, conds, rankings, layers=layers, mode=args.mode,
                                        seed=args.seed, max_images=args.max_images)
         acc_log = logged.get(ckpt.step)
@@ -420,7 +422,7 @@ def main(argv=None):
 def cli(argv=None):
     try:
         run_cli(main, argv)
-    except A.AblationError as e:
+    except AblationError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

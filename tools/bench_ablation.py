@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from selectivity import ablation as A  # noqa: E402
 from selectivity.models import MODELS, build_model, unit_registry  # noqa: E402
+from selectivity.unit_ranking import rank_units  # noqa: E402
 
 
 def spread_conditions(units: dict, n: int, scope: str) -> list:
@@ -91,7 +92,7 @@ def main(argv=None):
     batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
                for i in range(0, args.images, args.batch_size)]
     registry = unit_registry(model)
-    rankings = A.rank_units(model, batches, num_classes=10)
+    rankings = rank_units(model, batches, num_classes=10)
     stages = A.scopes_by_stage(registry)
     scopes = [*stages, A.WHOLE] if args.stages is None else args.stages
     print(f"{args.model}, {args.image_size}px, {args.images} images, one-by-one batch "

@@ -1,0 +1,126 @@
+"""Units and their class selectivity: the layers that hold the units, and the units' ranking.
+
+Step 1 of the ablation protocol (selectivity/ablation.py): **rank** the units of every tracked
+layer by class selectivity (SI from class means, the fused ops of selectivity/ops.py) on a
+*ranking split* (selectivity/ranking_split.py), never on the data the accuracy is then measured
+on. The ranking also keeps each unit's mean activation over the split (the ``mode="mean"`` fill).
+
+Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
+holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
+default the layers are the residual blocks of ``models.residual_blocks`` (their post-ReLU
+outputs, the units the tracker measures); any model can name its own: a list of
+``named_modules()`` names or a ``{name: module}`` mapping (``resolve_layers``).
+
+``AblationError`` lives here, in the lowest of the ablation modules, so that ranking, the ranking
+split and the ablations all raise the one error class that tools/ablate.py reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import ops
+from .models import residual_blocks
+from .tracker import EPS, LayerStates
+
+
+class AblationError(ValueError):
+    """A bad ablation request (unknown layer, k out of range, bad mode); the message says which."""
+
+
+# ---------------------------------------------------------------------------- layers
+
+def resolve_layers(model: nn.Module, layers=None) -> "OrderedDict[str, nn.Module]":
+    """The layers whose outputs hold the units, in the given order.
+
+    ``None``: every residual block (``models.residual_blocks``); a sequence of
+    ``model.named_modules()`` names; or a ``{name: module}`` mapping (any names).
+    """
+    root = getattr(model, "module", model)
+    if layers is None:
+        out = residual_blocks(root)
+        if not out:
+            raise AblationError(f"{type(root).__name__} has no residual blocks; name the layers "
+                                f"to ablate (layers=[module names] or {{name: module}})")
+        return out
+    if isinstance(layers, Mapping):
+        return OrderedDict(layers)
+    modules = dict(root.named_modules())
+    out = OrderedDict()
+    for name in layers:
+        if name not in modules or name == "":
+            valid = ", ".join(n for n in modules if n)
+            raise AblationError(f"unknown layer {name!r} in {type(root).__name__}; valid: {valid}")
+        out[name] = modules[name]
+    return out
+
+# ---------------------------------------------------------------------------- ranking
+
+@dataclasses.dataclass
+class UnitRanking:
+    """One layer's units as measured on the ranking split (float64/int64, on the CPU)."""
+    si: torch.Tensor          # [U] selectivity index
+    pref_class: torch.Tensor  # [U] preferred class
+    mean: torch.Tensor        # [U] mean activation over all ranking images (the "mean" fill)
+    order: torch.Tensor       # [U] unit indices, most selective first (ties: lower index first)
+    images: int
+
+    @property
+    def units(self) -> int:
+        return int(self.si.numel())
+
+    def most(self, k: int) -> torch.Tensor:
+        return self.order[:k]
+
+    def least(self, k: int) -> torch.Tensor:
+        return self.order.flip(0)[:k]
+
+
+def ranking_from_state(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> UnitRanking:
+    """A ``UnitRanking`` from fused per-class sums/counts (``ops.accumulate``)."""
+    r = ops.selectivity_index(sums, counts, eps)
+    si = r.si.double().cpu()
+    n = int(counts.sum())
+    mean = (sums.sum(0) / max(n, 1)).double().cpu()
+    order = torch.sort(-si, stable=True).indices
+    return UnitRanking(si, r.pref_class.cpu(), mean, order, n)
+
+
+@torch.no_grad()
+def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int | None = None,
+               eps: float = EPS) -> "OrderedDict[str, UnitRanking]":
+    """SI (and mean activation) of every unit of ``layers`` over ``loader`` (eval mode, no grad).
+
+    ``loader`` yields ``(images, labels)`` on the model's device. ``num_classes``: taken from
+    ``loader.num_classes`` when not given.
+    """
+    layers = resolve_layers(model, layers)
+    K = num_classes if num_classes is not None else getattr(loader, "num_classes", None)
+    if K is None:
+        raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")
+    states, current = LayerStates(K), {}
+
+    def hook(name):
+        def fn(module, args, output):
+            states.add(name, output, current["labels"])
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in loader:
+            current["labels"] = labels
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in layers if n not in states.states]
+    if missing:
+        raise AblationError(f"layers never ran in the forward pass: {', '.join(missing)}")
+    return OrderedDict((n, ranking_from_state(*states.states[n], eps)) for n in layers)
