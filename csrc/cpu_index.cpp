@@ -15,9 +15,11 @@ namespace {
 // Elements a task should at least touch to be worth a thread (ATen's own GRAIN_SIZE).
 constexpr int64_t kGrainElements = 32768;
 
-// Units are tiled so the running max/argmax/total of a tile stay in L1 while the present
-// classes stream past; the tile loop is vectorized over units (sums rows are contiguous in u).
-constexpr int64_t kIndexTile = 256;
+// Units are tiled so the running max/argmax/total of a tile (24 KB) stay in L1/L2 while the present
+// classes stream past; the tile loop is vectorized over units (sums rows are contiguous in u). A tile
+// reads 8 KB of each row: with 2 KB (256 units) the hardware prefetcher restarted every 2 KB and the
+// whole [1000, 15104] state of ResNet-50 took 1.7x a plain read of it on one thread, 1.2x at 1024.
+constexpr int64_t kIndexTile = 1024;
 
 // One tile of n units starting at u0: best/arg/total running over the present classes' rows.
 SELECTIVITY_HOT void index_tile(const double* S, const int64_t* C, const std::vector<int64_t>& present, int64_t U,
@@ -47,7 +49,38 @@ SELECTIVITY_HOT void index_tile(const double* S, const int64_t* C, const std::ve
       total[i] = best[i];
     }
   }
-  for (int64_t j = 1; j < n_present; ++j) {
+  // Four classes per sweep of the tile: the running best/arg/total (24 bytes a unit) are loaded and
+  // stored once per four 8-byte sums, not once per sum; that traffic, not the arithmetic, bounded the
+  // one-row loop. The four are folded in class order, so ties still keep the lowest class and the
+  // total is summed in the same order as one class at a time.
+  int64_t j = 1;
+  for (; j + 4 <= n_present; j += 4) {
+    const int64_t c0 = present[j], c1 = present[j + 1], c2 = present[j + 2], c3 = present[j + 3];
+    const double n0 = static_cast<double>(C[c0]), n1 = static_cast<double>(C[c1]);
+    const double n2 = static_cast<double>(C[c2]), n3 = static_cast<double>(C[c3]);
+    const double* r0 = S + c0 * U + u0;
+    const double* r1 = S + c1 * U + u0;
+    const double* r2 = S + c2 * U + u0;
+    const double* r3 = S + c3 * U + u0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const double m0 = r0[i] / n0, m1 = r1[i] / n1, m2 = r2[i] / n2, m3 = r3[i] / n3;
+      double b = best[i];
+      int64_t a = arg[i];
+      a = m0 > b ? c0 : a;  // strict: ties keep the lower class index
+      b = m0 > b ? m0 : b;
+      a = m1 > b ? c1 : a;
+      b = m1 > b ? m1 : b;
+      a = m2 > b ? c2 : a;
+      b = m2 > b ? m2 : b;
+      a = m3 > b ? c3 : a;
+      b = m3 > b ? m3 : b;
+      best[i] = b;
+      arg[i] = a;
+      total[i] = (((total[i] + m0) + m1) + m2) + m3;
+    }
+  }
+  for (; j < n_present; ++j) {
     const int64_t c = present[j];
     const double cnt = static_cast<double>(C[c]);
     const double* row = S + c * U + u0;
@@ -55,7 +88,7 @@ SELECTIVITY_HOT void index_tile(const double* S, const int64_t* C, const std::ve
     for (int64_t i = 0; i < n; ++i) {
       const double m = row[i] / cnt;
       total[i] += m;
-      const bool better = m > best[i];  // strict: ties keep the lower class index
+      const bool better = m > best[i];
       best[i] = better ? m : best[i];
       arg[i] = better ? c : arg[i];
     }

@@ -239,6 +239,22 @@ def test_selectivity_index_matches_oracle(backend, state):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("values", ["uniform", "integers"])
+def test_selectivity_index_network_size_matches_oracle(backend, values):
+    # Wider than the CPU kernel's 1024-unit tile (two tiles + a remainder) and more present classes
+    # than its four-class sweep (plus a remainder), with ties between classes in "integers".
+    gen = torch.Generator().manual_seed(3)
+    K, U = 203, 2100
+    counts = torch.randint(0, 5, (K,), generator=gen)
+    if values == "uniform":
+        sums = torch.rand(K, U, generator=gen, dtype=torch.float64) * 7
+    else:
+        sums = torch.randint(0, 4, (K, U), generator=gen).double()
+    sums *= counts.unsqueeze(1) > 0
+    assert_index_close(selectivity_index(backend, sums, counts), oracle_index(sums, counts, 1e-7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_selectivity_index_edge_cases(backend):
     # unit 0: all zero; unit 1: class 2 only; unit 2: tie between classes 0 and 2
     sums = torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, 0.0], [0.0, 4.0, 3.0]], dtype=torch.float64)
