@@ -26,8 +26,7 @@ import torch
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_accumulate.cpp", "csrc/cpu_index.cpp",
-               "csrc/cpu_accumulate_index.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_accumulate.cpp", "csrc/cpu_index.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu"]
 HEADERS = ["csrc/selectivity.h", "csrc/cpu_clones.h"]
 

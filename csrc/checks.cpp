@@ -40,19 +40,6 @@ void check_index_args(const at::Tensor& sums, const at::Tensor& counts) {
                     "sums and counts must be contiguous; make the state with selectivity.ops.new_state()");
 }
 
-void check_index_cache(const at::Tensor& sums, const at::Tensor& cache) {
-  TORCH_CHECK_TYPE(cache.scalar_type() == at::kDouble, "cache must be float64, got ",
-                   dtype_name(cache.scalar_type()), "; make it with selectivity.ops.new_index_cache(sums)");
-  TORCH_CHECK_VALUE(cache.dim() == 2 && cache.size(0) >= 5 && cache.size(1) == sums.size(1),
-                    "cache must be [4 + G, U] with G >= 1 and U = ", sums.size(1),
-                    " (sums.size(1)), got shape ", shape_of(cache),
-                    "; make it with selectivity.ops.new_index_cache(sums)");
-  TORCH_CHECK_VALUE(cache.device() == sums.device(), "cache must be on the state's device, got cache on ",
-                    cache.device(), " and sums on ", sums.device());
-  TORCH_CHECK_VALUE(cache.is_contiguous(),
-                    "cache must be contiguous; make it with selectivity.ops.new_index_cache(sums)");
-}
-
 ActView check_accumulate_args(const at::Tensor& act, const at::Tensor& labels, const at::Tensor& sums,
                               const at::Tensor& counts) {
   const auto t = act.scalar_type();

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -246,15 +245,11 @@ void add_by_label(const T* x, int64_t sB, int64_t sU, int64_t sP, int R, int64_t
 }
 
 template <typename scalar_t>
-void accumulate_impl(const ActView& v, const int64_t* labels, double* sums, const std::function<void()>& before_sums) {
+void accumulate_impl(const ActView& v, const int64_t* labels, double* sums) {
   const scalar_t* x = v.act.const_data_ptr<scalar_t>();
   const int64_t B = v.B, U = v.U, P = v.P;
-  if (B == 0 || U == 0) {
-    if (before_sums) before_sums();
-    return;
-  }
+  if (B == 0 || U == 0) return;
   if (P <= kRun) {  // few pixels: one pass adds their means straight into sums (no phase 1)
-    if (before_sums) before_sums();
     add_by_label(x, v.sB, v.sU, v.sP, static_cast<int>(P), B, U, labels, sums);
     return;
   }
@@ -280,7 +275,6 @@ void accumulate_impl(const ActView& v, const int64_t* labels, double* sums, cons
       }
     }
   });
-  if (before_sums) before_sums();
   add_by_label(means, U, int64_t{1}, int64_t{1}, 1, B, U, labels, sums);
 }
 
@@ -289,28 +283,20 @@ void accumulate_cpu(const at::Tensor& act, const at::Tensor& labels, const at::T
   const ActView v = check_accumulate_args(act, labels, sums, counts);
   const at::Tensor lab = labels.contiguous();
   const int64_t* l = lab.const_data_ptr<int64_t>();
+  const int64_t K = sums.size(0);
   // Check every label before touching the state, so a bad batch leaves sums/counts unchanged.
-  check_labels_cpu(l, v.B, sums.size(0));
-  accumulate_cpu_checked(v, l, sums, counts);
+  for (int64_t b = 0; b < v.B; ++b) {
+    if (l[b] < 0 || l[b] >= K) throw_label_error(l[b], K, "");
+  }
+  double* s = sums.mutable_data_ptr<double>();
+  SELECTIVITY_DISPATCH_ACT_TYPES(v.act.scalar_type(), "selectivity_accumulate", [&] {
+    accumulate_impl<scalar_t>(v, l, s);
+  });
+  int64_t* c = counts.mutable_data_ptr<int64_t>();
+  for (int64_t b = 0; b < v.B; ++b) c[l[b]] += 1;
 }
 
 }  // namespace
-
-void check_labels_cpu(const int64_t* labels, int64_t B, int64_t K) {
-  for (int64_t b = 0; b < B; ++b) {
-    if (labels[b] < 0 || labels[b] >= K) throw_label_error(labels[b], K, "");
-  }
-}
-
-void accumulate_cpu_checked(const ActView& v, const int64_t* labels, const at::Tensor& sums,
-                            const at::Tensor& counts, const std::function<void()>& before_sums) {
-  double* s = sums.mutable_data_ptr<double>();
-  SELECTIVITY_DISPATCH_ACT_TYPES(v.act.scalar_type(), "selectivity_accumulate", [&] {
-    accumulate_impl<scalar_t>(v, labels, s, before_sums);
-  });
-  int64_t* c = counts.mutable_data_ptr<int64_t>();
-  for (int64_t b = 0; b < v.B; ++b) c[labels[b]] += 1;
-}
 
 TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
   m.impl("accumulate", &accumulate_cpu);

@@ -223,23 +223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cud
   return {si, pref, mu_max, mu_rest};
 }
 
-// On a GPU the index is recomputed from the whole state: reading ResNet-50's 121 MB state takes
-// ~0.05 ms at HBM bandwidth, so the CPU kernel's cache (which saves that read on the CPU) is not used
-// and is left as it is. Same outputs as the CPU kernel, to rounding.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> accumulate_index_cuda(
-    const at::Tensor& act, const at::Tensor& labels, const at::Tensor& sums, const at::Tensor& counts,
-    const at::Tensor& cache, double eps, bool /*rebuild*/) {
-  check_index_cache(sums, cache);
-  accumulate_cuda(act, labels, sums, counts);
-  return selectivity_index_cuda(sums, counts, eps);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selectivity, CUDA, m) {
   m.impl("accumulate", &accumulate_cuda);
   m.impl("selectivity_index", &selectivity_index_cuda);
-  m.impl("accumulate_index", &accumulate_index_cuda);
 }
 
 }  // namespace selectivity

@@ -27,10 +27,4 @@ TORCH_LIBRARY(selectivity, m) {
   m.def(
       "selectivity_index(Tensor sums, Tensor counts, float eps) "
       "-> (Tensor si, Tensor pref_class, Tensor mu_max, Tensor mu_rest)");
-  // accumulate, then selectivity_index of the updated state. cache [4 + G, U] float64 holds per-unit
-  // running results so that the CPU kernel reads only the classes the batch touched; rebuild = true
-  // recomputes it from the whole state (first call, or the state changed outside this op).
-  m.def(
-      "accumulate_index(Tensor act, Tensor labels, Tensor(a!) sums, Tensor(b!) counts, Tensor(c!) cache, "
-      "float eps, bool rebuild) -> (Tensor si, Tensor pref_class, Tensor mu_max, Tensor mu_rest)");
 }

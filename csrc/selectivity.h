@@ -6,14 +6,11 @@
 //   selectivity_index: per unit, over classes with counts > 0: mu_max = max class mean (lowest class
 //                      on ties), mu_rest = mean of the other classes' means,
 //                      SI = (mu_max - mu_rest) / (mu_max + mu_rest + eps)
-//   accumulate_index:  accumulate, then selectivity_index of the updated state (on the CPU updated
-//                      from the classes the batch touched, with a per-unit cache)
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
-#include <functional>
 #include <tuple>
 
 // The activation dtypes both backends accept (checked by check_accumulate_args).
@@ -45,19 +42,6 @@ void check_index_args(const at::Tensor& sums, const at::Tensor& counts);
 
 // Allocates the four selectivity_index outputs (si, pref_class, mu_max, mu_rest), shape [U].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_index_outputs(const at::Tensor& sums);
-
-// Checks the index cache of accumulate_index against its state: float64 [4 + G, U], 1 <= G, contiguous,
-// on the state's device (see cpu_accumulate_index.cpp for what the rows hold).
-void check_index_cache(const at::Tensor& sums, const at::Tensor& cache);
-
-// The CPU accumulate, shared by accumulate and accumulate_index (cpu_accumulate.cpp):
-// check_labels_cpu throws for a label outside [0, K); accumulate_cpu_checked then adds the batch into
-// sums and counts (labels already checked, so a bad batch never leaves the state half-updated).
-// before_sums, if set, runs once just before sums is first written: after the activation has been
-// read, so the rows it reads are still in cache when the batch is added into them.
-void check_labels_cpu(const int64_t* labels, int64_t B, int64_t K);
-void accumulate_cpu_checked(const ActView& v, const int64_t* labels, const at::Tensor& sums,
-                            const at::Tensor& counts, const std::function<void()>& before_sums = {});
 
 // The message for a label outside [0, K); `where` says which backend found it and when.
 [[noreturn]] void throw_label_error(int64_t label, int64_t K, const char* where);

@@ -15,19 +15,12 @@ Two ops, each with a pure-PyTorch reference below that computes the same thing i
 Precision: the reference and the CUDA kernel sum in float64; the CPU kernel sums runs of at most 8
 inputs in float32 and the rest in float64, so |error| <= 7 * 2**-24 * sum|x| (csrc/cpu_accumulate.cpp).
 
-* ``accumulate_index(act, labels, sums, counts, cache, eps)``: ``accumulate`` then
-  ``selectivity_index`` of the updated state, in one op. On the CPU it reads only the rows of the
-  classes in the batch, keeping per-unit results in ``cache`` (``new_index_cache``), so SI at every
-  step costs a small part of what ``selectivity_index`` over the whole state does. Its outputs are
-  ``selectivity_index``'s: ``pref_class`` and ``mu_max`` bit for bit, ``mu_rest`` and ``si`` to rounding.
-
-If the extension is not built, all fall back to the reference with one warning per process.
+If the extension is not built, both fall back to the reference with one warning per process.
 ``SELECTIVITY_FORCE_REFERENCE=1`` forces the reference (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import NamedTuple
@@ -101,47 +94,6 @@ def selectivity_index(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-
     if _use_extension():
         return SIResult(*torch.ops.selectivity.selectivity_index(sums, counts, float(eps)))
     return selectivity_index_reference(sums, counts, eps)
-
-
-class IndexCache:
-    """The per-unit results that ``accumulate_index`` keeps for one ``(sums, counts)`` state.
-
-    ``table`` is ``[4 + G, U]`` float64 (csrc/cpu_accumulate_index.cpp says what the rows hold). It
-    remembers which versions of the state it describes: when the state was changed by anything else
-    (``zero_()``, an all_reduce, a checkpoint load, another op), the next call rebuilds it from the
-    whole state, so it can never describe a state it did not see.
-    """
-
-    def __init__(self, table: torch.Tensor):
-        self.table = table
-        self._stamp = None
-
-    def _stamp_of(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple:
-        # Versions catch torch's in-place ops (zero_, copy_: also a checkpoint load and the DDP
-        # reduction); the image total catches `accumulate`, whose custom op bumps no version. On CUDA
-        # the cache is not used (the kernel reads the whole state), so no sync for the total.
-        images = int(counts.sum()) if counts.device.type == "cpu" else None
-        return (sums.data_ptr(), sums._version, counts.data_ptr(), counts._version,
-                self.table.data_ptr(), self.table._version, images)
-
-
-def new_index_cache(sums: torch.Tensor) -> IndexCache:
-    """An ``IndexCache`` for the state whose ``sums`` is given: G = ceil(sqrt(K)) class groups."""
-    K, U = sums.shape
-    groups = math.isqrt(max(K - 1, 0)) + 1  # ceil(sqrt(K)), at least 1: a rescan reads ~2 groups
-    return IndexCache(torch.zeros(4 + groups, U, dtype=torch.float64, device=sums.device))
-
-
-def accumulate_index(act: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
-                     cache: IndexCache, eps: float = 1e-7) -> SIResult:
-    """``accumulate(act, labels, sums, counts)``, then ``selectivity_index(sums, counts, eps)``."""
-    if _use_extension():
-        rebuild = cache._stamp != cache._stamp_of(sums, counts)
-        result = torch.ops.selectivity.accumulate_index(act.detach(), labels, sums, counts, cache.table,
-                                                        float(eps), rebuild)
-        cache._stamp = cache._stamp_of(sums, counts)
-        return SIResult(*result)
-    return accumulate_index_reference(act.detach(), labels, sums, counts, cache, eps)
 
 
 # ----- checks (the C++ kernels make the same checks with the same wording: csrc/checks.cpp) -----
@@ -237,12 +189,6 @@ def selectivity_index_reference(sums: torch.Tensor, counts: torch.Tensor, eps: f
     return SIResult(si, pref, mu_max, mu_rest)
 
 
-def accumulate_index_reference(act, labels, sums, counts, cache: IndexCache, eps: float = 1e-7) -> SIResult:
-    """The definition: the two references one after the other (the cache is not needed)."""
-    accumulate_reference(act, labels, sums, counts)
-    return selectivity_index_reference(sums, counts, eps)
-
-
 # ----- fake (meta) implementations: shapes only, for torch.compile and opcheck -----
 
 if _EXTENSION_ERROR is None:
@@ -251,16 +197,8 @@ if _EXTENSION_ERROR is None:
     def _accumulate_fake(act, labels, sums, counts):
         _check_accumulate_args(act, labels, sums, counts)
 
-    def _index_outputs_fake(sums):
-        U = sums.shape[1]
-        return sums.new_empty(U), sums.new_empty(U, dtype=torch.int64), sums.new_empty(U), sums.new_empty(U)
-
     @torch.library.register_fake("selectivity::selectivity_index")
     def _selectivity_index_fake(sums, counts, eps):
         _check_index_args(sums, counts)
-        return _index_outputs_fake(sums)
-
-    @torch.library.register_fake("selectivity::accumulate_index")
-    def _accumulate_index_fake(act, labels, sums, counts, cache, eps, rebuild):
-        _check_accumulate_args(act, labels, sums, counts)
-        return _index_outputs_fake(sums)
+        U = sums.shape[1]
+        return sums.new_empty(U), sums.new_empty(U, dtype=torch.int64), sums.new_empty(U), sums.new_empty(U)
