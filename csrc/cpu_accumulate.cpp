@@ -69,12 +69,11 @@ enum class Rows { kAssign, kAdd, kAddMean };
 constexpr int64_t kPrefetchMaxRowBytes = 1024;
 constexpr int64_t kStep = 16;  // units per prefetch step: a cache line of floats
 
-// out[i] (= += or finished as M says) the float32 sum of R rows x[i], x[i + sP], ..., for i0 <= i < i1.
-// The float32 sum of R <= kRun values x[0], x[s], ..., as a pairwise tree: its adds are 3 deep, not
-// R - 1, so the loads of a run are not waiting on one chain of dependent adds (which bounded the
-// channels_last kernel from cache: 8 rows took 21 cycles a vector). Same error bound as any order.
-// (Written as a recursion on the halves, not with a local array: an array kept the loop around it
-// from vectorizing.)
+// The float32 sum of R <= kRun values x[0], x[s], ..., as a pairwise tree: its adds are at most 3
+// deep instead of a chain of R - 1 dependent adds (3 cycles each on Zen 3), and its error is at most
+// 3 * 2^-24 * sum|x|, inside the bound above. A/B in one process, [64, 256|512, 16|8, 16|8]
+// channels_last from cache: 2-4% faster than the chain. (A recursion on the halves, not a local
+// array: the array kept the loop around it from vectorizing, 10x slower.)
 template <int R, typename T>
 inline float tree_sum(const T* x, int64_t s) {
   if constexpr (R == 1) {
@@ -85,6 +84,7 @@ inline float tree_sum(const T* x, int64_t s) {
   }
 }
 
+// out[i] (= += or finished as M says) the float32 sum of R rows x[i], x[i + sP], ..., for i0 <= i < i1.
 template <int R, Rows M, typename T>
 inline void add_rows_span(double* __restrict out, const T* __restrict x, int64_t i0, int64_t i1, int64_t sP,
                           double inv_P) {

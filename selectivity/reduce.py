@@ -10,13 +10,18 @@ import torch
 import torch.distributed as dist
 
 
+def is_distributed(group=None) -> bool:
+    """True when a process group of more than one rank is initialized: only then is there anything to reduce."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def all_reduce_states(states: list[tuple[torch.Tensor, torch.Tensor]], group=None) -> None:
     """Replace every ``(sums, counts)`` in ``states`` by its sum over the ranks of ``group``.
 
     A no-op when torch.distributed is not initialized (single process) or the group has one rank.
     Every rank must pass states of the same shapes in the same order.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1 or not states:
+    if not is_distributed(group) or not states:
         return
     tensors = [t for pair in states for t in pair]
     device = tensors[0].device
