@@ -94,8 +94,8 @@ class LayerStates:
         """The states summed over DDP ranks (one all_reduce for all layers), for reading only.
 
         Under DDP a copy, so that every rank goes on accumulating its own share; in one process the
-        states themselves (a copy would be 121 MB for ResNet-50 at K = 1000, twice the time of the SI
-        read that follows it).
+        states themselves (a copy would read and write another 121 MB for ResNet-50 at K = 1000,
+        besides the SI read of the same 121 MB that follows).
         """
         if not is_distributed():
             return self.states

@@ -194,3 +194,14 @@ def test_tracker_state_is_o_k_times_u():
                    for n, (s, c) in states.states.items()}
             assert got == expected
     assert int(states.states["layer1.0"][1].sum()) == 41
+
+
+def test_reduced_reads_the_states_in_place_in_one_process():
+    """Without a process group the SI is read from the live states (no 121 MB copy per log step);
+    the DDP path, a reduced copy, is tested in test_ops_ddp.py and test_faults.py."""
+    from selectivity.tracker import LayerStates
+
+    states = LayerStates(3)
+    states.add("layer", torch.rand(4, 5, 2, 2), torch.tensor([0, 2, 2, 1]))
+    (sums, counts), = states.reduced().values()
+    assert sums is states.states["layer"][0] and counts is states.states["layer"][1]
