@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .callbacks import Callback
 from .config import ConfigError
+from .reduce import is_distributed
 from .tracker import EPS, UnitProbe
 
 WINDOW_KEYS = ("alpha", "start", "end")
@@ -174,10 +175,6 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def _distributed(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 def global_sums(states: list[tuple[torch.Tensor, torch.Tensor]], group=None):
     """Sum every layer's (sums, counts) over the DDP ranks in one differentiable collective.
 
@@ -194,7 +191,7 @@ def global_sums(states: list[tuple[torch.Tensor, torch.Tensor]], group=None):
     B × world < K). Counts are reduced too, so uneven per-rank batches are handled exactly.
     Identity in a single process.
     """
-    if not _distributed(group):
+    if not is_distributed(group):
         return states
     flat = torch.cat([t for s, c in states for t in (s.reshape(-1), c.to(s.dtype))])
     flat = _AllReduceSum.apply(flat, group)
