@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -106,7 +107,15 @@ def _coerce(key: str, value):
     if not ok:
         raise ConfigError(f"config key {key!r} expects {typ.__name__}, got "
                           f"{type(value).__name__} {value!r}")
-    return float(value) if typ is float else value
+    if typ is not float:
+        return value
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):  # YAML's .nan and .inf: no setting means either
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    return number
 
 
 def _check_key(key: str) -> None:

@@ -26,6 +26,9 @@ def test_defaults_and_overrides(tmp_path):
     ("model: resnet7\n", "unknown model 'resnet7'"),
     ("dataset: mnist\n", "unknown value 'mnist'"),
     ("batch_size: 0\n", "'batch_size' must be > 0"),
+    ("step_gamma: .nan\n", "config key 'step_gamma' must be a finite number, got nan"),
+    ("lr: .inf\n", "config key 'lr' must be a finite number, got inf"),
+    ("lr: 1" + "0" * 400 + "\n", "config key 'lr' must be a finite number, got 1000"),
     ("- 1\n", "must hold a mapping"),
 ])
 def test_bad_config_values(tmp_path, text, message):
