@@ -177,8 +177,8 @@ def test_accumulate_in_pieces_equals_one_call(backend, case, data):
 
 
 # The CPU kernel's paths by shape, at sizes the random cases above do not reach: rows of 256
-# units (prefetched), 2048 units (8 KB apart: not prefetched), few pixels (one pass, no phase 1),
-# many pixels (runs of 8 rows plus a remainder of 1-7), and their NCHW twins.
+# units (8 streams of 32 rows), 2048 units (8 KB rows), few pixels (one pass, no phase 1), many
+# pixels (8 streams plus a remainder of 1-7 rows), and their NCHW twins.
 NETWORK_SHAPES = [(6, 256, 16, 16), (2, 2048, 7, 7), (5, 2048, 2, 2), (4, 100, 3, 5), (3, 512, 9, 9)]
 
 
