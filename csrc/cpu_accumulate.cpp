@@ -111,7 +111,7 @@ inline void add_last_rows(int rows, double* out, const T* x, int64_t n, int64_t 
 // process on the 2-core Zen 3 VM, [64, 256, 16, 16] fp32, 1 and 2 threads (act.sum() = 1), flushed
 // from the caches: consecutive rows + prefetch of the next run 1.63-1.73, the same prefetch in
 // address order 1.29-1.33, streams 0.95-1.08; just read: 1.11-1.53, 0.97-1.16, 0.80-0.81.
-// The rows P - P % kRun.. left over form one last run of consecutive rows.
+// The last P % kRun rows, left over, form one last run of consecutive rows.
 template <typename T>
 SELECTIVITY_HOT void pixel_row_means(double* __restrict out, const T* __restrict x, int64_t n, int64_t P,
                                      int64_t sP) {
