@@ -87,7 +87,7 @@ setup(
     name="selectivity-tracking",
     version="0.1.0",
     description="Class selectivity of units in CNNs: tracking, regularization, ablation",
-    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*", "pipelines", "pipelines.*"]),
+    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*", "selectivity.data", "selectivity.data.*"]),
     python_requires=">=3.9",
     ext_modules=[extension()],
     cmdclass={"build_ext": build_ext_class()},

@@ -11,7 +11,7 @@ import sys
 
 
 def user_errors() -> tuple:
-    from pipelines.datasets import DataError
+    from selectivity.data.datasets import DataError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .models import ModelError

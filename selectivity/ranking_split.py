@@ -56,8 +56,8 @@ def ranking_loader(cfg, device, fraction: float = 0.2, seed: int = 0,
 
     These images were trained on; what matters is that accuracy is measured on other images (val).
     """
-    from pipelines.datasets import build_dataset
-    from pipelines.torch_loader import TorchLoader
+    from selectivity.data.datasets import build_dataset
+    from selectivity.data.torch_loader import TorchLoader
     ds = build_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
                        cfg.synthetic_size, cfg.seed)
     view = SubsetView(ds, stratified_subset(ds.labels, fraction, seed, max_images))

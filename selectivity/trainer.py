@@ -56,7 +56,7 @@ def set_determinism(cfg: Config) -> None:
 class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo, resume: bool = False,
                  callbacks: list[Callback] | None = None):
-        from pipelines import build_loader
+        from selectivity.data import build_loader
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         if cfg.threads:

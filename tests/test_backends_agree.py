@@ -11,7 +11,7 @@ Tolerances, in normalized units (1.0 = one standard deviation, ≈ 57 grey level
 import pytest
 import torch
 
-from pipelines import build_loader
+from selectivity.data import build_loader
 from selectivity.config import Config
 from test_ffcv import make_image_folder
 
@@ -59,7 +59,7 @@ def test_validation_images_agree_across_backends(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_backend_is_one_line_error():
-    from pipelines.datasets import DataError
+    from selectivity.data.datasets import DataError
     cfg = Config()
     cfg.data_backend = "tf.data"
     with pytest.raises(DataError, match="unknown data_backend"):

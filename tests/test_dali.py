@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from pipelines import build_loader
-from pipelines.dali import DALILoader
+from selectivity.data import build_loader
+from selectivity.data.dali import DALILoader
 from selectivity.config import Config
 
 CPU = torch.device("cpu")

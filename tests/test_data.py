@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.contract import shard_indices
-from pipelines.datasets import DataError, ImageFolderDataset, build_dataset, cifar10
-from pipelines.torch_loader import TorchLoader
+from selectivity.data.contract import shard_indices
+from selectivity.data.datasets import DataError, ImageFolderDataset, build_dataset, cifar10
+from selectivity.data.torch_loader import TorchLoader
 
 
 def test_digits_fixed_stratified_split():

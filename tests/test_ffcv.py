@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from pipelines import build_loader
-from pipelines.datasets import ArrayDataset, DataError, build_dataset
+from selectivity.data import build_loader
+from selectivity.data.datasets import ArrayDataset, DataError, build_dataset
 from selectivity.config import Config
 
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ def add_bad_images(root):
 
 def beton_count_and_labels(path):
     from ffcv.reader import Reader
-    from pipelines.ffcv_write import _column
+    from selectivity.data.ffcv_write import _column
     r = Reader(path)
     return int(r.num_samples), np.asarray(_column(r, "label"))
 
@@ -110,7 +110,7 @@ class _FailsInWorkers(ArrayDataset):
 @pytest.mark.timeout(60)
 def test_failing_writer_worker_never_hangs(tmp_path):
     """FFCV's own writer waits forever for a worker that raised; ours reports it and cleans up."""
-    from pipelines.ffcv_write import write_beton
+    from selectivity.data.ffcv_write import write_beton
     rng = np.random.default_rng(0)
     ds = _FailsInWorkers(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), np.arange(40) % 4,
                          ["a", "b", "c", "d"], source="fails")
@@ -230,8 +230,8 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
 def test_ffcv_crop_flip_augment_is_a_padded_shift(tmp_path):
     """augment crop_flip = the torch backend's: each image shifted by at most 2 px (size // 8),
     zero-filled, and mirrored half of the time."""
-    from pipelines.ffcv import FFCVLoader
-    from pipelines.ffcv_write import write_beton
+    from selectivity.data.ffcv import FFCVLoader
+    from selectivity.data.ffcv_write import write_beton
     rng = np.random.default_rng(1)
     imgs = rng.integers(1, 256, (64, 16, 16, 3), dtype=np.uint8)  # no zeros: fill is visible
     ds = ArrayDataset(imgs, np.arange(64) % 4, list("abcd"), source="shift")

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipelines.datasets import DataError, ImageFolderDataset
+from selectivity.data.datasets import DataError, ImageFolderDataset
 from selectivity.config import FIELDS, ConfigError, from_dict
 
 values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),

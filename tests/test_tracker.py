@@ -126,8 +126,8 @@ def demo_run(tmp_path_factory):
 def test_tracker_equals_independent_recomputation(demo_run):
     """Per-unit SI in selectivity/epoch_2.pt == SI recomputed from stored activations of the
     epoch-2 checkpoint on the same val data (numpy, class means, no selectivity.ops)."""
-    from pipelines.datasets import build_dataset
-    from pipelines.torch_loader import TorchLoader
+    from selectivity.data.datasets import build_dataset
+    from selectivity.data.torch_loader import TorchLoader
     from selectivity.models import residual_blocks
     from selectivity.runs import load_model, run_config
 

@@ -131,7 +131,7 @@ class _Reiterable:
 
 
 def build_data(cfg, args, device):
-    from pipelines import build_loader
+    from selectivity.data import build_loader
     ecfg = dataclasses.replace(cfg, eval_batch_size=args.batch_size)
     val = build_loader(ecfg, "val", device)
     rank = ranking_loader(ecfg, device, args.rank_fraction, args.seed, args.rank_max_images,

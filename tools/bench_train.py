@@ -120,7 +120,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     cfg = load_config(args.config, {"tensorboard": False})
-    from pipelines import build_loader
+    from selectivity.data import build_loader
     loader = build_loader(cfg, "train", torch.device("cpu"))
     names = ["bare", "bare_nchw"] + list(variants(cfg))
     results = {n: [] for n in names}

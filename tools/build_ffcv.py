@@ -49,8 +49,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from pipelines.datasets import DataError, build_dataset
-    from pipelines.ffcv_write import write_beton
+    from selectivity.data.datasets import DataError, build_dataset
+    from selectivity.data.ffcv_write import write_beton
 
     a = parse_args(argv)
     if a.workers < 1:

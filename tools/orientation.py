@@ -361,7 +361,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from pipelines import build_loader
+    from selectivity.data import build_loader
 
     args = parse_args(argv)
     overrides = {"workers": 0}

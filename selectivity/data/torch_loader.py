@@ -1,4 +1,4 @@
-"""The plain PyTorch backend: a DataLoader over any dataset of pipelines/datasets.py."""
+"""The plain PyTorch backend: a DataLoader over any dataset of selectivity/data/datasets.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +44,7 @@ class _Augmented(Dataset):
 
 
 class TorchLoader:
-    """Loader contract (pipelines/contract.py) over a torch DataLoader."""
+    """Loader contract (selectivity/data/contract.py) over a torch DataLoader."""
 
     def __init__(self, dataset, *, batch_size: int, train: bool, augment: str, image_size: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, seed: int = 0,

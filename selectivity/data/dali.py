@@ -52,7 +52,7 @@ def _round_half_even(x):
 
 
 def center_crop_resize(images, encoded, size: int, crop_fraction: float):
-    """pipelines.transforms.val_transform per sample, as DALI nodes (see the module docstring)."""
+    """selectivity.data.transforms.val_transform per sample, as DALI nodes (see the module docstring)."""
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
     shape = fn.peek_image_shape(encoded)  # H, W, C of each encoded image, on the CPU
@@ -125,7 +125,7 @@ class _Files:
 
 
 class DALILoader:
-    """Loader contract (pipelines/contract.py) over a DALI pipeline and DALIGenericIterator."""
+    """Loader contract (selectivity/data/contract.py) over a DALI pipeline and DALIGenericIterator."""
 
     def __init__(self, files, labels, *, classes, mean, std, batch_size: int, train: bool,
                  augment: str, image_size: int, device: torch.device, rank: int = 0,

@@ -35,7 +35,7 @@ def _decoders():
     from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 
     class TorchCenterCropDecoder(ResizedCropRGBImageDecoder):
-        """pipelines.transforms.val_transform in FFCV: an image already size×size passes through
+        """selectivity.data.transforms.val_transform in FFCV: an image already size×size passes through
         unchanged; any other is centre-cropped to round(crop_fraction × shorter side) (ties to
         even, like Python's round) and resized to size×size (OpenCV INTER_AREA; torch: PIL
         bilinear with antialiasing — the one difference, within a grey level or two)."""
@@ -143,7 +143,7 @@ class _BetonInfo:
 
 
 class FFCVLoader:
-    """Loader contract (pipelines/contract.py) over an FFCV Loader reading one .beton."""
+    """Loader contract (selectivity/data/contract.py) over an FFCV Loader reading one .beton."""
 
     def __init__(self, path: str, *, classes, mean, std, batch_size: int, train: bool,
                  augment: str, image_size: int, device: torch.device, rank: int = 0,

@@ -204,7 +204,7 @@ def _max_image_bytes(dataset, good, sizes, max_resolution) -> int:
 def write_beton(dataset, path: str, *, mode: str = "smart", max_resolution: int | None = None,
                 jpeg_quality: int = 90, smart_threshold: int | None = None, workers: int = 2,
                 strict: bool = False, progress: bool = True, chunk_size: int = 100) -> dict:
-    """Write ``dataset`` (pipelines.datasets) to ``path``; returns a summary dict.
+    """Write ``dataset`` (selectivity.data.datasets) to ``path``; returns a summary dict.
 
     ``mode``: ``jpg`` (JPEG at ``jpeg_quality``), ``raw`` (pixels, lossless) or ``smart`` (raw,
     except images of more than ``smart_threshold`` bytes raw — default 3·64·64 — are JPEG).
