@@ -10,13 +10,17 @@ from __future__ import annotations
 import sys
 
 
+class UnitsError(ValueError):
+    """Units that resolve to no layer, or a module name the model does not have."""
+
+
 def user_errors() -> tuple:
     from selectivity.data.datasets import DataError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .models import ModelError
     from .trainer import TrainingError
-    return DataError, ConfigError, ModelError, CheckpointError, TrainingError
+    return DataError, ConfigError, ModelError, CheckpointError, TrainingError, UnitsError
 
 
 def run_cli(main, argv=None) -> None:
