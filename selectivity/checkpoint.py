@@ -54,6 +54,13 @@ def atomic_write_text(path: str, text: str) -> None:
         raise _write_error(path, e) from None
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    try:
+        _atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
 def atomic_torch_save(path: str, obj) -> None:
     try:
         _atomic_write(path, lambda f: torch.save(obj, f))

@@ -24,6 +24,19 @@ class DistInfo:
         return self.world_size > 1
 
 
+def choose_device(pref: str = "auto") -> torch.device:
+    """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``; cuda without a GPU is an error."""
+    from .errors import UnitsError  # noqa: F401  (errors is the bottom layer)
+    from .config import ConfigError
+    if pref not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {pref!r}")
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(pref)
+
+
 def setup(device_pref: str = "auto") -> DistInfo:
     """Read torchrun's environment, pick the device and init the process group when world > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
