@@ -26,7 +26,6 @@ class DistInfo:
 
 def choose_device(pref: str = "auto") -> torch.device:
     """``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``; cuda without a GPU is an error."""
-    from .errors import UnitsError  # noqa: F401  (errors is the bottom layer)
     from .config import ConfigError
     if pref not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {pref!r}")
