@@ -18,10 +18,7 @@ import numpy as np
 import torch
 
 from . import faults
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a file write failed; the message says which file and why."""
+from .errors import CheckpointError, WriteError  # noqa: F401  (importable from here too)
 
 
 def _atomic_write(path: str, write_fn) -> None:

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names it and the fix."""
+from .errors import ConfigError  # noqa: F401  (importable from here too)
 
 
 @dataclass

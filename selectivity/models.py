@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .errors import ModelError  # noqa: F401  (importable from here too)
+
 CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 MODELS = tuple(CIFAR_DEPTHS) + tuple(TORCHVISION)
@@ -73,10 +75,6 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class ModelError(ValueError):
-    """Unknown model or bad model option; the message lists the valid choices."""
 
 
 def build_model(name: str, num_classes: int, small_stem: bool = False) -> nn.Module:

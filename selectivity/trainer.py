@@ -21,12 +21,9 @@ from .checkpoint import (load_last_good, remove_stale_temp_files, rng_state, sav
                          set_rng_state)
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum
+from .errors import TrainingError  # noqa: F401  (importable from here too)
 from .models import build_model
 from .runlog import RunLog, run_paths
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, existing run dir, …); the message says why."""
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:

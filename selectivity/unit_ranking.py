@@ -24,12 +24,9 @@ import torch
 from torch import nn
 
 from . import ops
+from .errors import AblationError  # noqa: F401  (importable from here too)
 from .models import residual_blocks
 from .tracker import EPS, LayerStates
-
-
-class AblationError(ValueError):
-    """A bad ablation request (unknown layer, k out of range, bad mode); the message says which."""
 
 
 # ---------------------------------------------------------------------------- layers

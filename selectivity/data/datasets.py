@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..errors import DataError  # noqa: F401  (importable from here too)
+
 # Per-channel statistics, in [0, 1] units.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 DATASETS = ("digits", "synthetic", "imagefolder", "cifar10")
 SPLITS = ("train", "val")
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the problem and the fix."""
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
