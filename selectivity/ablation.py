@@ -46,6 +46,7 @@ from torch import nn
 
 from .models import stage_of
 from .unit_ranking import AblationError, UnitRanking, resolve_layers
+from .units import UnitHooks
 
 CONDITIONS = ("selective", "random", "least")
 MODES = ("zero", "mean")
@@ -221,10 +222,7 @@ class AblationHooks:
         self.layers = OrderedDict(layers)
         self.groups, self.expand, self.expanded = 1, False, False
         self._masks: dict = {}
-        root = getattr(model, "module", model)
-        self.handles = [root.register_forward_pre_hook(self._reset)]
-        for name, module in self.layers.items():
-            self.handles.append(module.register_forward_hook(self._post(name)))
+        self.hooks = UnitHooks(model, self.layers, self._mask, on_forward=self._reset)
 
     def set(self, ablated: Mapping[str, torch.Tensor],
             fill: Mapping[str, torch.Tensor] | None = None, expand: bool = False) -> None:
@@ -247,40 +245,37 @@ class AblationHooks:
     def clear(self) -> None:
         self._masks, self.groups, self.expand = {}, 1, False
 
-    def _reset(self, module, args):
+    def _reset(self):
         self.expanded = False
 
-    def _post(self, name):
-        def hook(module, args, out):
-            m = self._masks.get(name)
-            if m is None:
-                return None
-            keep, fill = m
-            G, U = keep.shape
-            if self.expand and not self.expanded:
-                # The first masked layer's output is still the same for every group: repeat it
-                # here, so this layer and all before it run once (cat keeps channels_last).
-                self.expanded = True
-                out = torch.cat([out] * G)
-            if out.dim() < 2 or out.shape[1] != U or out.shape[0] % G:
-                raise AblationError(f"layer {name}: output {list(out.shape)} does not fit a "
-                                    f"[{G}, {U}] mask (batch must be G·B, dim 1 the units)")
-            if keep.device != out.device or keep.dtype != out.dtype:
-                keep = keep.to(out.device, out.dtype)
-                fill = None if fill is None else fill.to(out.device, out.dtype)
-                self._masks[name] = (keep, fill)
-            B, tail = out.shape[0] // G, (1,) * (out.dim() - 2)
-            o = out.view(G, B, *out.shape[1:])
-            res = o * keep.view(G, 1, U, *tail)
-            if fill is not None:
-                res = res + fill.view(G, 1, U, *tail)
-            return res.reshape(out.shape)
-        return hook
+    def _mask(self, layer, out):
+        name = layer.split("#")[0]  # a module called several times is masked at every call
+        m = self._masks.get(name)
+        if m is None:
+            return None
+        keep, fill = m
+        G, U = keep.shape
+        if self.expand and not self.expanded:
+            # The first masked layer's output is still the same for every group: repeat it
+            # here, so this layer and all before it run once (cat keeps channels_last).
+            self.expanded = True
+            out = torch.cat([out] * G)
+        if out.dim() < 2 or out.shape[1] != U or out.shape[0] % G:
+            raise AblationError(f"layer {name}: output {list(out.shape)} does not fit a "
+                                f"[{G}, {U}] mask (batch must be G·B, dim 1 the units)")
+        if keep.device != out.device or keep.dtype != out.dtype:
+            keep = keep.to(out.device, out.dtype)
+            fill = None if fill is None else fill.to(out.device, out.dtype)
+            self._masks[name] = (keep, fill)
+        B, tail = out.shape[0] // G, (1,) * (out.dim() - 2)
+        o = out.view(G, B, *out.shape[1:])
+        res = o * keep.view(G, 1, U, *tail)
+        if fill is not None:
+            res = res + fill.view(G, 1, U, *tail)
+        return res.reshape(out.shape)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        self.hooks.remove()
 
     def __enter__(self):
         return self

@@ -64,6 +64,10 @@ class Config:
     # selectivity tracking (selectivity/tracker.py)
     track: bool = True                # per-class unit statistics every step and at every eval
     track_units: str = "blocks"       # blocks | relu | bn
+    null_permutations: int = 10       # label permutations of the val null, accumulated in the same pass
+    bn_mode: str = "recalibrate"      # recalibrate | running | batch: BatchNorm statistics at every measurement
+    bn_images: int = 1024             # training images (fixed, seeded) the statistics are recomputed on
+    eval_running_bn: bool = True      # recalibrate: also report acc1/loss with the running statistics
     # regularizer (selectivity/regularizer.py): loss = CE − α · minibatch SI, α by epoch window,
     # e.g. [{alpha: -1.0, start: 0, end: 5}] (start inclusive, end exclusive/absent = forever)
     selectivity_reg: list = field(default_factory=list)
@@ -81,16 +85,17 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "dataset": ("digits", "synthetic", "imagefolder", "cifar10"),
+    "dataset": ("digits", "digits_hard", "synthetic", "imagefolder", "cifar10"),
     "data_backend": ("torch", "ffcv", "dali"),
     "augment": ("none", "crop", "crop_flip", "rrc_flip"),
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
     "track_units": ("blocks", "relu", "bn"),
+    "bn_mode": ("recalibrate", "running", "batch"),
     "ffcv_order": ("random", "quasi_random"),
 }
 POSITIVE = ("batch_size", "eval_batch_size", "image_size", "epochs", "eval_every_epochs",
-            "log_every_steps", "save_every_epochs", "synthetic_classes")
+            "log_every_steps", "save_every_epochs", "synthetic_classes", "bn_images")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 

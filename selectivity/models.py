@@ -91,14 +91,9 @@ def build_model(name: str, num_classes: int, small_stem: bool = False) -> nn.Mod
 
 
 def residual_blocks(model: nn.Module) -> "OrderedDict[str, nn.Module]":
-    """Every residual block (``layerS.B``) of a ResNet, in forward order."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    blocks = OrderedDict()
-    for name, m in model.named_modules():
-        if isinstance(m, (BasicBlock, torchvision.models.resnet.BasicBlock,
-                          torchvision.models.resnet.Bottleneck)):
-            blocks[name] = m
-    return blocks
+    """Every residual block (``layerS.B``) of a ResNet, in forward order (the ``blocks`` preset)."""
+    from .units import resolve_units
+    return resolve_units(model, "blocks")
 
 
 def block_units(block: nn.Module) -> int:

@@ -7,7 +7,7 @@ class **means** (paper 1's code uses class sums, which biases μ_max toward the 
 in the batch):
 
 - a unit's activation for an image is the spatial mean of its channel (the units are the residual
-  block outputs after their final ReLU, hooked with ``tracker.UnitProbe``);
+  block outputs after their final ReLU, seen through ``units.UnitHooks``);
 - class sums via a one-hot matmul, ``S = Yᵀ A`` ([K, U]), counts ``n = Yᵀ 1``; class means over
   the classes **present** in the batch (absent classes are excluded everywhere);
 - μ_max = the largest class mean, μ_-max = the mean of the other present classes' means
@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .callbacks import Callback
 from .config import ConfigError
 from .reduce import is_distributed
-from .tracker import EPS, UnitProbe
+from .tracker import EPS
+from .units import unit_means, UnitHooks
 
 WINDOW_KEYS = ("alpha", "start", "end")
 
@@ -114,17 +114,6 @@ def alpha_at(windows: list[Window], epoch: float) -> float:
 
 
 # ----- the differentiable minibatch SI ----------------------------------------------------------
-
-
-def unit_means(act: torch.Tensor) -> torch.Tensor:
-    """[B, U, H, W] (any layout) or [B, U] → per-image unit activations [B, U], at least float32."""
-    dtype = torch.promote_types(act.dtype, torch.float32)
-    if act.dim() == 4:
-        return act.mean((2, 3), dtype=dtype)  # no full-size float32 copy of a bf16/fp16 map
-    if act.dim() == 2:
-        return act.to(dtype)
-    raise ValueError(f"a unit activation must be [B, U, H, W] or [B, U], got shape "
-                     f"{list(act.shape)}")
 
 
 def class_sums(means: torch.Tensor, labels: torch.Tensor, num_classes: int):
@@ -225,89 +214,60 @@ def reduce_states(states, eps: float = EPS, group=None) -> tuple[torch.Tensor, t
     return per_layer.mean(), per_layer
 
 
-# ----- the trainer callback ---------------------------------------------------------------------
+# ----- the library face: a term for the user's own loss ---------------------------------------
 
 
-class SelectivityRegularizer(Callback):
-    """Adds ``-α · SI_reg`` to the training loss; α from epoch windows.
+class SelectivityRegularizer:
+    """The minibatch ``SI_reg`` of ``units`` of ``model``, for a loss of the user's own::
 
-    Logs ``alpha`` (of the last step) and ``si_reg`` (mean minibatch SI_reg over the regularized
-    steps since the last log; absent when none was) into the train records and TensorBoard.
+        reg = SelectivityRegularizer(model, num_classes=10)
+        logits = model(images)                     # the hooks keep each layer's [B, U] means
+        loss = F.cross_entropy(logits, labels) - alpha * reg.term(labels)
+
+    ``term(labels)`` reduces the layers of the forward pass that just ran (differentiable; under
+    DDP the class statistics are summed over ranks, see ``global_sums``); ``last_layers`` holds
+    its per-layer values. Set ``enabled = False`` (or α = 0 in the trainer) and the hooks do
+    nothing at all.
     """
 
-    def __init__(self, windows: list[Window], units: str = "blocks", eps: float = EPS):
-        self.windows, self.units, self.eps = windows, units, eps
-        self.alpha = 0.0
+    def __init__(self, model, num_classes: int, units="blocks", eps: float = EPS, group=None):
+        self.num_classes, self.eps, self.group = num_classes, eps, group
         self._acts: list[torch.Tensor] = []
-        self._si_sum, self._si_n = None, 0
+        self.last_layers: torch.Tensor | None = None
+        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._acts.clear)
 
-    def setup(self, trainer) -> None:
-        self.trainer = trainer
-        self.probe = UnitProbe(trainer.model, self.units, self._sink)
-        self.num_classes = trainer.num_classes
-        self._si_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    @property
+    def enabled(self) -> bool:
+        return self.hooks.enabled
 
-    def _sink(self, name, output) -> None:
-        # Reduce each block output to its [B, U] unit means at once (float32, autocast off).
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.hooks.enabled = value
+        if not value:
+            self._acts = []
+
+    def _on_output(self, name, output):
+        # Reduce each layer output to its [B, U] unit means at once (float32, autocast off).
         with torch.autocast(output.device.type, enabled=False):
             self._acts.append(unit_means(output))
+        return None
 
-    def epoch_position(self, trainer) -> float:
-        return trainer.epoch + trainer.batch_in_epoch / trainer.steps_per_epoch
+    def term(self, labels: torch.Tensor) -> torch.Tensor:
+        """SI_reg of the last forward pass (mean over layers of the mean minibatch SI)."""
+        if not self._acts:
+            raise RuntimeError("term(): no regularized layer ran since the last term(); run the "
+                               "model's forward first (with the regularizer enabled)")
+        acts, self._acts = self._acts, []
+        with torch.autocast(labels.device.type, enabled=False):
+            states = [class_sums(a, labels, self.num_classes) for a in acts]
+            si_reg, self.last_layers = reduce_states(states, self.eps, self.group)
+        return si_reg
 
-    def before_batch(self, trainer, images, labels, train: bool) -> None:
-        self._acts = []
-        if train:
-            self.alpha = alpha_at(self.windows, self.epoch_position(trainer))
-            if trainer.batch_in_epoch == 0:  # log intervals restart with the epoch, as the loop's
-                self._si_sum.zero_()
-                self._si_n = 0
-        self.probe.enabled = train and self.alpha != 0.0
-
-    def loss_terms(self, trainer, images, labels, logits) -> dict:
-        if not self.probe.enabled:
-            return {}
-        si_reg, _ = selectivity_reg(self._acts, labels, self.num_classes, self.eps)
-        self._acts = []
-        self._si_sum += si_reg.detach().to(torch.float64)
-        self._si_n += 1
-        return {"selectivity_reg": -self.alpha * si_reg}
-
-    def after_batch(self, trainer) -> None:
-        self.probe.enabled = False
-        self._acts = []
-
-    def train_log(self, trainer) -> dict:
-        out = {"alpha": self.alpha}
-        if self._si_n:
-            out["si_reg"] = self._si_sum.item() / self._si_n
-        self._si_sum.zero_()
-        self._si_n = 0
-        return out
-
-    def state_dict(self) -> dict:
-        # α needs no state (a function of epoch and step, which the trainer restores). The si_reg
-        # average of a log interval cut by a mid-epoch checkpoint does, so that a resumed run logs
-        # what an uninterrupted one does; a checkpoint at a log step is written before that step's
-        # log, which will consume the interval, so it holds an empty one.
-        t = self.trainer
-        if t.step % t.cfg.log_every_steps == 0:
-            return {"si_sum": 0.0, "si_n": 0}
-        return {"si_sum": float(self._si_sum), "si_n": self._si_n}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._si_sum.fill_(state.get("si_sum", 0.0))
-        self._si_n = state.get("si_n", 0)
+    def remove(self) -> None:
+        self.hooks.remove()
 
 
-def regularizer_callbacks(cfg, alpha: float | None = None) -> list:
-    """The regularizer callback for ``cfg.selectivity_reg`` (validated here: ConfigError).
-
-    ``alpha`` given: a constant α from epoch 0 on, overriding the windows (benchmarks). No
-    windows (the default) → no callback at all.
-    """
-    windows = [Window(float(alpha))] if alpha is not None else \
-        parse_windows(cfg.selectivity_reg)
-    if not windows:
-        return []
-    return [SelectivityRegularizer(windows)]
+def regularizer_windows(cfg, alpha: float | None = None) -> list[Window]:
+    """The α windows of ``cfg.selectivity_reg`` (validated: ConfigError); ``alpha`` given: a
+    constant α from epoch 0 on instead (benchmarks)."""
+    return [Window(float(alpha))] if alpha is not None else parse_windows(cfg.selectivity_reg)

@@ -1,81 +1,93 @@
-"""Selectivity tracking during training (paper 1's measurement, made continuous).
+"""``SelectivityTracker``: the class selectivity of every unit, over any data, in any loop.
 
-``UnitProbe`` hooks the chosen units of a model and hands every output to a sink. ``Tracker``
-(a trainer callback) uses it to keep, per layer, the fused per-class sums of selectivity/ops.py:
+Life cycle as in torchmetrics::
 
-- every training step: a running train-set state over the current epoch (labels as seen), whose SI
-  is reported every ``log_every_steps`` — selectivity tracked at every step;
-- at every evaluation: one pass over the validation split accumulating the real labels AND a
-  label-shuffled null in the same pass, so the noise floor is always beside the real value.
+    tracker = SelectivityTracker(model, num_classes=10, units="blocks")
+    for images, labels in loader:
+        with tracker.track(labels):          # the fused per-class accumulation of every layer
+            model(images)
+    result = tracker.compute()              # {layer: LayerSelectivity}
+    tracker.reset()
 
-The null gives image i the label of image π(i), for one fixed permutation π of the whole
-validation set (seeded by the run's seed), so class counts are exactly the real ones and the null
-is the same at every evaluation. The loader tells which dataset images each batch holds
-(``loader.indices()``), which makes π global across batches and DDP ranks.
+or ``model(images); tracker.update(labels)`` for the forward that just ran (the hooks keep each
+layer's per-image unit means of the last forward until then).
 
-Which units: ``blocks`` (default; every residual block's output after its final ReLU), ``relu``
-(every ReLU output; a ReLU module called several times per forward, as in torchvision blocks, gives
-one layer per call: ``layer1.0.relu#1``), ``bn`` (every BatchNorm output; these are not
-non-negative, so their SI is outside [0, 1] — use with care).
+Per layer the state is the fused per-class sums and counts of selectivity/ops.py; ``compute()``
+gives per-unit SI from class **means**, the preferred class, μ_max, μ_-max and the counts. Under
+DDP each rank accumulates its own images and ``compute()`` sums the states over ranks (one
+all_reduce; the local states are left as they are).
+
+The null. SI is not 0 for a unit with no class preference (about 0.04 at CIFAR-test size, 0.27 at
+ImageNet-val size), so a finding needs its null beside it. Given ``dataset_labels`` (the labels
+of the whole split, by dataset index) and ``null_permutations = P``, the tracker fixes P seeded
+permutations π_p of the split and gives image i the null label ``dataset_labels[π_p(i)]``; the
+caller passes each batch's dataset ``indices``. Class counts are then exactly the real ones, every
+DDP rank and every evaluation uses the same null, and the null is accumulated in the same pass.
+``compute()`` adds per unit the P null SIs; ``LayerSelectivity`` summarizes them (mean, 95 %
+quantile, and the fraction of units whose SI exceeds their own null 95 % quantile).
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from . import ops
-from .callbacks import Callback
-from .models import residual_blocks, stage_of
 from .reduce import all_reduce_states, is_distributed
+from .units import UnitHooks, unwrap
 
-UNIT_KINDS = ("blocks", "relu", "bn")
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
+NULL_QUANTILE = 0.95
 
 
-def unit_modules(model: nn.Module, units: str = "blocks") -> "OrderedDict[str, nn.Module]":
-    """name → module whose forward output holds the units, in forward-definition order."""
-    model = getattr(model, "module", model)
-    if units == "blocks":
-        return residual_blocks(model)
-    kind = {"relu": nn.ReLU, "bn": nn.modules.batchnorm._BatchNorm}.get(units)
-    if kind is None:
-        raise ValueError(f"unknown units {units!r}; choose one of {', '.join(UNIT_KINDS)}")
-    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, kind))
+@dataclasses.dataclass
+class LayerSelectivity:
+    """One layer's units over the data seen (float64 / int64 tensors on the CPU)."""
+    si: torch.Tensor            # [U]
+    pref_class: torch.Tensor    # [U], -1 where no class was seen
+    mu_max: torch.Tensor        # [U]
+    mu_rest: torch.Tensor       # [U] mean of the other present classes' means
+    sums: torch.Tensor          # [K, U] per-class sums of the per-image unit means
+    counts: torch.Tensor        # [K] images per class
+    null_si: torch.Tensor | None = None  # [P, U]: SI under each label permutation
+
+    @property
+    def mean(self) -> float:
+        return float(self.si.mean()) if self.si.numel() else float("nan")
+
+    @property
+    def null_means(self) -> torch.Tensor | None:
+        """[P]: the layer's mean SI under each permutation."""
+        return None if self.null_si is None else self.null_si.mean(1)
+
+    @property
+    def null_mean(self) -> float | None:
+        return None if self.null_si is None else float(self.null_means.mean())
+
+    @property
+    def null_q95(self) -> float | None:
+        """The 95 % quantile of the layer's mean SI over the permutations."""
+        return None if self.null_si is None else float(
+            torch.quantile(self.null_means, NULL_QUANTILE))
+
+    @property
+    def unit_null_q95(self) -> torch.Tensor | None:
+        """[U]: each unit's 95 % quantile of SI over the permutations."""
+        return None if self.null_si is None else torch.quantile(self.null_si, NULL_QUANTILE, 0)
+
+    @property
+    def frac_above_null(self) -> float | None:
+        """Fraction of units whose SI exceeds their own null 95 % quantile."""
+        q = self.unit_null_q95
+        return None if q is None else float((self.si > q).double().mean())
 
 
-class UnitProbe:
-    """Forward hooks on the unit modules; calls ``sink(layer_name, output)`` while enabled.
-
-    A module called k times in one forward yields layers ``name``, ``name#1``, … ``name#k-1``.
-    """
-
-    def __init__(self, model: nn.Module, units: str, sink):
-        self.sink, self.enabled = sink, False
-        self._calls: dict[str, int] = {}
-        root = getattr(model, "module", model)
-        self.handles = [root.register_forward_pre_hook(lambda m, a: self._calls.clear())]
-        for name, module in unit_modules(model, units).items():
-            self.handles.append(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            if not self.enabled:
-                return
-            k = self._calls.get(name, 0)
-            self._calls[name] = k + 1
-            self.sink(name if k == 0 else f"{name}#{k}", output)
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-class LayerStates:
+class _LayerStates:
     """Per-layer (sums, counts), created on a layer's first batch (its unit count known then)."""
 
     def __init__(self, num_classes: int):
@@ -91,12 +103,9 @@ class LayerStates:
         self.states.clear()
 
     def reduced(self) -> "OrderedDict[str, tuple]":
-        """The states summed over DDP ranks (one all_reduce for all layers), for reading only.
-
-        Under DDP a copy, so that every rank goes on accumulating its own share; in one process the
-        states themselves (a copy would read and write another 121 MB for ResNet-50 at K = 1000,
-        besides the SI read of the same 121 MB that follows).
-        """
+        """The states summed over DDP ranks, for reading only: under DDP a copy, so that every
+        rank goes on accumulating its own share; in one process the states themselves (a copy
+        would cost another full read and write of them before the SI read)."""
         if not is_distributed():
             return self.states
         copy = OrderedDict((n, (s.clone(), c.clone())) for n, (s, c) in self.states.items())
@@ -104,131 +113,166 @@ class LayerStates:
         return copy
 
 
-def si_of(states: "OrderedDict[str, tuple]") -> "OrderedDict[str, ops.SIResult]":
-    return OrderedDict((n, ops.selectivity_index(s, c, EPS)) for n, (s, c) in states.items())
+def null_label_table(dataset_labels, permutations: int, seed: int) -> torch.Tensor:
+    """[P, N] int64: row p is the labels permuted by the p-th fixed permutation of (seed, p)."""
+    labels = np.asarray(dataset_labels, dtype=np.int64)
+    rows = [labels[np.random.default_rng((seed, 7919, p)).permutation(len(labels))]
+            for p in range(permutations)]
+    return torch.as_tensor(np.stack(rows) if rows else np.zeros((0, len(labels)), np.int64))
 
 
-def summarize(results: "OrderedDict[str, ops.SIResult]") -> tuple[dict, float]:
-    """(layer → mean SI over its units, mean over layers with each layer weighted equally)."""
-    per_layer = {n: float(r.si.mean()) for n, r in results.items()}
-    return per_layer, (float(np.mean(list(per_layer.values()))) if per_layer else float("nan"))
+class SelectivityTracker:
+    """Per-unit class selectivity of ``units`` of ``model`` over the batches it is shown.
 
+    ``num_classes``: K. ``units``: see selectivity/units.py (default ``"blocks"``).
+    ``dataset_labels`` + ``null_permutations``: the label-shuffled null (module doc); then every
+    ``track``/``update`` needs the batch's dataset ``indices``. ``seed`` fixes the permutations.
+    """
 
-class Tracker(Callback):
-    """Trainer callback; see the module docstring. ``cfg``: track_units, seed."""
+    def __init__(self, model: nn.Module, num_classes: int, units="blocks", *,
+                 dataset_labels: Sequence[int] | None = None, null_permutations: int = 0,
+                 seed: int = 0, eps: float = EPS):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if null_permutations < 0:
+            raise ValueError(f"null_permutations must be >= 0, got {null_permutations}")
+        if null_permutations and dataset_labels is None:
+            raise ValueError("a null needs dataset_labels (the split's labels by dataset index)")
+        self.num_classes, self.eps = num_classes, eps
+        self.model = unwrap(model)
+        self.states = _LayerStates(num_classes)
+        self.null_states = [_LayerStates(num_classes) for _ in range(null_permutations)]
+        self._null_table = null_label_table(dataset_labels, null_permutations, seed) \
+            if null_permutations else None
+        self._labels, self._null_labels = None, None
+        self._pending: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._pending.clear)
 
-    def __init__(self, units: str = "blocks", seed: int = 0):
-        if units not in UNIT_KINDS:
-            raise ValueError(f"unknown track_units {units!r}; choose one of {', '.join(UNIT_KINDS)}")
-        self.units, self.seed = units, seed
-        self.mode, self.labels, self.null_labels = None, None, None
+    @property
+    def layers(self) -> "OrderedDict[str, nn.Module]":
+        return self.hooks.layers
 
-    # -- wiring --------------------------------------------------------------------------------
-    def setup(self, trainer) -> None:
-        self.trainer = trainer
-        self.train_states = LayerStates(trainer.num_classes)
-        self.val_states = LayerStates(trainer.num_classes)
-        self.null_states = LayerStates(trainer.num_classes)
-        self.probe = UnitProbe(trainer.model, self.units, self._sink)
-        self.train_epoch = None
-        val = trainer.val_loader
-        labels = np.asarray(val.labels)
-        perm = np.random.default_rng((self.seed, 7919)).permutation(len(labels))
-        self._null_by_index = torch.as_tensor(labels[perm], dtype=torch.int64)
+    @property
+    def enabled(self) -> bool:
+        return self.hooks.enabled
 
-    def _sink(self, name, output) -> None:
-        if self.mode == "train":
-            self.train_states.add(name, output, self.labels)
-        elif self.mode == "val":
-            self.val_states.add(name, output, self.labels)
-            self.null_states.add(name, output, self.null_labels)
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.hooks.enabled = value
 
-    # -- training ------------------------------------------------------------------------------
-    def before_batch(self, trainer, images, labels, train: bool) -> None:
-        if train:
-            if self.train_epoch != trainer.epoch:  # running train SI covers the current epoch
-                self.train_states.reset()
-                self.train_epoch = trainer.epoch
-            self.mode, self.labels = "train", labels
-        else:
-            self.mode, self.labels = "val", labels
-            n = labels.shape[0]
-            idx = self._val_indices[self._val_pos:self._val_pos + n]
-            self._val_pos += n
-            self.null_labels = self._null_by_index[idx].to(labels.device, non_blocking=True)
-        self.probe.enabled = True
+    # -- accumulation ----------------------------------------------------------------------------
+    def _on_output(self, name: str, output: torch.Tensor):
+        if self._labels is not None:  # inside track(): fused accumulation of the raw output
+            self._accumulate(name, output)
+        else:  # update() follows: keep only the [B, U] unit means (float64, no graph)
+            act = output.detach()
+            self._pending[name] = act.mean((2, 3), dtype=torch.float64) if act.dim() == 4 \
+                else act.double()
+        return None
 
-    def after_batch(self, trainer) -> None:
-        self.probe.enabled, self.mode = False, None
+    def _accumulate(self, name: str, act: torch.Tensor) -> None:
+        self.states.add(name, act, self._labels)
+        for states, labels in zip(self.null_states, self._null_labels or ()):
+            states.add(name, act, labels)
 
-    def train_log(self, trainer) -> dict:
-        _, mean = summarize(si_of(self.train_states.reduced()))
-        return {"si_train": mean}
+    def _set_batch(self, labels: torch.Tensor, indices) -> None:
+        if self._null_table is not None:
+            if indices is None:
+                raise ValueError("this tracker has a null: pass the batch's dataset indices "
+                                 "(indices=...) with its labels")
+            idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            if idx.shape != labels.shape:
+                raise ValueError(f"indices must match labels, got {list(idx.shape)} and "
+                                 f"{list(labels.shape)}")
+            null = self._null_table[:, idx].to(labels.device, non_blocking=True)
+            self._null_labels = list(null.unbind(0))
+        self._labels = labels
 
-    # -- evaluation ----------------------------------------------------------------------------
-    def eval_begin(self, trainer) -> None:
-        self.val_states.reset()
-        self.null_states.reset()
-        self._val_indices = torch.as_tensor(np.asarray(trainer.val_loader.indices()))
-        self._val_pos = 0
+    def begin(self, labels: torch.Tensor, indices=None) -> None:
+        """Accumulate the next forward pass with these labels (``end()`` stops)."""
+        self._set_batch(labels, indices)
+        self._pending.clear()
 
-    def eval_end(self, trainer, record: dict) -> dict:
-        # Every rank joins every all_reduce, in the same order; only rank 0 writes afterwards.
-        states = self.val_states.reduced()
-        real = si_of(states)
-        null_states = self.null_states.reduced()
-        null = si_of(null_states)
-        per_layer, mean = summarize(real)
-        null_layer, null_mean = summarize(null)
-        _, train_mean = summarize(si_of(self.train_states.reduced())) if self.train_states.states \
-            else ({}, None)
-        if trainer.dist.is_main:
-            self._save(trainer, record, states, real, null, null_states)
-            self._tensorboard(trainer, record["step"], real, null)
-        return {"si": per_layer, "si_mean": mean, "si_null": null_mean,
-                "si_null_layers": null_layer, "si_train": train_mean}
+    def end(self) -> None:
+        self._labels, self._null_labels = None, None
 
-    def _save(self, trainer, record, states, real, null, null_states) -> None:
-        from .checkpoint import atomic_torch_save
-        out = {"epoch": record["epoch"], "step": record["step"], "units": self.units, "layers": {}}
-        for name, r in real.items():
-            s, c = states[name]
-            out["layers"][name] = {
-                "si": r.si.cpu(), "pref_class": r.pref_class.cpu(), "mu_max": r.mu_max.cpu(),
-                "mu_rest": r.mu_rest.cpu(), "sums": s.cpu(), "counts": c.cpu(),
-                "si_null": null[name].si.cpu(), "null_sums": null_states[name][0].cpu(),
-                "null_counts": null_states[name][1].cpu()}
-        e = record["epoch"]
-        fname = f"epoch_{e}.pt" if float(e).is_integer() else f"step_{record['step']}.pt"
-        path = os.path.join(trainer.paths["selectivity"], fname)
-        atomic_torch_save(path, out)
+    @contextlib.contextmanager
+    def track(self, labels: torch.Tensor, indices=None):
+        """Accumulate the forward pass(es) run inside the block with ``labels`` (``[B]`` int64)."""
+        self.begin(labels, indices)
+        try:
+            yield self
+        finally:
+            self.end()
 
-    def _tensorboard(self, trainer, step, real, null) -> None:
-        tb = trainer.log.tb
-        if tb is None:
-            return
-        for name, r in real.items():
-            tb.add_scalar(f"si/{name}", float(r.si.mean()), step)
-            tb.add_scalar(f"si_null/{name}", float(null[name].si.mean()), step)
-            tb.add_histogram(f"si_hist/{name}", r.si.float().cpu(), step)
-        if not getattr(self, "_layout_done", False):
-            stages = OrderedDict()
-            for name in real:
-                stages.setdefault(stage_of(name), []).append(name)
-            tb.add_custom_scalars({"selectivity by stage": {
-                stage: ["Multiline", [f"si/{stage}\\.", f"si_null/{stage}\\.", f"si/{stage}$"]]
-                for stage in stages}})
-            self._layout_done = True
+    def update(self, labels: torch.Tensor, indices=None) -> None:
+        """Accumulate the forward pass that just ran (outside ``track``) with ``labels``."""
+        if not self._pending:
+            raise RuntimeError("update(): no tracked layer ran since the last update; run the "
+                               "model's forward first (with the tracker enabled)")
+        self._set_batch(labels, indices)
+        try:
+            for name, means in self._pending.items():
+                self._accumulate(name, means)
+        finally:
+            self._pending.clear()
+            self.end()
+
+    # -- results ---------------------------------------------------------------------------------
+    def compute(self) -> "OrderedDict[str, LayerSelectivity]":
+        """Every layer's selectivity over all batches since the last ``reset`` (summed over DDP
+        ranks; every rank must call it)."""
+        states = self.states.reduced()
+        nulls = [n.reduced() for n in self.null_states]
+        out = OrderedDict()
+        for name, (s, c) in states.items():
+            r = ops.selectivity_index(s, c, self.eps)
+            null = torch.stack([ops.selectivity_index(*n[name], self.eps).si.cpu()
+                                for n in nulls]) if nulls else None
+            out[name] = LayerSelectivity(r.si.cpu(), r.pref_class.cpu(), r.mu_max.cpu(),
+                                         r.mu_rest.cpu(), s.cpu(), c.cpu(), null)
+        return out
+
+    def reset(self) -> None:
+        self.states.reset()
+        for n in self.null_states:
+            n.reset()
+        self._pending.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        self.hooks.remove()
 
     def state_dict(self) -> dict:
-        # The running train state restarts with its epoch; a mid-epoch resume restores it so the
-        # reported si_train equals an uninterrupted run's.
-        return {"train_epoch": self.train_epoch,
-                "train_states": {n: (s.cpu(), c.cpu()) for n, (s, c) in
-                                 self.train_states.states.items()}}
+        def cpu(states):
+            return {n: (s.cpu(), c.cpu()) for n, (s, c) in states.states.items()}
+        return {"states": cpu(self.states), "null_states": [cpu(n) for n in self.null_states]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.train_epoch = state.get("train_epoch")
-        dev = self.trainer.device
-        self.train_states.states = OrderedDict(
-            (n, (s.to(dev), c.to(dev))) for n, (s, c) in state.get("train_states", {}).items())
+        device = next(self.model.parameters()).device
+
+        def load(target, saved):
+            target.states = OrderedDict((n, (s.to(device), c.to(device)))
+                                        for n, (s, c) in saved.items())
+        load(self.states, state.get("states", {}))
+        for target, saved in zip(self.null_states, state.get("null_states", [])):
+            load(target, saved)
+
+
+def summarize(results: "OrderedDict[str, LayerSelectivity]") -> dict:
+    """Scalars for logs: per-layer mean SI and, with a null, its mean, 95 % quantile and the
+    fraction of units above it; ``*_mean`` averages the layers, each weighted equally."""
+    def avg(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    out = {"si": {n: r.mean for n, r in results.items()}}
+    out["si_mean"] = avg(out["si"].values())
+    if results and next(iter(results.values())).null_si is not None:
+        out["si_null_layers"] = {n: r.null_mean for n, r in results.items()}
+        out["si_null_q95_layers"] = {n: r.null_q95 for n, r in results.items()}
+        out["si_above_null"] = {n: r.frac_above_null for n, r in results.items()}
+        out["si_null"] = avg(out["si_null_layers"].values())
+        out["si_null_q95"] = avg(out["si_null_q95_layers"].values())
+        out["si_above_null_mean"] = avg(out["si_above_null"].values())
+    return out

@@ -21,6 +21,7 @@ from .checkpoint import (load_last_good, remove_stale_temp_files, rng_state, sav
                          set_rng_state)
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, all_reduce_sum
+from .evaluation import bn_statistics, calibration_batches
 from .errors import TrainingError  # noqa: F401  (importable from here too)
 from .models import build_model
 from .runlog import RunLog, run_paths
@@ -51,6 +52,7 @@ def set_determinism(cfg: Config) -> None:
 
 
 class Trainer:
+    _calibration: list | None = None  # the BatchNorm recalibration images, loaded at the first evaluation
     def __init__(self, cfg: Config, dist: DistInfo, resume: bool = False,
                  callbacks: list[Callback] | None = None):
         from selectivity.data import build_loader
@@ -131,19 +133,47 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, train_images_per_sec: float | None, epoch: float | None = None) -> dict:
-        """One pass over the validation split; ``epoch`` is the (fractional) epoch to log."""
-        self.net.eval()
-        self.val_loader.set_epoch(0)
+        """One pass over the validation split with the BatchNorm statistics of ``cfg.bn_mode``
+        (selectivity/evaluation.py: the model's buffers are restored afterwards, so training is
+        untouched); with ``eval_running_bn`` the accuracy with the running statistics is reported
+        beside it. ``epoch`` is the (fractional) epoch to log."""
+        cfg = self.cfg
+        if cfg.bn_mode == "recalibrate" and self._calibration is None:
+            self._calibration = calibration_batches(cfg, self.device)
+        amp = self.amp_dtype if cfg.amp else None
+        with bn_statistics(self.net, cfg.bn_mode, self._calibration, amp):
+            record = self._val_pass(track=True)
+        if cfg.bn_mode != "running" and cfg.eval_running_bn:
+            with bn_statistics(self.net, "running"):
+                running = self._val_pass(track=False)
+            record.update(acc1_running=running["acc1"], loss_running=running["loss"])
+        record = {"epoch": self.epoch if epoch is None else epoch, "step": self.step,
+                  "split": "val", **record, "bn_mode": cfg.bn_mode,
+                  "images_per_sec": train_images_per_sec, "skipped_steps": self.skipped_steps}
         for cb in self.callbacks:
+            record.update(cb.eval_end(self, record))
+        self.net.train()
+        return record
+
+    def _val_pass(self, track: bool) -> dict:
+        self.val_loader.set_epoch(0)
+        callbacks = self.callbacks if track else []
+        for cb in callbacks:
             cb.eval_begin(self)
+        # The dataset indices of every val image in loader order: the null's permutation is a
+        # function of the index, the same on every rank and at every evaluation.
+        order = torch.as_tensor(self.val_loader.indices())
+        pos = 0
         loss_sum, correct1, correct5, count = (torch.zeros((), device=self.device, dtype=torch.float64)
                                                for _ in range(4))
         for images, labels in self.val_loader:
-            for cb in self.callbacks:
-                cb.before_batch(self, images, labels, False)
+            indices = order[pos:pos + labels.shape[0]]
+            pos += labels.shape[0]
+            for cb in callbacks:
+                cb.before_batch(self, images, labels, False, indices=indices)
             with torch.autocast(self.device.type, self.amp_dtype, enabled=self.cfg.amp):
                 logits = self.net(images)
-            for cb in self.callbacks:
+            for cb in callbacks:
                 cb.after_batch(self)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
@@ -151,19 +181,13 @@ class Trainer:
             correct1 += (top[:, 0] == labels).sum()
             correct5 += (top == labels[:, None]).any(dim=1).sum()
             count += labels.numel()
-            for cb in self.callbacks:
+            for cb in callbacks:
                 cb.eval_batch(self, images, labels, logits)
             faults.maybe_fault("eval_batch")
         loss_sum, correct1, correct5, count = all_reduce_sum(
             [loss_sum.item(), correct1.item(), correct5.item(), count.item()], self.device)
-        record = {"epoch": self.epoch if epoch is None else epoch, "step": self.step, "split": "val",
-                  "loss": loss_sum / count, "acc1": correct1 / count, "acc5": correct5 / count,
-                  "images": int(count), "images_per_sec": train_images_per_sec,
-                  "skipped_steps": self.skipped_steps}
-        for cb in self.callbacks:
-            record.update(cb.eval_end(self, record))
-        self.net.train()
-        return record
+        return {"loss": loss_sum / count, "acc1": correct1 / count, "acc5": correct5 / count,
+                "images": int(count)}
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self, images, labels):

@@ -7,9 +7,8 @@ on. The ranking also keeps each unit's mean activation over the split (the ``mod
 
 Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
 holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
-default the layers are the residual blocks of ``models.residual_blocks`` (their post-ReLU
-outputs, the units the tracker measures); any model can name its own: a list of
-``named_modules()`` names or a ``{name: module}`` mapping (``resolve_layers``).
+default the layers are the residual blocks (their post-ReLU outputs, the units the tracker
+measures); any model can name its own with a units spec of selectivity/units.py.
 
 ``AblationError`` lives here, in the lowest of the ablation modules, so that ranking, the ranking
 split and the ablations all raise the one error class that tools/ablate.py reports.
@@ -25,35 +24,16 @@ from torch import nn
 
 from . import ops
 from .errors import AblationError  # noqa: F401  (importable from here too)
-from .models import residual_blocks
-from .tracker import EPS, LayerStates
+from .tracker import EPS, SelectivityTracker
+from .units import resolve_units
 
 
 # ---------------------------------------------------------------------------- layers
 
 def resolve_layers(model: nn.Module, layers=None) -> "OrderedDict[str, nn.Module]":
-    """The layers whose outputs hold the units, in the given order.
-
-    ``None``: every residual block (``models.residual_blocks``); a sequence of
-    ``model.named_modules()`` names; or a ``{name: module}`` mapping (any names).
-    """
-    root = getattr(model, "module", model)
-    if layers is None:
-        out = residual_blocks(root)
-        if not out:
-            raise AblationError(f"{type(root).__name__} has no residual blocks; name the layers "
-                                f"to ablate (layers=[module names] or {{name: module}})")
-        return out
-    if isinstance(layers, Mapping):
-        return OrderedDict(layers)
-    modules = dict(root.named_modules())
-    out = OrderedDict()
-    for name in layers:
-        if name not in modules or name == "":
-            valid = ", ".join(n for n in modules if n)
-            raise AblationError(f"unknown layer {name!r} in {type(root).__name__}; valid: {valid}")
-        out[name] = modules[name]
-    return out
+    """The layers whose outputs hold the units: ``None`` = every residual block; otherwise any
+    ``units`` spec of selectivity/units.py (names, globs, a predicate, a {name: module} map)."""
+    return resolve_units(model, "blocks" if layers is None else layers)
 
 # ---------------------------------------------------------------------------- ranking
 
@@ -99,25 +79,18 @@ def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int
     K = num_classes if num_classes is not None else getattr(loader, "num_classes", None)
     if K is None:
         raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")
-    states, current = LayerStates(K), {}
-
-    def hook(name):
-        def fn(module, args, output):
-            states.add(name, output, current["labels"])
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    tracker = SelectivityTracker(model, K, layers, eps=eps)
     was_training = model.training
     model.eval()
     try:
         for images, labels in loader:
-            current["labels"] = labels
-            model(images)
+            with tracker.track(labels):
+                model(images)
     finally:
-        for h in handles:
-            h.remove()
+        tracker.remove()
         model.train(was_training)
-    missing = [n for n in layers if n not in states.states]
+    states = tracker.states.states
+    missing = [n for n in layers if n not in states]
     if missing:
         raise AblationError(f"layers never ran in the forward pass: {', '.join(missing)}")
-    return OrderedDict((n, ranking_from_state(*states.states[n], eps)) for n in layers)
+    return OrderedDict((n, ranking_from_state(*states[n], eps)) for n in layers)
