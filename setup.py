@@ -2,7 +2,7 @@
 
     make build                                   # in place; what the tests and tools use
     python setup.py build_ext --inplace          # the same, by hand
-    pip install --no-build-isolation .           # the build needs the installed torch
+    pip install --no-build-isolation .           # the build needs the installed torch (pyproject.toml)
 
 The CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build and a CUDA
 toolkit is found. Environment:
@@ -83,13 +83,13 @@ def build_ext_class():
     return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
+# Metadata, dependencies and console scripts are in pyproject.toml; this file adds what needs
+# code: the compiled extension, and tools/ installed as selectivity.tools (the console scripts'
+# modules; in a checkout they stay plain files, so `torchrun tools/train.py` works).
 setup(
-    name="selectivity-tracking",
-    version="0.1.0",
-    description="Class selectivity of units in CNNs: tracking, regularization, ablation",
-    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*", "selectivity.data", "selectivity.data.*"]),
-    python_requires=">=3.9",
+    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*"]) + ["selectivity.tools"],
+    package_dir={"selectivity.tools": "tools"},
     ext_modules=[extension()],
     cmdclass={"build_ext": build_ext_class()},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

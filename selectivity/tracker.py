@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from . import ops
 from .reduce import all_reduce_states, is_distributed
-from .units import UnitHooks, unwrap
+from .units import UnitHooks, unit_means, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95
@@ -164,10 +164,8 @@ class SelectivityTracker:
     def _on_output(self, name: str, output: torch.Tensor):
         if self._labels is not None:  # inside track(): fused accumulation of the raw output
             self._accumulate(name, output)
-        else:  # update() follows: keep only the [B, U] unit means (float64, no graph)
-            act = output.detach()
-            self._pending[name] = act.mean((2, 3), dtype=torch.float64) if act.dim() == 4 \
-                else act.double()
+        else:  # update() follows: keep only the [B, U] unit means (float32, no graph)
+            self._pending[name] = unit_means(output.detach())
         return None
 
     def _accumulate(self, name: str, act: torch.Tensor) -> None:
@@ -249,7 +247,8 @@ class SelectivityTracker:
         return {"states": cpu(self.states), "null_states": [cpu(n) for n in self.null_states]}
 
     def load_state_dict(self, state: dict) -> None:
-        device = next(self.model.parameters()).device
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
 
         def load(target, saved):
             target.states = OrderedDict((n, (s.to(device), c.to(device)))

@@ -18,12 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import ROOT
 
-from selectivity import ops, tracker
+from selectivity import ops
+from selectivity.callbacks import Regularizing, regularizer_callbacks
 from selectivity.checkpoint import load_state
 from selectivity.config import Config, ConfigError, load_config
 from selectivity.models import build_model
 from selectivity.regularizer import (SelectivityRegularizer, Window, alpha_at, parse_windows,
-                                     regularizer_callbacks, selectivity_reg)
+                                     selectivity_reg)
+from selectivity.units import resolve_units
 
 K = 5
 
@@ -50,6 +52,30 @@ def batch(seed=0, B=12, dtype=torch.float32):
 # ----- the differentiable SI ---------------------------------------------------------------------
 
 
+def test_library_term_in_a_plain_loop_equals_the_functional_form():
+    """``loss = ce - alpha * reg.term(labels)`` in a user's own loop: the term is the minibatch
+    SI_reg of the block outputs of the forward that just ran, with its gradient."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", K)
+    images, labels = torch.randn(12, 3, 16, 16), torch.randint(0, K, (12,))
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o)) for m in resolve_units(model).values()]
+    reg = SelectivityRegularizer(model, K)
+    model(images)
+    term = reg.term(labels)
+    expected, _ = selectivity_reg(seen, labels, K)
+    torch.testing.assert_close(term, expected)
+    assert term.requires_grad and reg.last_layers.shape == (9,)
+    with pytest.raises(RuntimeError, match="no regularized layer ran"):
+        reg.term(labels)
+    reg.enabled = False
+    model(images)
+    with pytest.raises(RuntimeError):
+        reg.term(labels)
+    for h in hooks:
+        h.remove()
+
+
 def test_gradcheck_double():
     (a, b), labels = batch(dtype=torch.float64)
     a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
@@ -69,7 +95,8 @@ def test_equals_tracker_si_of_the_same_minibatch(seed):
         sums, counts = ops.new_state(K, act.shape[1])
         ops.accumulate(act, labels, sums, counts)
         states[f"l{i}"] = (sums, counts)
-    layers, mean = tracker.summarize(tracker.si_of(states))
+    layers = {n: float(ops.selectivity_index(s, c, 1e-7).si.mean()) for n, (s, c) in states.items()}
+    mean = sum(layers.values()) / len(layers)
     assert per_layer.dtype == torch.float32 and si_reg.dim() == 0
     expected = torch.tensor(list(layers.values()), dtype=torch.float64)
     torch.testing.assert_close(per_layer.double(), expected, rtol=1e-5, atol=1e-6)
@@ -165,10 +192,10 @@ def test_callback_term_alpha_zero_and_channels_last_autocast():
     model = build_model("resnet20", K).to(memory_format=torch.channels_last)
     images = torch.randn(10, 3, 16, 16).to(memory_format=torch.channels_last)
     labels = torch.tensor([0, 1, 1, 3, 4, 0, 0, 1, 3, 3])
-    cb = SelectivityRegularizer(parse_windows([{"alpha": -2.0, "start": 0, "end": 0.5}]))
+    cb = Regularizing(parse_windows([{"alpha": -2.0, "start": 0, "end": 0.5}]))
     tr = fake_trainer(model)
     cb.setup(tr)
-    blocks = tracker.unit_modules(model)
+    blocks = resolve_units(model)
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o)) for m in blocks.values()]
     # In the window: the term is -α · SI_reg of the block outputs, computed in float32.
@@ -197,14 +224,14 @@ def test_callback_term_alpha_zero_and_channels_last_autocast():
     # Outside the window (epoch 0.5 = batch 5 of 10): α = 0, hooks off, nothing computed.
     tr.batch_in_epoch = 5
     cb.before_batch(tr, images, labels, True)
-    assert not cb.probe.enabled
+    assert not cb.reg.enabled
     model(images)
-    assert cb._acts == [] and cb.loss_terms(tr, images, labels, None) == {}
+    assert cb.reg._acts == [] and cb.loss_terms(tr, images, labels, None) == {}
     assert cb.train_log(tr) == {"alpha": 0.0}  # no si_reg when no step was regularized
     # Evaluation never regularizes.
     tr.batch_in_epoch = 0
     cb.before_batch(tr, images, labels, False)
-    assert not cb.probe.enabled
+    assert not cb.reg.enabled
     for h in hooks:
         h.remove()
 

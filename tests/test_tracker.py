@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from selectivity.tracker import Tracker, UnitProbe
+from selectivity.callbacks import Tracking
+from selectivity.errors import UnitsError
+from selectivity.tracker import SelectivityTracker, summarize
+from selectivity.units import UnitHooks
 
 
 class Planted(nn.Module):
@@ -24,28 +27,6 @@ class Planted(nn.Module):
         return self.relu(x)
 
 
-class ListLoader:
-    """The loader-contract pieces the tracker reads: labels, indices(), iteration."""
-
-    def __init__(self, images, labels, batch):
-        self.images, self.all_labels, self.batch = images, labels, batch
-        self.labels = labels.numpy()
-
-    def indices(self):
-        return np.arange(len(self.labels))
-
-    def __iter__(self):
-        for i in range(0, len(self.labels), self.batch):
-            yield self.images[i:i + self.batch], self.all_labels[i:i + self.batch]
-
-
-def fake_trainer(model, loader, num_classes, tmp_path):
-    return SimpleNamespace(model=model, val_loader=loader, num_classes=num_classes,
-                           device=torch.device("cpu"), epoch=0, step=0,
-                           dist=SimpleNamespace(is_main=True),
-                           paths={"selectivity": str(tmp_path)}, log=SimpleNamespace(tb=None))
-
-
 def planted_data(n_per_class=40, K=10, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(K).repeat_interleave(n_per_class)
@@ -56,61 +37,131 @@ def planted_data(n_per_class=40, K=10, c=3, seed=0):
     return x, labels
 
 
-def run_eval(tracker, trainer, loader):
-    tracker.eval_begin(trainer)
-    for images, labels in loader:
-        tracker.before_batch(trainer, images, labels, train=False)
-        trainer.model(images)
-        tracker.after_batch(trainer)
-    return tracker.eval_end(trainer, {"epoch": 1, "step": 10})
+def batches(x, y, batch):
+    for i in range(0, len(y), batch):
+        yield x[i:i + batch], y[i:i + batch], torch.arange(i, min(i + batch, len(y)))
 
 
 @pytest.mark.parametrize("c", [0, 3, 9])
-def test_planted_unit_si_one_and_label_free_unit_within_null(tmp_path, c):
+def test_planted_unit_is_above_its_null_and_label_free_unit_is_not(c):
     x, y = planted_data(c=c)
-    model, loader = Planted(), ListLoader(x, y, batch=64)
-    trainer = fake_trainer(model, loader, 10, tmp_path)
-    tracker = Tracker("relu", seed=0)
-    tracker.setup(trainer)
-    record = run_eval(tracker, trainer, loader)
-    saved = torch.load(tmp_path / "epoch_1.pt", weights_only=False)["layers"]["relu"]
-    assert abs(float(saved["si"][0]) - 1.0) < 1e-6 and int(saved["pref_class"][0]) == c
-    # The null spread: SI of the label-free unit under many label permutations.
+    model = Planted()
+    tracker = SelectivityTracker(model, 10, "relu", dataset_labels=y, null_permutations=40, seed=1)
+    for images, labels, idx in batches(x, y, 64):
+        with tracker.track(labels, idx):
+            model(images)
+    r = tracker.compute()["relu"]
+    assert abs(float(r.si[0]) - 1.0) < 1e-6 and int(r.pref_class[0]) == c
+    assert r.null_si.shape == (40, 2)
+    q = r.unit_null_q95
+    assert r.si[0] > q[0] + 0.5  # the planted unit: far above its null
+    assert r.si[1] <= q[1]  # the label-free unit: within its null
+    assert r.frac_above_null == 0.5
+    # The label-free unit sits inside an independent null spread (200 fresh permutations).
     from selectivity import ops
-    means = x[:, 1].mean((1, 2)).double()
+    means = x[:, 1].mean((1, 2))
     nulls = []
     for s in range(200):
         perm = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(s))]
         sums, counts = ops.new_state(10, 1)
-        ops.accumulate(means[:, None].float(), perm, sums, counts)
+        ops.accumulate(means[:, None], perm, sums, counts)
         nulls.append(float(ops.selectivity_index(sums, counts).si[0]))
-    si1 = float(saved["si"][1])
-    assert np.percentile(nulls, 1) <= si1 <= np.percentile(nulls, 99)
-    # The tracker's own null (a fixed permutation) has the real class counts, and is not selective.
-    assert torch.equal(saved["null_counts"], saved["counts"])
-    assert float(saved["si_null"][0]) < 0.5
-    assert record["si"]["relu"] == pytest.approx(float(saved["si"].mean()))
+    assert np.percentile(nulls, 1) <= float(r.si[1]) <= np.percentile(nulls, 99)
+    assert abs(float(r.null_si[:, 1].mean()) - np.mean(nulls)) < 3 * np.std(nulls) / np.sqrt(40)
 
 
-def test_null_is_fixed_across_evaluations(tmp_path):
+def test_update_after_forward_equals_track_and_null_is_fixed():
     x, y = planted_data()
-    model, loader = Planted(), ListLoader(x, y, batch=50)
-    trainer = fake_trainer(model, loader, 10, tmp_path)
-    tracker = Tracker("relu", seed=5)
-    tracker.setup(trainer)
-    a, b = run_eval(tracker, trainer, loader), run_eval(tracker, trainer, loader)
-    assert a["si_null"] == b["si_null"] and a["si_mean"] == b["si_mean"]
+    model = Planted()
+    a = SelectivityTracker(model, 10, "relu", dataset_labels=y, null_permutations=5, seed=5)
+    a.enabled = False
+    b = SelectivityTracker(model, 10, "relu", dataset_labels=y, null_permutations=5, seed=5)
+    for images, labels, idx in batches(x, y, 50):
+        model(images)
+        b.update(labels, idx)
+    a.enabled, b.enabled = True, False
+    for images, labels, idx in batches(x, y, 50):
+        with a.track(labels, idx):
+            model(images)
+    ra, rb = a.compute()["relu"], b.compute()["relu"]
+    torch.testing.assert_close(ra.si, rb.si, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ra.null_si, rb.null_si, rtol=1e-6, atol=1e-7)
+    # The null is a function of the indices, not of the order the images come in.
+    c = SelectivityTracker(model, 10, "relu", dataset_labels=y, null_permutations=5, seed=5)
+    a.enabled = False
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    for i in range(0, len(y), 37):
+        idx = order[i:i + 37]
+        with c.track(y[idx], idx):
+            model(x[idx])
+    torch.testing.assert_close(c.compute()["relu"].null_si, ra.null_si, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="indices"):
+        with c.track(y[:3]):
+            model(x[:3])
+    with pytest.raises(RuntimeError, match="no tracked layer ran"):
+        b.enabled = True
+        b.update(y[:3], torch.arange(3))
 
 
-def test_probe_names_repeated_module_calls():
+def test_state_dict_round_trip_and_reset():
+    x, y = planted_data()
+    model = Planted()
+    t = SelectivityTracker(model, 10, "relu")
+    with t.track(y[:100]):
+        model(x[:100])
+    state = t.state_dict()
+    u = SelectivityTracker(model, 10, "relu")
+    u.enabled = False
+    u.load_state_dict(state)
+    torch.testing.assert_close(u.compute()["relu"].si, t.compute()["relu"].si)
+    t.reset()
+    assert t.compute() == {}
+
+
+def test_units_that_do_not_exist_are_one_line_errors():
+    model = Planted()
+    with pytest.raises(UnitsError) as e:
+        SelectivityTracker(model, 10, "blocks")
+    msg = str(e.value)
+    assert "\n" not in msg and "'blocks' matched no module" in msg and "relu" in msg
+    with pytest.raises(UnitsError, match="no module named 'rleu'.*did you mean relu"):
+        SelectivityTracker(model, 10, "rleu")
+
+
+def test_trainer_adapter_records_the_null(tmp_path):
+    x, y = planted_data()
+    model = Planted()
+    trainer = SimpleNamespace(model=model, num_classes=10, device=torch.device("cpu"), epoch=0,
+                              step=0, dist=SimpleNamespace(is_main=True),
+                              val_loader=SimpleNamespace(labels=y.numpy()),
+                              paths={"selectivity": str(tmp_path)}, log=SimpleNamespace(tb=None))
+    cb = Tracking("relu", seed=0, null_permutations=10)
+    cb.setup(trainer)
+    cb.eval_begin(trainer)
+    for images, labels, idx in batches(x, y, 64):
+        cb.before_batch(trainer, images, labels, False, indices=idx)
+        model(images)
+        cb.after_batch(trainer)
+    record = cb.eval_end(trainer, {"epoch": 1, "step": 10, "bn_mode": "running"})
+    saved = torch.load(tmp_path / "epoch_1.pt", weights_only=False)
+    layer = saved["layers"]["relu"]
+    assert saved["bn_mode"] == "running" and layer["si_null"].shape == (10, 2)
+    assert record["si"]["relu"] == pytest.approx(float(layer["si"].mean()))
+    assert record["si_above_null"]["relu"] == 0.5
+    assert record["si_null"] <= record["si_null_q95"] < record["si_mean"]
+
+
+def test_hooks_name_repeated_module_calls():
     relu = nn.ReLU()
     model = nn.Sequential(relu, nn.Identity(), relu)
     seen = []
-    probe = UnitProbe(model, "relu", lambda name, out: seen.append(name))
-    probe.enabled = True
+    hooks = UnitHooks(model, "relu", lambda name, out: seen.append(name))
     model(torch.randn(2, 3))
     model(torch.randn(2, 3))
     assert seen == ["0", "0#1", "0", "0#1"]
+    hooks.enabled = False
+    model(torch.randn(2, 3))
+    assert len(seen) == 4
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +182,8 @@ def test_tracker_equals_independent_recomputation(demo_run):
     from selectivity.models import residual_blocks
     from selectivity.runs import load_model, run_config
 
+    from selectivity.evaluation import bn_statistics, calibration_batches
+
     cfg = run_config(demo_run)
     model = load_model(cfg, os.path.join(demo_run, "checkpoints", "epoch_2.pt"))
     ds = build_dataset("digits", "val")
@@ -139,10 +192,16 @@ def test_tracker_equals_independent_recomputation(demo_run):
     acts = {n: [] for n in residual_blocks(model)}
     for n, b in residual_blocks(model).items():
         b.register_forward_hook(lambda m, i, o, n=n: acts[n].append(o.mean((2, 3)).double()))
+    calibration = calibration_batches(cfg, "cpu")
+    with pytest.raises(ValueError, match="empty"):
+        with bn_statistics(model, "recalibrate", []):
+            pass
     with torch.no_grad():
-        for images, _ in loader:
-            model(images)
+        with bn_statistics(model, "recalibrate", calibration):
+            for images, _ in loader:
+                model(images)
     saved = torch.load(os.path.join(demo_run, "selectivity", "epoch_2.pt"), weights_only=False)
+    assert saved["bn_mode"] == "recalibrate"
     labels = ds.labels
     for name, chunks in acts.items():
         a = torch.cat(chunks).numpy()
@@ -179,29 +238,27 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
 def test_tracker_state_is_o_k_times_u():
     """State per layer is sums [K, U] fp64 + counts [K] int64, whatever the batches seen."""
     from selectivity.models import build_model, unit_registry
-    from selectivity.tracker import LayerStates
 
     model = build_model("resnet20", 10).eval()
-    states, labels = LayerStates(1000), None
-    probe = UnitProbe(model, "blocks", lambda n, out: states.add(n, out, labels))
-    probe.enabled = True
+    tracker = SelectivityTracker(model, 1000)
     expected = {n: 1000 * u * 8 + 1000 * 8 for n, u in unit_registry(model).items()}
     with torch.no_grad():
         for b in (1, 7, 33):
-            labels = torch.randint(0, 1000, (b,))
-            model(torch.randn(b, 3, 32, 32))
+            with tracker.track(torch.randint(0, 1000, (b,))):
+                model(torch.randn(b, 3, 32, 32))
             got = {n: s.numel() * s.element_size() + c.numel() * c.element_size()
-                   for n, (s, c) in states.states.items()}
+                   for n, (s, c) in tracker.states.states.items()}
             assert got == expected
-    assert int(states.states["layer1.0"][1].sum()) == 41
+    assert int(tracker.states.states["layer1.0"][1].sum()) == 41
 
 
 def test_reduced_reads_the_states_in_place_in_one_process():
     """Without a process group the SI is read from the live states (no 121 MB copy per log step);
     the DDP path, a reduced copy, is tested in test_ops_ddp.py and test_faults.py."""
-    from selectivity.tracker import LayerStates
-
-    states = LayerStates(3)
-    states.add("layer", torch.rand(4, 5, 2, 2), torch.tensor([0, 2, 2, 1]))
-    (sums, counts), = states.reduced().values()
-    assert sums is states.states["layer"][0] and counts is states.states["layer"][1]
+    model = Planted()
+    tracker = SelectivityTracker(model, 3, "relu")
+    with tracker.track(torch.tensor([0, 2, 2, 1])):
+        model(torch.rand(4, 5, 2, 2))
+    (sums, counts), = tracker.states.reduced().values()
+    live = tracker.states.states["relu"]
+    assert sums is live[0] and counts is live[1]

@@ -12,6 +12,8 @@ def build_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1):
     ``cfg`` is a selectivity.config.Config (the fields data_backend, dataset, data_dir, image_size,
     batch_size, workers, augment, seed, channels_last, synthetic_* are read).
     """
+    import torch
+    device = torch.device(device)
     train = split == "train"
     if cfg.data_backend == "torch":
         from .torch_loader import TorchLoader

@@ -1,0 +1,1 @@
+"""The command-line tools (thin: argument parsing and printing over the selectivity library)."""
