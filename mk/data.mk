@@ -14,8 +14,18 @@
 DATA_APT := pkg-config libturbojpeg0-dev libopencv-dev libgl1 libglib2.0-0
 DATA_STAMP := $(VENV)/.data-installed
 
-DEPS += data-deps
-.PHONY: data-deps data-syslibs bench-loader
+TEST_DEPS += data-deps
+DEPS += data-deps-optional
+.PHONY: data-deps data-deps-optional data-syslibs bench-loader
+
+# The demo runs on the torch backend: FFCV/DALI are installed when their system libraries are
+# there or we are root (apt-get), else skipped with one line saying how to get them.
+data-deps-optional:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null || [ "$$(id -u)" = 0 ]; then \
+	  $(MAKE) --no-print-directory data-deps; \
+	else \
+	  echo "mk/data.mk: skipping FFCV and DALI (optional backends: their system libraries are missing and we are not root); to get them, as root: apt-get install -y $(DATA_APT), then make data-deps"; \
+	fi
 
 data-deps: data-syslibs $(DATA_STAMP)
 
