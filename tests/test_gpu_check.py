@@ -1,0 +1,135 @@
+"""tools/gpu_check.sh, the prepared GPU check (docs/gpu.md): its dry run end to end on the CPU,
+its refusals (one line, exit 2), its exit status when a CUDA test fails, and the toolkit finder.
+
+The dry run is the only place the check's code runs before a GPU is lent, so the end-to-end test
+reads every part of the report a real run would fill in.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gpu_check  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
+
+
+def run_check(*args, out, env=None, timeout=180):
+    full = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1")
+    full.update(env or {})
+    return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dry_run_end_to_end(tmp_path):
+    proc = run_check("--dry-run", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "junit.xml"]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    st = report["stages"]
+    assert report["dry_run"] and report["exit"] == 0
+    assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(("build", "tests", "train", "ops"), "ok")
+    assert st["build"]["loads"] and st["build"]["cpu_kernels"] and not st["build"]["compiled"]
+    # The CUDA tests were found and all skipped (the dry run hides every GPU).
+    cuda = st["tests"]["cuda"]
+    assert cuda["total"] > 0 and cuda["skipped"] == cuda["total"] and cuda["failed"] == 0
+    for amp in ("bf16", "fp16"):
+        res = st["train"]["amps"][amp]
+        assert res["status"] == "ok" and res["tracked_layers"] == 16 and res["tracked_units"] == 15104
+        assert res["si_finite"] and 0 <= res["si_mean"] <= 1
+        for v in ("off", "on", "si"):
+            assert len(res["variants"][v]["step_ms"]) == st["train"]["config"]["rounds"]
+            assert res["variants"][v]["images_per_s"] > 0
+        assert res["ratio_on"]["value"] > 0 and res["ratio_si"]["value"] > 0
+    cases = st["ops"]["cases"]
+    assert len(cases) == 4 * 3 * 2 and all(c["correct"]["pass"] for c in cases)
+    assert {(c["dtype"], c["layout"]) for c in cases} == {(d, layout) for d in ("fp16", "bf16", "fp32")
+                                                          for layout in ("nchw", "channels_last")}
+    assert all(c["accumulate_ms"] > 0 and c["sum_ms"] > 0 for c in cases)
+    names = [v["name"] for v in report["verdicts"]]
+    assert "every CUDA test passes" in names and "accumulate ÷ x.sum(), time, worst case" in names
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "DRY RUN" in md and "| ops | ok |" in md and "tracking on ÷ off (fp16)" in md
+    assert md in proc.stdout  # the report is what the device tool's output tail shows
+
+
+def test_real_mode_without_a_gpu_stops_at_once_with_one_line(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too.
+    proc = run_check(out=tmp_path / "out", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    assert proc.returncode == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--dry-run" in lines[0], lines
+    assert not (tmp_path / "out").exists()  # stopped before building or writing anything
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["--only", "tests,bogus"], "unknown stage 'bogus'"),
+    (["--only"], "--only needs a list"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
+    proc = run_check(*args, out=tmp_path, timeout=30)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_missing_interpreter_is_one_line_and_exit_2(tmp_path):
+    proc = run_check("--dry-run", out=tmp_path, env={"PYTHON": str(tmp_path / "no-python")}, timeout=30)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no interpreter" in lines[0], lines
+
+
+def test_a_failing_cuda_test_fails_the_check(tmp_path):
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("def test_cuda_passes():\n    pass\n\n\ndef test_cuda_fails():\n    assert False\n\n\n"
+                       "def test_not_selected():\n    assert False\n")
+    out = tmp_path / "out"
+    proc = run_check("--dry-run", "--only", "tests", out=out, env={"GPU_CHECK_TEST_FILES": str(planted)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    tests = report["stages"]["tests"]
+    assert tests["cuda"] == {"passed": 1, "failed": 1, "skipped": 0, "total": 2}  # -k cuda: 2 of 3
+    assert tests["failed_ids"] == ["test_planted::test_cuda_fails"]
+    assert report["stages"]["train"]["status"] == "not run"
+    assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
+
+
+def _toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_find_cuda_home_order_and_wrappers(tmp_path):
+    kit = _toolkit(tmp_path / "kit")
+    wrapper_dir = tmp_path / "wrappers" / "bin"
+    wrapper_dir.mkdir(parents=True)
+    (wrapper_dir / "nvcc").write_text("#!/bin/sh\nexec /elsewhere/nvcc \"$@\"\n")
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    (link_dir / "nvcc").symlink_to(kit / "bin" / "nvcc")
+    prefix = tmp_path / "usr_local"  # stands for /usr/local, so this machine's toolkit plays no part
+    prefix.mkdir()
+
+    def find(env, nvcc, torch_cuda=None):
+        return gpu_check.find_cuda_home(env, which=lambda _: nvcc and str(nvcc), torch_cuda=torch_cuda,
+                                        prefix=str(prefix))[:2]
+
+    assert find({"CUDA_HOME": str(kit)}, wrapper_dir / "nvcc") == (str(kit), "$CUDA_HOME")
+    # A $CUDA_HOME with no toolkit in it is passed over; nvcc's real path leads to the toolkit.
+    assert find({"CUDA_HOME": str(tmp_path / "empty")}, link_dir / "nvcc") == (str(kit), "nvcc on PATH")
+    # A wrapper script's directory is no toolkit; then nothing is found, and what was tried is said.
+    root, how, tried = gpu_check.find_cuda_home({}, which=lambda _: str(wrapper_dir / "nvcc"), prefix=str(prefix))
+    assert root is None and str(tmp_path / "wrappers") in tried
+    # Versioned toolkits: the one matching torch's CUDA first, whatever the sort order says.
+    _toolkit(prefix / "cuda-12.8"), _toolkit(prefix / "cuda-13.0")
+    assert find({}, None, torch_cuda="13.0") == (str(prefix / "cuda-13.0"), f"{prefix}/cuda-*")
+    assert find({}, None, torch_cuda="12.8") == (str(prefix / "cuda-12.8"), f"{prefix}/cuda-*")
+    _toolkit(prefix / "cuda")
+    assert find({}, None, torch_cuda="12.8") == (str(prefix / "cuda"), f"{prefix}/cuda")

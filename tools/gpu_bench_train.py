@@ -1,0 +1,134 @@
+"""Stage `train` of the GPU check: the ResNet-50 training step with selectivity tracking off, on,
+and on with SI read every step (docs/gpu.md).
+
+Real mode: 224 px, batch 256, K = 1000, channels_last, AMP bf16 and fp16 + GradScaler, SGD, one
+GPU-resident synthetic batch (so no loader is measured), torch.cuda.Event timing. The three
+variants are interleaved round by round, in a rotating order, so drift in clocks or temperature
+falls on all of them alike. Dry run: the same code on the CPU at tiny sizes.
+
+"off" is a second, identical model that never had a tracker attached: the honest baseline, since
+the tracker's forward hooks are part of what tracking costs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from gpu_bench_common import Bench, write_json
+from selectivity.models import build_model
+
+REAL = dict(batch=256, size=224, classes=1000, warmup=5, rounds=4, steps=5)
+DRY = dict(batch=4, size=16, classes=10, warmup=0, rounds=2, steps=1)  # B = 2 at 16 px: NaN loss in bf16
+AMPS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("off", "on", "si")
+TARGETS = {"on": 0.99, "si": 0.98}  # images/s ÷ off; "without slowing throughput"
+
+
+def make_tracker(model, num_classes):
+    """(tracker, where it came from): the library's public API; its module while the package
+    does not export it yet."""
+    try:
+        from selectivity import SelectivityTracker
+        where = "selectivity.SelectivityTracker"
+    except ImportError:
+        from selectivity.tracker import SelectivityTracker
+        where = "selectivity.tracker.SelectivityTracker (not exported by selectivity yet)"
+    return SelectivityTracker(model, num_classes=num_classes, units="blocks"), where
+
+
+def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
+    dev, K, B, S = bench.device, cfg["classes"], cfg["batch"], cfg["size"]
+    dtype = AMPS[amp]
+    torch.manual_seed(0)
+    off = build_model("resnet50", K).to(dev, memory_format=torch.channels_last)
+    tracked = copy.deepcopy(off)
+    tracker, api = make_tracker(tracked, K)
+    record["api"] = api
+
+    def parts(model):
+        # lr small enough that 100-odd steps on random labels stay finite in fp16 and bf16.
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
+        return opt, torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+    images = torch.randn(B, 3, S, S, device=dev, generator=gen).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, K, (B,), device=dev, generator=gen)
+    (opt_off, sc_off), (opt_tr, sc_tr) = parts(off), parts(tracked)
+    setup = {"off": (off, opt_off, sc_off, None, False), "on": (tracked, opt_tr, sc_tr, tracker, False),
+             "si": (tracked, opt_tr, sc_tr, tracker, True)}
+    last = {}
+
+    def step(variant):
+        model, opt, scaler, trk, si = setup[variant]
+        with torch.autocast(dev.type, dtype=dtype):
+            with trk.track(labels) if trk is not None else contextlib.nullcontext():
+                logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if si:
+            last["si"] = trk.compute()  # what a run reading SI every step pays
+        last["loss"] = loss.detach()
+
+    res = record["amps"][amp] = {"status": "running", "variants": {v: {"step_ms": []} for v in VARIANTS}}
+    t0 = time.perf_counter()
+    for v in VARIANTS:  # warm-up: cuDNN's autotuning, the allocator, the tracker's first states
+        bench.time_ms(lambda: step(v), cfg["warmup"])
+    res["warmup_s"] = round(time.perf_counter() - t0, 2)
+    for r in range(cfg["rounds"]):
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
+        for v in order:
+            ms = bench.time_ms(lambda: step(v), cfg["steps"])
+            res["variants"][v]["step_ms"].append(ms / cfg["steps"])
+        res["last_loss"] = float(last["loss"])  # a sync, outside the timed windows
+        save()
+    for v, d in res["variants"].items():
+        d["images_per_s"] = B * len(d["step_ms"]) / (sum(d["step_ms"]) / 1e3)
+    off_ms = res["variants"]["off"]["step_ms"]
+    for v, target in TARGETS.items():
+        per_round = [o / t for o, t in zip(off_ms, res["variants"][v]["step_ms"])]
+        ratio = res["variants"][v]["images_per_s"] / res["variants"]["off"]["images_per_s"]
+        res[f"ratio_{v}"] = {"value": ratio, "target": target, "pass": ratio >= target,
+                             "per_round_min": min(per_round), "per_round_max": max(per_round)}
+    result = tracker.compute()
+    si = torch.cat([r.si.flatten().double().cpu() for r in result.values()]) if result else torch.zeros(0)
+    res["tracked_layers"] = len(result)
+    res["tracked_units"] = int(si.numel())
+    res["si_finite"] = bool(torch.isfinite(si).all())
+    res["si_mean"] = float(si.mean()) if si.numel() else None
+    if hasattr(tracker, "remove"):
+        tracker.remove()
+    if not bench.dry_run:
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    res["status"] = "ok"
+
+
+def run(bench: Bench, json_path: str) -> int:
+    cfg = DRY if bench.dry_run else REAL
+    if not bench.dry_run:
+        torch.backends.cudnn.benchmark = True  # what a fast training run sets
+    record = {"status": "running", "config": dict(cfg, model="resnet50", channels_last=True,
+                                                  optimizer="SGD", data="synthetic, device-resident"),
+              "amps": {}}
+    save = lambda: write_json(json_path, record)  # noqa: E731
+    failed = False
+    for amp in AMPS:
+        try:
+            _bench_amp(bench, cfg, amp, record, save)
+        except Exception as e:  # one precision failing (OOM, say) leaves the other's figures
+            traceback.print_exc()
+            record["amps"].setdefault(amp, {})["status"] = f"error: {type(e).__name__}: {e}"
+            failed = True
+        save()
+        if not bench.dry_run:
+            torch.cuda.empty_cache()
+    record["status"] = "error" if failed else "ok"
+    save()
+    return 1 if failed else 0
