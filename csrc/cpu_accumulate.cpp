@@ -10,7 +10,7 @@
 // Precision: every float64 addend is the float32 sum of at most kRun = 8 input values; everything
 // above that is float64 (the mean is a multiply by 1/P). So |error| <= 7 * 2^-24 * sum|x| (~4e-7
 // relative for ReLU outputs) whatever the batch or image size, while the inner loops run at float32
-// SIMD width. (All-float64 sums were ~1.5-2x slower than act.sum(); tests/test_ops.py checks the bound.)
+// SIMD width (all-float64 sums are markedly slower: docs/extension.md); tests/test_ops.py checks the bound.
 #include "cpu_clones.h"
 #include "selectivity.h"
 
@@ -29,7 +29,7 @@ namespace {
 constexpr int kRun = 8;  // inputs summed in float32 before a float64 add
 
 // ----- element -> float32, as plain bit arithmetic so that the loops around it vectorize
-// (c10::Half's own conversion does not, which made fp16 ~10x slower than fp32) -----
+// (c10::Half's own conversion does not vectorize) -----
 
 inline float bits_to_float(uint32_t b) {
   float f;
@@ -62,9 +62,8 @@ enum class Rows { kAssign, kAdd, kAddMean };
 
 // The float32 sum of R <= kRun values x[0], x[s], ..., as a pairwise tree: its adds are at most 3
 // deep instead of a chain of R - 1 dependent adds (3 cycles each on Zen 3), and its error is at most
-// 3 * 2^-24 * sum|x|, inside the bound above. A/B in one process, [64, 256|512, 16|8, 16|8]
-// channels_last from cache: 2-4% faster than the chain. (A recursion on the halves, not a local
-// array: the array kept the loop around it from vectorizing, 10x slower.)
+// 3 * 2^-24 * sum|x|, inside the bound above (docs/extension.md has the A/B against the chain). A
+// recursion on the halves, not a local array: the array kept the loop around it from vectorizing.
 template <int R, typename T>
 inline float tree_sum(const T* x, int64_t s) {
   if constexpr (R == 1) {
@@ -107,10 +106,8 @@ inline void add_last_rows(int rows, double* out, const T* x, int64_t n, int64_t 
 // sums row j of every stream (rows j, j + L, ..., L apart), so each stream is read in address
 // order, one row further per run. The hardware prefetchers follow such streams: when the tensor
 // comes from DRAM, kRun consecutive rows per run (each stream only n units long before it jumps)
-// read at 1.4-1.8x act.sum() even with software prefetches of the next run. Side by side in one
-// process on the 2-core Zen 3 VM, [64, 256, 16, 16] fp32, 1 and 2 threads (act.sum() = 1), flushed
-// from the caches: consecutive rows + prefetch of the next run 1.63-1.73, the same prefetch in
-// address order 1.29-1.33, streams 0.95-1.08; just read: 1.11-1.53, 0.97-1.16, 0.80-0.81.
+// read well below act.sum()'s speed, even with software prefetches of the next run; streams read at
+// about its speed (docs/extension.md has the side-by-side measurements).
 // The last P % kRun rows, left over, form one last run of consecutive rows.
 template <typename T>
 SELECTIVITY_HOT void pixel_row_means(double* __restrict out, const T* __restrict x, int64_t n, int64_t P,

@@ -17,8 +17,8 @@ constexpr int64_t kGrainElements = 32768;
 
 // Units are tiled so the running max/argmax/total of a tile (24 KB) stay in L1/L2 while the present
 // classes stream past; the tile loop is vectorized over units (sums rows are contiguous in u). A tile
-// reads 8 KB of each row: with 2 KB (256 units) the hardware prefetcher restarted every 2 KB and the
-// whole [1000, 15104] state of ResNet-50 took 1.7x a plain read of it on one thread, 1.2x at 1024.
+// reads 8 KB of each row: with 2 KB (256 units) the hardware prefetcher restarts every 2 KB, which
+// made the SI read of a ResNet-50 state markedly slower than a plain read (docs/extension.md).
 constexpr int64_t kIndexTile = 1024;
 
 // One tile of n units starting at u0: best/arg/total running over the present classes' rows.
