@@ -234,7 +234,7 @@ class SelectivityRegularizer:
         self.num_classes, self.eps, self.group = num_classes, eps, group
         self._acts: list[torch.Tensor] = []
         self.last_layers: torch.Tensor | None = None
-        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._acts.clear)
+        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._clear)
 
     @property
     def enabled(self) -> bool:
@@ -245,6 +245,9 @@ class SelectivityRegularizer:
         self.hooks.enabled = value
         if not value:
             self._acts = []
+
+    def _clear(self) -> None:  # a new forward pass: only its layers enter the next term()
+        self._acts = []
 
     def _on_output(self, name, output):
         # Reduce each layer output to its [B, U] unit means at once (float32, autocast off).

@@ -61,6 +61,8 @@ def test_library_term_in_a_plain_loop_equals_the_functional_form():
     seen = []
     hooks = [m.register_forward_hook(lambda m, a, o: seen.append(o)) for m in resolve_units(model).values()]
     reg = SelectivityRegularizer(model, K)
+    model(images[:4])  # a forward without term(): only the last forward's layers count
+    seen.clear()
     model(images)
     term = reg.term(labels)
     expected, _ = selectivity_reg(seen, labels, K)
