@@ -48,13 +48,13 @@ def read_jsonl(path: str) -> list[dict]:
 def save_figure(fig, path: str, dpi: int = 120) -> str:
     """Render a matplotlib figure to PNG in memory, then write it atomically; closes the figure."""
     import matplotlib.pyplot as plt
-    from .checkpoint import atomic_write_bytes
+    from .checkpoint import atomic_write_bytes, makedirs
 
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    makedirs(os.path.dirname(os.path.abspath(path)))
     atomic_write_bytes(path, buf.getvalue())
     return path

@@ -1,7 +1,10 @@
 """The training engine behind tools/train.py: the whole loop, readable top to bottom.
 
-Order of a run: build data and model (bad input fails here, before anything is written) → create
-the run directory → resume or evaluate/save epoch 0 → for each epoch: train, evaluate, checkpoint.
+Order of a run: build data and model (bad input fails here, before anything is written) → lock
+the run directory (selectivity/runlock.py: one run per directory) → on resume, check the stored
+config against this one (``config.RESUMABLE``) → resume or evaluate/save epoch 0 → for each
+epoch: train, evaluate, checkpoint. Ctrl-C ends the run with one line (``Interrupted``); every
+file it was writing is either whole or untouched (atomic writes), so ``--resume`` goes on.
 Experiment features (selectivity tracking, the regularizer, …) plug in as callbacks (see
 ``Callback``) so this loop stays one screen.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -19,12 +23,14 @@ from . import faults
 from .callbacks import Callback  # noqa: F401  (re-exported: the extension points)
 from .checkpoint import (load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import Config, save_config, to_dict
-from .distributed import DistInfo, all_reduce_sum
+from .config import RESUMABLE, Config, save_config, to_dict, yaml_load
+from .distributed import DistInfo, all_reduce_sum, broadcast_object
 from .evaluation import bn_statistics, calibration_batches
-from .errors import TrainingError  # noqa: F401  (importable from here too)
+from .errors import (CheckpointError, ConfigError, Interrupted, TrainingError,  # noqa: F401
+                     WriteError)
 from .models import build_model
 from .runlog import RunLog, run_paths
+from .runlock import RunLock
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -54,7 +60,7 @@ def set_determinism(cfg: Config) -> None:
 class Trainer:
     _calibration: list | None = None  # the BatchNorm recalibration images, loaded at the first evaluation
     def __init__(self, cfg: Config, dist: DistInfo, resume: bool = False,
-                 callbacks: list[Callback] | None = None):
+                 callbacks: list[Callback] | None = None, accept_config_change: bool = False):
         from selectivity.data import build_loader
 
         self.cfg, self.dist, self.device = cfg, dist, dist.device
@@ -63,10 +69,7 @@ class Trainer:
         set_determinism(cfg)
         self.run_dir = os.path.join(cfg.out_dir, cfg.name)
         self.paths = run_paths(self.run_dir)
-        if os.path.isdir(self.paths["checkpoints"]) and os.listdir(self.paths["checkpoints"]) \
-                and not resume:
-            raise TrainingError(f"run directory {self.run_dir} already holds a run; pass --resume "
-                                f"to continue it, or choose another --name")
+        self._refuse_existing_run(resume)
         # Data and model first: bad input fails before the run directory is touched.
         self.train_loader = build_loader(cfg, "train", self.device, dist.rank, dist.world_size)
         self.val_loader = build_loader(cfg, "val", self.device, dist.rank, dist.world_size)
@@ -92,18 +95,127 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
         self.callbacks = list(callbacks or [])
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
-        if resume and dist.is_main:  # leftovers of writes a killed run never renamed
-            remove_stale_temp_files([self.run_dir, self.paths["checkpoints"],
-                                     self.paths["selectivity"]])
-        self.resume_state = load_last_good(self.paths["checkpoints"]) if resume else None
-        for cb in self.callbacks:
-            cb.setup(self)
-        if self.resume_state is not None:
-            self._restore(self.resume_state[0])
-        self.log = RunLog(self.run_dir, dist.is_main, cfg.tensorboard,
-                          self.step if self.resume_state else None)
-        if dist.is_main:
-            save_config(cfg, self.paths["config"])
+        # The first write to the run directory is its lock; the check above is repeated under it,
+        # so of two runs started together on one directory exactly one goes on.
+        self._lock = RunLock(self.run_dir)
+        self._take_lock()
+        try:
+            self._refuse_existing_run(resume)
+            if resume and dist.is_main:  # leftovers of writes a killed run never renamed
+                remove_stale_temp_files([self.run_dir, self.paths["checkpoints"],
+                                         self.paths["selectivity"]])
+            self.resume_state = load_last_good(self.paths["checkpoints"]) if resume else None
+            changes = {}
+            if self.resume_state is not None:
+                changes = self._config_changes(self.resume_state, accept_config_change)
+                self._check_checkpoint_fits(*self.resume_state)
+            for cb in self.callbacks:
+                cb.setup(self)
+            if self.resume_state is not None:
+                self._restore_changed(self.resume_state, changes)
+            self.log = RunLog(self.run_dir, dist.is_main, cfg.tensorboard,
+                              self.step if self.resume_state else None)
+            if changes:
+                self.log.write({"epoch": self.epoch, "step": self.step, "split": "config_change",
+                                "changes": {k: {"old": o, "new": n}
+                                            for k, (o, n) in changes.items()},
+                                "accepted": sorted(k for k in changes if k not in RESUMABLE)})
+            if dist.is_main:
+                save_config(cfg, self.paths["config"])
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # ---- the run directory: lock, resume checks ----------------------------------------------
+    def _refuse_existing_run(self, resume: bool) -> None:
+        ckpts = self.paths["checkpoints"]
+        if not resume and os.path.isdir(ckpts) and os.listdir(ckpts):
+            raise TrainingError(f"run directory {self.run_dir} already holds a run; pass --resume "
+                                f"to continue it, or choose another --name")
+
+    def _take_lock(self) -> None:
+        """Rank 0 takes the lock (it alone writes); every rank learns the outcome, so on a
+        refusal all of them stop instead of the others waiting in a collective."""
+        refusal = None
+        if self.dist.is_main:
+            try:
+                self._lock.acquire()
+            except (TrainingError, WriteError) as e:
+                refusal = (isinstance(e, WriteError), str(e))
+        refusal = broadcast_object(refusal) if self.dist.enabled else refusal
+        if refusal is not None:
+            raise (WriteError if refusal[0] else TrainingError)(refusal[1])
+
+    def _stored_config(self, state: dict) -> dict:
+        """The config the checkpoint was trained with (else the run's config.yaml)."""
+        if isinstance(state.get("config"), dict):
+            return state["config"]
+        try:
+            with open(self.paths["config"], encoding="utf-8") as f:
+                stored = yaml_load(f.read())
+        except (OSError, ValueError):  # yaml.YAMLError and UnicodeDecodeError are ValueErrors
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def _config_changes(self, resume_state, accept: bool) -> dict:
+        """{key: (old, new)} for every key that differs from the run's stored config; a
+        ConfigError listing them when some are not RESUMABLE and ``accept`` is not given."""
+        state, path = resume_state
+        stored, new = self._stored_config(state), to_dict(self.cfg)
+        changes = {k: (stored[k], v) for k, v in new.items() if k in stored and stored[k] != v}
+        refused = [k for k in changes if k not in RESUMABLE]
+        if refused and not accept:
+            listed = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
+            raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was "
+                              f"trained with: {listed}; these keys cannot change mid-run "
+                              f"(RESUMABLE in selectivity/config.py lists those that can). Pass "
+                              f"--accept-config-change to continue anyway (recorded in "
+                              f"metrics.jsonl), or start a new run with another --name")
+        return changes
+
+    def _check_checkpoint_fits(self, state: dict, path: str) -> None:
+        """The checkpoint's weights have this model's names and shapes (a changed model or
+        class count is a one-line error, not load_state_dict's traceback)."""
+        own, theirs = self.model.state_dict(), state.get("model")
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"checkpoint {path} holds no model weights")
+        problems = [f"{k} missing" for k in own if k not in theirs] + \
+            [f"{k} unexpected" for k in theirs if k not in own] + \
+            [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in theirs and tuple(getattr(theirs[k], "shape", ())) != tuple(own[k].shape)]
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointError(f"checkpoint {path} does not fit model {self.cfg.model} with "
+                                  f"{self.num_classes} classes: {'; '.join(problems[:3])}{more}; "
+                                  f"resume with the model and data it was trained with")
+
+    def _restore_changed(self, resume_state, changes: dict) -> None:
+        """``_restore``, then what a changed config changes: the optimizer's hyperparameters and
+        the schedule (the checkpoint's would silently win), fresh state for changed callbacks
+        or a newly enabled GradScaler."""
+        state, path = resume_state
+        state = dict(state)
+        if not state.get("scaler") and self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        callbacks_changed = len(state.get("callbacks", [])) != len(self.callbacks) or any(
+            k in changes for k in ("track", "track_units", "selectivity_reg"))
+        if callbacks_changed:
+            state["callbacks"] = [cb.state_dict() for cb in self.callbacks]
+        try:
+            self._restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} cannot be restored into this run: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+                                  ) from None
+        if not changes:
+            return  # an exact resume: the restored optimizer and scheduler are the run's own
+        cfg = self.cfg
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        factor = lr_factor(cfg, self.scheduler.last_epoch, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(momentum=cfg.momentum, nesterov=cfg.nesterov,
+                         weight_decay=cfg.weight_decay, initial_lr=cfg.lr, lr=cfg.lr * factor)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -292,19 +404,27 @@ class Trainer:
 
     def fit(self) -> dict | None:
         cfg, last = self.cfg, None
-        if self.resume_state is None:
-            last = self.evaluate(None)
-            self.log.write(last)
-            self.save("epoch_0.pt")
-        while self.epoch < cfg.epochs:
-            ips = self.train_epoch()
-            if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
-                last = self.evaluate(ips)
+        try:
+            if self.resume_state is None:
+                last = self.evaluate(None)
                 self.log.write(last)
-                if self.dist.is_main and cfg.progress:
-                    print(f"epoch {self.epoch}/{cfg.epochs}  val acc1 {last['acc1']:.4f}  "
-                          f"loss {last['loss']:.4f}  train {ips:.0f} img/s", flush=True)
-            if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
-                self.save(f"epoch_{self.epoch}.pt")
-        self.log.close()
+                self.save("epoch_0.pt")
+            while self.epoch < cfg.epochs:
+                ips = self.train_epoch()
+                if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
+                    last = self.evaluate(ips)
+                    self.log.write(last)
+                    if self.dist.is_main and cfg.progress:
+                        print(f"epoch {self.epoch}/{cfg.epochs}  val acc1 {last['acc1']:.4f}  "
+                              f"loss {last['loss']:.4f}  train {ips:.0f} img/s", flush=True)
+                if self.epoch % cfg.save_every_epochs == 0 or self.epoch == cfg.epochs:
+                    self.save(f"epoch_{self.epoch}.pt")
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at epoch {self.epoch} step {self.step}; resume with "
+                              f"--resume") from None
+        finally:
+            # On the way out of an error its report is the one that counts: a failure to flush
+            # TensorBoard then (the disk that just filled up) is not raised over it.
+            self.log.close(quiet=sys.exc_info()[0] is not None)
+            self._lock.release()
         return last

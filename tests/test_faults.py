@@ -1,10 +1,14 @@
-"""Reliability: kills at several points, torn checkpoints, NaN loss, a full disk, DDP exactness.
+"""Reliability: kills at several points, Ctrl-C, torn checkpoints, NaN loss, a failed write, DDP
+exactness.
 
 Faults are injected with SELECTIVITY_FAULT (selectivity/faults.py): a real SIGKILL of the training
-process at a named point, a NaN loss at step n, or ENOSPC from a checkpoint write.
+process at a named point, a NaN loss at step n, or ENOSPC from a checkpoint write. A real full
+disk (a small tmpfs) is in test_reliability.py.
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -13,6 +17,7 @@ import torch
 
 from conftest import ROOT
 from selectivity.checkpoint import load_last_good, load_state
+from selectivity.runlock import RunLock
 
 FAST = ["-c", "configs/demo.yaml", "--epochs", "2", "--batch-size", "128", "--deterministic",
         "true", "--log-every-steps", "5", "--progress", "false", "--eval-every-steps", "4"]
@@ -40,15 +45,50 @@ def test_sigkill_then_resume_is_exact(tool, tmp_path, reference, fault):
     killed = tool("tools/train.py", *FAST, "--out-dir", out, "--name", "k",
                   env={"SELECTIVITY_FAULT": fault})
     assert killed.returncode == -9, killed.stderr
+    with RunLock(os.path.join(out, "k")):  # the kernel dropped the dead run's lock
+        pass
     tool("tools/train.py", *FAST, "--out-dir", out, "--name", "k", "--resume", check=True)
-    ref, res = (load_state(os.path.join(d, "checkpoints", "last.pt"))
-                for d in (reference, os.path.join(out, "k")))
+    assert_same_run(reference, os.path.join(out, "k"))
+
+
+def assert_same_run(reference, run):
+    ref, res = (load_state(os.path.join(d, "checkpoints", "last.pt")) for d in (reference, run))
     assert ref["step"] == res["step"]
     for key, value in ref["model"].items():
         assert torch.equal(value, res["model"][key]), key
-    assert vals(reference) == vals(os.path.join(out, "k"))
-    assert not [f for f in os.listdir(os.path.join(out, "k", "checkpoints"))
-                if f.startswith(".tmp")]
+    assert vals(reference) == vals(run)
+    assert not [f for d, _, files in os.walk(run) for f in files if f.startswith(".tmp")]
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_is_one_line_exit_130_and_resume_is_exact(tmp_path, reference):
+    """SIGINT (what Ctrl-C sends) once training is under way: one line, exit 130, no traceback;
+    --resume then ends exactly where the uninterrupted run ends."""
+    import time
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "tools/train.py", *FAST, "--out-dir", out,
+                             "--name", "c"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    first = os.path.join(out, "c", "checkpoints", "epoch_0.pt")
+    try:
+        while not os.path.exists(first) and proc.poll() is None:
+            time.sleep(0.05)  # polling for a file, not a time limit: the run takes many seconds
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err[-3000:]
+    assert re.fullmatch(r"interrupted at epoch \d+ step \d+; resume with --resume", lines[-1])
+    assert not any("Traceback" in line for line in lines), err[-3000:]
+    with RunLock(os.path.join(out, "c")):  # released on the way out
+        pass
+    tool_proc = subprocess.run([sys.executable, "tools/train.py", *FAST, "--out-dir", out,
+                                "--name", "c", "--resume"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=500, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert tool_proc.returncode == 0, tool_proc.stderr[-3000:]
+    assert_same_run(reference, os.path.join(out, "c"))
 
 
 def test_torn_checkpoint_is_never_loaded(tmp_path, reference):
@@ -85,7 +125,9 @@ def test_disk_full_during_checkpoint_keeps_previous(tool, tmp_path):
     proc = tool("tools/train.py", *FAST, "--out-dir", str(tmp_path), "--name", "f",
                 env={"SELECTIVITY_FAULT": "disk_full:2"})  # epoch_1.pt's write fails
     assert proc.returncode == 2
-    assert "error: cannot write checkpoint" in proc.stderr and "No space left" in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert re.fullmatch(r"error: cannot write \S+/f/checkpoints/epoch_1\.pt: No space left on "
+                        r"device; .*\(earlier files are intact\)", last), proc.stderr
     ckpt = tmp_path / "f" / "checkpoints"
     assert sorted(os.listdir(ckpt)) == ["epoch_0.pt", "last.pt"]
     assert load_state(str(ckpt / "last.pt"))["step"] == 0

@@ -26,6 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from selectivity.checkpoint import makedirs  # noqa: E402
+from selectivity.errors import CheckpointError, run_cli  # noqa: E402
+from selectivity.io import save_figure  # noqa: E402
 from selectivity.models import stage_of  # noqa: E402
 
 
@@ -33,10 +36,22 @@ def load_evals(run: str) -> list[dict]:
     """The run's per-evaluation selectivity records, in training order."""
     files = glob.glob(os.path.join(run, "selectivity", "*.pt"))
     if not files:
-        raise SystemExit(f"error: no selectivity records in {run}/selectivity; train with "
-                         f"track: true (the default) first")
-    evals = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        raise CheckpointError(f"no selectivity records in {run}/selectivity; train with "
+                              f"track: true (the default) first")
+    evals = [_load_record(f) for f in files]
     return sorted(evals, key=lambda e: e["step"])
+
+
+def _load_record(path: str) -> dict:
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 — torn, foreign or unreadable: any of torch's errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read selectivity record {path}: {first}") from None
+    if not (isinstance(record, dict) and isinstance(record.get("layers"), dict)
+            and "step" in record and "epoch" in record):
+        raise CheckpointError(f"not a selectivity record (no epoch, step and layers): {path}")
+    return record
 
 
 def stage_series(evals: list[dict]) -> "OrderedDict[str, dict]":
@@ -75,8 +90,7 @@ def plot_stages(runs: dict, path: str) -> None:
     axes[0][0].set_ylabel("mean class selectivity index")
     axes[0][-1].legend(fontsize=7, title="dotted + band: shuffled-label null", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_heatmap(run: str, evals: list[dict], path: str) -> None:
@@ -105,8 +119,7 @@ def plot_heatmap(run: str, evals: list[dict], path: str) -> None:
     ax.set_title(f"per-unit SI: {os.path.basename(os.path.normpath(run))}", fontsize=9)
     fig.colorbar(im, ax=ax, label="SI")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):
@@ -116,9 +129,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     for run in args.runs:
         if not os.path.isdir(run):
-            raise SystemExit(f"error: run directory not found: {run}")
+            raise CheckpointError(f"run directory not found: {run}")
     out = args.out or os.path.join(args.runs[0], "figures")
-    os.makedirs(out, exist_ok=True)
+    makedirs(out)
     series, written = OrderedDict(), []
     for run in args.runs:
         evals = load_evals(run)
@@ -138,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -4,28 +4,45 @@
     python tools/train.py -c configs/demo.yaml [--epochs 2] [--lr 0.05] [--resume]
 
 Every key of selectivity/config.py is a flag (``--data-dir`` or ``--data_dir``); flags override
-the file. Bad input exits non-zero with one line naming the problem, before anything is written.
+the file. Bad input exits with status 2 and one line naming the problem, before anything is
+written; Ctrl-C exits with status 130 and one line saying where the run stopped.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from selectivity.config import FIELDS, load_config, parse_override  # noqa: E402
+from selectivity.config import (FIELDS, RESUMABLE, Config, check_machine, help_of,  # noqa: E402
+                                load_config, parse_override)
 from selectivity.errors import run_cli  # noqa: E402
 
 
+def _default(key: str):
+    f = FIELDS[key]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", help="YAML config file")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in <out_dir>/<name> from its last good checkpoint")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume: continue even though keys other than "
+                        f"{', '.join(RESUMABLE)} differ from the run's config (each change is "
+                        f"recorded in metrics.jsonl)")
+    keys = p.add_argument_group("config keys (YAML key: value, or --key V; flags win)")
+    hints = typing.get_type_hints(Config)
     for key in FIELDS:
-        p.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, default=None,
-                       metavar="V", help=argparse.SUPPRESS)
+        typ = hints[key].__name__
+        text = f"{typ}, default {_default(key)!r}: {help_of(key)}".replace("%", "%%")
+        flags = dict.fromkeys([f"--{key.replace('_', '-')}", f"--{key}"])  # once if no '_'
+        keys.add_argument(*flags, dest=key, default=None, metavar=typ.upper(), help=text)
     return p.parse_args(argv)
 
 
@@ -38,9 +55,11 @@ def main(argv=None):
     overrides = {k: parse_override(k, v) for k, v in vars(args).items()
                  if k in FIELDS and v is not None}
     cfg = load_config(args.config, overrides)
+    check_machine(cfg)
     dist = distributed.setup(cfg.device)
     try:
-        trainer = Trainer(cfg, dist, resume=args.resume, callbacks=default_callbacks(cfg))
+        trainer = Trainer(cfg, dist, resume=args.resume, callbacks=default_callbacks(cfg),
+                          accept_config_change=args.accept_config_change)
         last = trainer.fit()
         if dist.is_main and last is not None:
             print(f"done: {trainer.run_dir}  epoch {last['epoch']}  val acc1 {last['acc1']:.4f}  "

@@ -1,7 +1,12 @@
 """The DALI backend: ``fn.readers.file`` over image files, sharded by rank, behind the contract.
 
 Files. An ImageFolder is read in place (its own file list and labels, so classes and labels are
-exactly the torch backend's). In-memory datasets (digits, synthetic, cifar10) are exported once to
+exactly the torch backend's). Every one of its images is first decoded once with PIL, as the ffcv
+path does (``export.check_images``): DALI's decoders crash the process (SIGSEGV) on some corrupt
+files and raise mid-epoch on truncated or empty ones, so a file that does not decode is reported
+by path and left out before the pipeline is built. The verdict is cached in ``cache_dir`` under a
+key of every file's path, size and modification time, so a later run re-checks nothing unless a
+file changed. In-memory datasets (digits, synthetic, cifar10) are exported once to
 a PNG tree in the cache (``export.image_files``): PNG is lossless, so DALI decodes the very pixels
 the torch backend sees, and one reader/decoder graph serves every dataset with the reader's C++
 prefetching. (``fn.external_source`` would skip the export but puts a Python callback, under the
@@ -24,11 +29,15 @@ of ``set_epoch``'s argument; a mid-epoch start (``skip_batches > 0``) is not sup
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
 
-from .datasets import DataError, build_dataset
-from .export import image_files, resolve_cache_dir
+from .datasets import DataError, ImageFolderDataset, build_dataset
+from .export import (MAX_SIDE, cache_name, check_images, file_lock, image_files, note,
+                     resolve_cache_dir)
 
 
 def _dali():
@@ -197,6 +206,10 @@ class DALILoader:
             return next(self._it)
         except StopIteration:  # end of epoch: DALIGenericIterator has reset itself (auto_reset)
             return None
+        except RuntimeError as e:  # a file DALI cannot read although PIL could: one line
+            first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
+            raise DataError(f"dali: cannot read a batch: {first.strip()}; try data_backend "
+                            f"torch, or convert the file") from None
 
     def _drain(self) -> None:
         while self._next() is not None:  # the rest of this epoch, unseen
@@ -231,8 +244,29 @@ class DALILoader:
 
 
 def threads_for(cfg, world_size: int) -> int:
-    import os
     return cfg.workers if cfg.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
+
+
+def unreadable_images(cfg, split: str, dataset, threads: int = 1) -> list:
+    """[(path, reason)] of an ImageFolder's images that PIL cannot fully decode, checked once and
+    cached (see the module docstring); [] for the PNG exports of in-memory datasets."""
+    if not isinstance(dataset, ImageFolderDataset):
+        return []
+    from ..checkpoint import atomic_write_text
+    path = os.path.join(resolve_cache_dir(cfg),
+                        cache_name(cfg, split, dataset, {"check": "decode"}) + ".bad.json")
+    with file_lock(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [tuple(entry) for entry in json.load(f)]
+        except (OSError, ValueError):  # not checked yet, or an unreadable cache entry
+            pass
+        note(f"dali: checking {len(dataset)} images of {dataset.source} (once)")
+        # DALI has no .beton side limit: only decoding counts here
+        _, bad, _ = check_images(dataset, workers=threads, progress=False,
+                                 max_resolution=MAX_SIDE)
+        atomic_write_text(path, json.dumps(bad))
+    return bad
 
 
 def build_dali_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1) -> DALILoader:
@@ -241,6 +275,16 @@ def build_dali_loader(cfg, split: str, device, rank: int = 0, world_size: int = 
     ds = build_dataset(cfg.dataset, split, cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
                        cfg.synthetic_size, cfg.seed)
     files, labels = image_files(cfg, split, ds, resolve_cache_dir(cfg))
+    bad = unreadable_images(cfg, split, ds, threads_for(cfg, world_size))
+    if bad:
+        for p, reason in bad:
+            note(f"dali: skipped unreadable image {p}: {reason}")
+        skip = {p for p, _ in bad}
+        kept = [(f, y) for f, y in zip(files, labels) if f not in skip]
+        if not kept:
+            raise DataError(f"dali: no readable images in {ds.source} ({len(bad)} unreadable; "
+                            f"first: {bad[0][0]}: {bad[0][1]})")
+        files, labels = [f for f, _ in kept], [y for _, y in kept]
     return DALILoader(files, labels, classes=ds.classes, mean=ds.mean, std=ds.std,
                       batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train,
                       augment=cfg.augment, image_size=cfg.image_size, device=device, rank=rank,
