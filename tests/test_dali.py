@@ -166,3 +166,53 @@ def test_torchrun_two_processes_dali(tmp_path):
     assert [r["epoch"] for r in vals if float(r["epoch"]).is_integer()] == [0, 1, 2]
     assert vals[-1]["images"] == 360  # val shards: disjoint, every image once
     assert vals[-1]["step"] == 2 * ((1437 // 2) // 64)  # the same step count on both ranks
+
+
+BAD_IMAGES_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from selectivity.config import Config
+from selectivity.data import build_loader
+cfg = Config(dataset="imagefolder", data_dir={data!r}, data_backend="dali", cache_dir={cache!r},
+             workers=1, batch_size=4, eval_batch_size=4, image_size=16, augment="crop_flip")
+for split in ("train", "val"):
+    ld = build_loader(cfg, split, torch.device("cpu"))
+    ld.set_epoch(0)
+    print(split, len(ld.dataset), sum(len(y) for _, y in ld), flush=True)
+    ld.close()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_dali_reports_and_skips_bad_images_and_checks_once(tmp_path):
+    """Random bytes (with and without a JPEG header), a truncated and a zero-byte JPEG: each is
+    reported by path and left out; the pipeline never sees them (in a subprocess: before the check
+    DALI crashed the process or raised mid-epoch). The check is cached: a second build re-checks
+    nothing."""
+    from test_ffcv import make_image_folder
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=6)
+    rng = np.random.default_rng(0)
+    c0, c1 = os.path.join(root, "train", "c0"), os.path.join(root, "val", "c1")
+    with open(os.path.join(c0, "0.jpg"), "rb") as f:
+        good = f.read()
+    bad = {os.path.join(c0, "random.jpg"): rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+           os.path.join(c0, "header.jpg"): b"\xff\xd8\xff\xe0" + rng.integers(
+               0, 256, 3000, dtype=np.uint8).tobytes(),
+           os.path.join(c0, "truncated.jpg"): good[: len(good) // 2],
+           os.path.join(c1, "empty.jpg"): b""}
+    for path, data in bad.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    script = BAD_IMAGES_PROBE.format(root=ROOT, data=root, cache=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # train: 12 good of 15, batches of 4 dropped to whole ones; val: 12 good of 13, all read
+        assert proc.stdout.split("\n")[:2] == ["train 12 12", "val 12 12"], proc.stdout
+        for path in bad:
+            assert f"dali: skipped unreadable image {path}: " in proc.stderr, proc.stderr[-3000:]
+    assert "dali: checking" in runs[0].stderr
+    assert "dali: checking" not in runs[1].stderr  # the verdict came from the cache
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".bad.json")]) == 2

@@ -27,6 +27,28 @@ def test_config_fuzz_valid_or_one_line_config_error(d):
         assert getattr(cfg, k) == v or (isinstance(v, int) and getattr(cfg, k) == float(v))
 
 
+yaml_text = st.one_of(
+    st.text(max_size=80),
+    # mostly-YAML: known keys, odd values, repeated keys, anchors, tags, nesting
+    st.lists(st.tuples(st.sampled_from(sorted(FIELDS) + ["<<", "&a x", "*a", "!!str x", "- "]),
+                       st.sampled_from(["1e-3", "-1", "[", "[a, 1]", "{x: 1}", "*a", "&a 1",
+                                        "!!binary AA==", "~", ".nan", "'", "0x10", "1:30", "yes",
+                                        "[[[[[[[[[[]]]]]]]]]]", "é", "\t"])),
+             max_size=5).map(lambda kv: "".join(f"{k}: {v}\n" for k, v in kv)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(yaml_text)
+def test_config_file_fuzz_valid_or_one_line_config_error(tmp_path, text):
+    from selectivity.config import load_config
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_config(str(path))
+    except ConfigError as e:
+        assert "\n" not in str(e), str(e)
+
+
 def test_imagefolder_unusual_images(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
