@@ -1,6 +1,6 @@
 """Unit ablation: mask chosen units and measure accuracy, for many conditions per forward pass.
 
-Paper 1's protocol (papers-notes §1), with its ranking/evaluation overlap fixed:
+Paper 1's protocol (Ranadive et al. 2023), with its ranking/evaluation overlap fixed:
 
 1. **Rank** the units of every tracked layer by class selectivity (selectivity/unit_ranking.py) on
    a *ranking split* (selectivity/ranking_split.py) — never on the data the accuracy is then
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis import bn_uses_batch_statistics, eval_no_grad
 from .models import stage_of
 from .unit_ranking import AblationError, UnitRanking, resolve_layers
 from .units import UnitHooks
@@ -312,7 +313,8 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
                        seed: int = 0, batched: bool = True, share_prefix: bool = True,
                        max_images: int | None = None, dedupe: bool = True) -> list[AblationResult]:
     """Accuracy and loss of ``model`` on ``loader`` under every condition (one result each, in
-    order). Eval mode, no grad; the model's mode is restored afterwards.
+    order). No grad; a model in training mode is put in eval mode (and back afterwards); a model
+    already in eval mode is measured as configured (e.g. inside ``evaluation.bn_statistics``).
 
     ``batched``: all conditions in one pass over ``loader``, G per forward (at most
     ``max_images`` images per forward pass, default ``default_max_images``), the batch repeated at
@@ -349,9 +351,32 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
     max_images = max_images or default_max_images(next(model.parameters()).device)
 
     stats = [[0.0, None] for _ in unique]  # per unique condition: loss sum, correct per class
-    count = None  # images per class
-    was_training = model.training
-    model.eval()
+    with eval_no_grad(model):
+        if batched and bn_uses_batch_statistics(model):
+            # BatchNorm normalising by batch statistics (bn_mode batch): the G conditions of a
+            # batched pass would share those statistics, so each condition gets its own passes.
+            batched = False
+        count = _evaluate(model, loader, unique, layers, names, maker, fill, batched,
+                          share_prefix, max_images, stats)
+    if count is None:
+        raise AblationError("the evaluation loader yielded no batches")
+    n = int(count.sum())
+    K = max([len(count)] + [len(s[1]) for s in stats if s[1] is not None])
+    count = np.pad(count, (0, K - len(count)))
+    out = []
+    for c, s in zip(conditions, slot):
+        loss_sum, correct = stats[s]
+        correct = np.zeros(K, dtype=np.int64) if correct is None else _add(np.zeros(K, np.int64),
+                                                                           correct)
+        out.append(AblationResult(c, loss_sum / n, float(correct.sum()) / n, correct,
+                                  count.copy(), n))
+    return out
+
+
+def _evaluate(model, loader, unique, layers, names, maker, fill, batched, share_prefix,
+              max_images, stats):
+    """The passes of ``evaluate_ablations``; returns the images per class."""
+    count = None
     hooks = AblationHooks(model, layers)
     try:
         if batched:
@@ -370,20 +395,7 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
                         count = _add(count, np.bincount(labels.cpu().numpy()))
     finally:
         hooks.remove()
-        model.train(was_training)
-    if count is None:
-        raise AblationError("the evaluation loader yielded no batches")
-    n = int(count.sum())
-    K = max([len(count)] + [len(s[1]) for s in stats if s[1] is not None])
-    count = np.pad(count, (0, K - len(count)))
-    out = []
-    for c, s in zip(conditions, slot):
-        loss_sum, correct = stats[s]
-        correct = np.zeros(K, dtype=np.int64) if correct is None else _add(np.zeros(K, np.int64),
-                                                                           correct)
-        out.append(AblationResult(c, loss_sum / n, float(correct.sum()) / n, correct,
-                                  count.copy(), n))
-    return out
+    return count
 
 
 def _add(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:

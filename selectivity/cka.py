@@ -5,9 +5,14 @@ matrix is K = X Xᵀ with the diagonal zeroed. The unbiased estimator is
 
     HSIC_1(K, L) = [tr(KL) + (1ᵀK1)(1ᵀL1)/((n−1)(n−2)) − 2/(n−2)·1ᵀKL1] / (n(n−3)),
 
-it is averaged over minibatches, and CKA = HSIC(K,L) / sqrt(HSIC(K,K)·HSIC(L,L)). Because every
-minibatch term is unbiased for the population HSIC, the average converges to the full-data value
-as batches accumulate, whatever the batch size (the biased estimator does not).
+it is averaged over minibatches, and CKA = HSIC(K,L) / sqrt(HSIC(K,K)·HSIC(L,L)). Every
+minibatch term is unbiased for the HSIC of the distribution its n images were drawn from, so
+when the batches are random samples of the data the average converges to the full-data value as
+batches accumulate, at any batch size (the biased estimator does not). When they are not — the
+val split of an ImageFolder lists images class by class and an unshuffled loader keeps that
+order — each batch estimates the HSIC *within* one or two classes, and the average converges to
+a different, biased number. The analyses therefore draw val batches in a fixed shuffled order
+(selectivity/analysis.py ``val_loader``); docs/analyses.md gives the size of the effect.
 
 Why this is fast (torch_cka recomputes every Gram inside its layer-pair loop and keeps every hooked
 feature map alive):
@@ -21,10 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .analysis import eval_no_grad  # noqa: F401  (importable from here too)
+from .errors import UnitsError
+from .units import UnitHooks, resolve_units
 
 LOGITS = "logits"
 
@@ -163,16 +173,28 @@ class MinibatchCKA:
 
 # ---------------------------------------------------------------- hooks
 
-def resolve_modules(model: nn.Module, layer_names: Iterable[str]) -> dict[str, nn.Module]:
-    """{name: module} for the named submodules; an unknown name is an error listing valid ones."""
-    modules = dict(model.named_modules())
-    out = {}
-    for name in layer_names:
-        if name not in modules or name == "":
-            valid = ", ".join(n for n in modules if n)
-            raise ValueError(f"unknown layer {name!r} in {type(model).__name__}; valid: {valid}")
-        out[name] = modules[name]
+def resolve_modules(model: nn.Module, layer_names: Iterable[str]) -> "OrderedDict[str, nn.Module]":
+    """{name: module} for ``layer_names`` (module names, globs or presets, see
+    selectivity/units.py), in the order given (a glob or preset expands in module order); an
+    unknown name is a ``UnitsError`` whose one line names it and what the model has."""
+    out: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for spec in layer_names:
+        if not isinstance(spec, str) or not spec:
+            raise UnitsError(f"a layer name must be a non-empty string, got {spec!r}")
+        try:  # a module's own name first: a model's top-level ``relu`` is that module,
+            found = resolve_units(model, lambda n, m, spec=spec: n == spec)
+        except UnitsError:  # not the ``relu`` preset (every ReLU)
+            found = resolve_units(model, spec)
+        for name, module in found.items():
+            if name in out:
+                raise UnitsError(f"layer {name!r} is named twice in {list(layer_names)}")
+            out[name] = module
     return out
+
+
+def _base_name(reported: str) -> str:
+    """``UnitHooks`` reports the k-th call of a module as ``name#k``; the module's name."""
+    return reported.partition("#")[0]
 
 
 @contextlib.contextmanager
@@ -188,23 +210,21 @@ def collect_features(model: nn.Module, layer_names: Sequence[str], include_logit
     ResNet blocks reuse ``relu``) reports its last call, which for those blocks is the block output.
     Hooks are removed on exit. The caller chooses train/eval mode and grad mode.
     """
-    names = list(layer_names)
+    layers = resolve_modules(model, layer_names)
+    names = list(layers)
     if include_logits and LOGITS in names:
         raise ValueError(f"layer name {LOGITS!r} is reserved for the model output")
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate layer names in {names}")
     reduce = reduce if reduce is not None else (lambda t: t)
     store: dict[str, object] = {}
 
-    def hook_for(name):
-        def hook(_module, _inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a Tensor")
+    def keep(reported, output):
+        name = _base_name(reported)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a Tensor")
+        try:
             store[name] = reduce(output.detach())
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n))
-               for n, m in resolve_modules(model, names).items()]
+        except UnitsError as e:  # e.g. unit_means of a 3-D output: say which layer
+            raise UnitsError(f"layer {name!r}: {e}") from None
 
     def run(images: torch.Tensor) -> dict[str, object]:
         store.clear()
@@ -220,25 +240,8 @@ def collect_features(model: nn.Module, layer_names: Sequence[str], include_logit
             out[LOGITS] = reduce(logits.detach())
         return out
 
-    try:
+    with UnitHooks(model, layers, keep):
         yield run
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def eval_no_grad(*models: nn.Module):
-    """Eval mode and no_grad for the duration; each model's train/eval mode is restored after."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def _batches(loader, max_batches, min_size=1):
@@ -338,31 +341,27 @@ def count_relu_activity(model: nn.Module, layer_names: Sequence[str]) -> Iterato
     caller runs forward passes; yields a ``ReluActivity``. The fraction of active ReLUs is a direct
     proxy for linearity: with every ReLU active, a ReLU network computes a linear function. Counts
     stay on the model's device until ``fractions()`` (no sync per batch). Hooks removed on exit."""
-    resolve_modules(model, layer_names)  # unknown names: the usual error
-    acc = ReluActivity(layer_names)
-    owners: dict[str, list[str]] = {}
-    relu_modules = {}
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.ReLU):
-            continue
-        for layer in acc.names:
-            if mod_name == layer or mod_name.startswith(layer + "."):
-                owners.setdefault(mod_name, []).append(layer)
-                acc.relus[layer].append(mod_name)
-                relu_modules[mod_name] = module
-
-    def hook_for(layers):
-        def hook(_module, _inputs, output):
-            count, numel = (output > 0).sum(), output.numel()
-            for layer in layers:
-                acc.active[layer] = acc.active[layer] + count
-                acc.total[layer] += numel
-        return hook
-
-    handles = [relu_modules[m].register_forward_hook(hook_for(layers))
-               for m, layers in owners.items()]
+    acc = ReluActivity(resolve_modules(model, layer_names))  # unknown names: the usual error
     try:
+        relus = resolve_units(model, "relu")
+    except UnitsError:  # no ReLU module at all: every fraction is NaN
+        relus = OrderedDict()
+    owners: dict[str, list[str]] = {}
+    for relu in relus:
+        for layer in acc.names:
+            if relu == layer or relu.startswith(layer + "."):
+                owners.setdefault(relu, []).append(layer)
+                acc.relus[layer].append(relu)
+
+    def count(reported, output):
+        layers = owners[_base_name(reported)]  # every call of a ReLU counts
+        positive, numel = (output > 0).sum(), output.numel()
+        for layer in layers:
+            acc.active[layer] = acc.active[layer] + positive
+            acc.total[layer] += numel
+
+    if not owners:
         yield acc
-    finally:
-        for h in handles:
-            h.remove()
+        return
+    with UnitHooks(model, OrderedDict((n, relus[n]) for n in owners), count):
+        yield acc

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .cka import LOGITS, collect_features, eval_no_grad, resolve_modules
+from .units import UnitHooks, unit_means
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,11 +93,6 @@ def make_gratings(size: int, n_orient: int = 12, n_phase: int = 4,
     return Gratings(images, ori.float(), phase.float(), sf.float())
 
 
-def _spatial_mean(y: torch.Tensor) -> torch.Tensor:
-    """[B, U, H, W] → [B, U] inside the hook, so no feature map outlives its layer."""
-    return y.float().mean(dim=(2, 3)) if y.dim() == 4 else y
-
-
 def _model_device(model: nn.Module, device) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -116,14 +112,11 @@ def unit_responses(model: nn.Module, layer_names: Sequence[str], images: torch.T
     dev = _model_device(model, device)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     with eval_no_grad(model), collect_features(model, names, include_logits=False,
-                                               reduce=_spatial_mean) as run:
+                                               reduce=unit_means) as run:
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(dev)
             out = run(normalize(x) if normalize is not None else x)
             for n in names:
-                if out[n].dim() != 2:
-                    raise ValueError(f"layer {n!r} output is {out[n].dim()}-D; "
-                                     "expected [B, U, H, W] or [B, U]")
                 parts[n].append(out[n].float().cpu())
     return {n: torch.cat(p) for n, p in parts.items()}
 
@@ -263,25 +256,22 @@ def zero_channels(model: nn.Module, layer_name: str, channels: Sequence[int] | t
     in any memory format; the output is replaced (not modified in place), so hooks registered
     after this one, and the next layer, see the zeroed tensor.
     """
-    module = resolve_modules(model, [layer_name])[layer_name]
+    layer = resolve_modules(model, [layer_name])
     index = torch.as_tensor(channels, dtype=torch.long).flatten()
 
-    def hook(_module, _inputs, output):
+    def mask(_reported, output):
         if not isinstance(output, torch.Tensor) or output.dim() < 2:
             raise TypeError(f"cannot zero channels of {layer_name!r}: "
                             f"its output is not [B, U, ...]")
         if index.numel() and int(index.max()) >= output.shape[1]:
             raise IndexError(f"channel {int(index.max())} out of range for {layer_name!r} "
                              f"({output.shape[1]} channels)")
-        mask = torch.ones(output.shape[1], dtype=output.dtype, device=output.device)
-        mask[index.to(output.device)] = 0
-        return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
+        keep = torch.ones(output.shape[1], dtype=output.dtype, device=output.device)
+        keep[index.to(output.device)] = 0
+        return output * keep.view(1, -1, *([1] * (output.dim() - 2)))
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with UnitHooks(model, layer, mask):
         yield
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -304,7 +294,7 @@ def loss_and_shift_invariance(model: nn.Module, batches, layer_names: Sequence[s
     a: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     b: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     with eval_no_grad(model), collect_features(model, names, include_logits=True,
-                                               reduce=_spatial_mean) as run:
+                                               reduce=unit_means) as run:
         for images, labels in batches:
             out = run(images)
             logits = out.pop(LOGITS).float()

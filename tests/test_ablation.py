@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from selectivity import ablation as A
+from selectivity.errors import UnitsError
 from selectivity.models import build_model, unit_registry
 from selectivity.ranking_split import stratified_subset
 from selectivity.unit_ranking import AblationError, rank_units, resolve_layers
@@ -175,6 +176,30 @@ def test_batched_equals_one_pass_per_condition(resnet, mode):
     assert len({round(r.loss, 6) for r in ref}) > len(conds) // 3
 
 
+def test_batch_statistics_are_measured_per_condition(resnet):
+    # Inside bn_statistics(model, "batch") BatchNorm normalises by each batch's statistics: the
+    # conditions of a batched pass would share them, so evaluate_ablations falls back to one pass
+    # per condition, and the ranking sees batch statistics too (rank_as_set_up).
+    from selectivity.ablation_run import rank_as_set_up
+    from selectivity.analysis import measuring
+    model, batches, rankings = resnet
+    registry = unit_registry(model)
+    conds = A.make_conditions({n: registry[n] for n in A.scopes_by_stage(registry)["layer2"]},
+                              fractions=[0, 0.5, 1], random_draws=1, scope="layer2")
+    running = A.evaluate_ablations(model, batches, conds, rankings, seed=3)
+    with measuring(model, "batch"):
+        assert any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        ref = A.evaluate_ablations(model, batches, conds, rankings, seed=3, batched=False)
+        got = A.evaluate_ablations(model, batches, conds, rankings, seed=3)
+        ranked = rank_as_set_up(model, batches, resolve_layers(model), 10)
+    assert not model.training and not any(m.training for m in model.modules())  # restored
+    for a, b in zip(ref, got):
+        assert np.array_equal(a.correct, b.correct) and a.loss == pytest.approx(b.loss, rel=1e-6)
+    assert [round(r.loss, 6) for r in ref] != [round(r.loss, 6) for r in running]
+    name = "layer2.0"
+    assert not torch.allclose(ranked[name].si, rankings[name].si)  # not the running statistics
+
+
 def test_stratified_subset():
     labels = np.repeat(np.arange(5), [10, 20, 30, 40, 50])
     idx = stratified_subset(labels, 0.2, seed=0)
@@ -193,7 +218,7 @@ def test_grids_and_errors():
         A.make_conditions({"a": 4}, k_grid=[5])
     with pytest.raises(AblationError, match="unknown condition"):
         A.make_conditions({"a": 4}, ["top"])
-    with pytest.raises(AblationError, match="unknown layer"):
+    with pytest.raises(UnitsError, match="no module named 'nope'"):  # the one resolver's error
         resolve_layers(Planted(), ["nope"])
 
 
@@ -261,7 +286,9 @@ def test_ablate_tool_whole_network_and_errors(demo_run, capsys):
     assert rows[1]["k"] is None and rows[1]["units_ablated"] == 8 * 3 + 16 * 3 + 32 * 3
     assert rows[1]["si_ablated"] > rows[3]["si_ablated"]
     capsys.readouterr()
+    assert all(r["bn_mode"] == "recalibrate" for r in rows)
     for args, msg in [([str(run), "--stages", "layer9"], "unknown stage 'layer9'"),
+                      ([str(run), "--bn-mode", "eval"], "--bn-mode: invalid choice"),
                       ([str(run), "--epochs", "7"], "no checkpoint at epoch 7"),
                       ([str(run), "--fractions", "1.5"], "outside [0, 1]"),
                       ([str(run), "--k-grid", "x"], "--k-grid takes integers"),

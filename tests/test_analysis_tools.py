@@ -1,6 +1,7 @@
-"""The analysis tools of issue 8 end to end (tools/cka.py, tools/orientation.py) on a tiny run,
-and the library pieces they added (ReLU activity, channel zeroing, gOSI halves, centred shift
-invariance)."""
+"""The analysis tools end to end (tools/cka.py, tools/orientation.py, tools/plot_selectivity.py)
+on a tiny run, and the library pieces under them (selectivity/cka_run.py, orientation_run.py,
+analysis.py: ReLU activity, channel zeroing, gOSI halves, centred shift invariance, the shuffled
+val order, the random-init baseline, BatchNorm modes)."""
 import json
 import math
 import os
@@ -59,6 +60,14 @@ def test_cka_within_one_run(run):
         assert list(r["relu_active"]) == STAGES and in_unit_interval(r["relu_active"].values())
         assert 0 < min(r["relu_active"].values()) and r["images"] == 40 and r["batches"] == 1
         assert r["run_b"] is None and r["relu_active_b"] is None
+        assert r["bn_mode"] == "recalibrate" and r["val_order_seed"] == 0
+        base = r["random_init"]
+        assert base == recs[0]["random_init"]  # measured once: the same fresh network
+        b = torch.tensor(base["matrix"], dtype=torch.float64)
+        torch.testing.assert_close(b.diagonal(), torch.ones(4, dtype=torch.float64))
+        assert in_unit_interval(b.flatten().tolist()) and list(base["relu_active"]) == STAGES
+    # The baseline is a fresh network, not the run's own initialisation (epoch 0).
+    assert recs[0]["random_init"]["matrix"] != recs[0]["matrix"]
     for f in ("cka_heatmaps.png", "cka_curves.png", "cka_relu_active.png"):
         assert os.path.getsize(os.path.join(run, "figures", f)) > 0
     assert "summary:" in proc.stdout and "active ReLUs" in proc.stdout
@@ -78,6 +87,9 @@ def test_cka_between_two_runs(run, tmp_path):
     torch.testing.assert_close(m.diagonal(), torch.ones(3, dtype=torch.float64))
     assert in_unit_interval(m.flatten().tolist())
     assert r["relu_active_b"] == r["relu_active"]
+    # Two fresh networks of different seeds: their same-layer CKA is below 1 (the baseline).
+    assert r["random_init"]["seed_b"] == r["random_init"]["seed"] + 1
+    assert r["random_init"]["matrix"][0][0] < 1 - 1e-3
     for f in ("cka_vs_twin_heatmaps.png", "cka_vs_twin_curves.png",
               "cka_vs_twin_relu_active.png"):
         assert os.path.exists(os.path.join(run, "figures", f))
@@ -123,6 +135,29 @@ def test_orientation(run):
               "orientation_ablation.png", "orientation_shift.png"):
         assert os.path.getsize(os.path.join(run, "figures", f)) > 0
     assert "summary:" in proc.stdout and "ablation at epoch 1" in proc.stdout
+    assert all(r["bn_mode"] == "recalibrate" for r in recs)
+
+
+def test_tools_take_out_and_bn_mode(run, tmp_path):
+    # --out holds every output (nothing in RUN); --bn-mode is recorded. At epoch 0 the running
+    # statistics are BatchNorm's defaults (0 and 1), so they give another network's CKA than
+    # the recalibrated ones.
+    out = tmp_path / "elsewhere"
+    before = sorted(os.listdir(run))
+    tool_main("cka")([run, "--epochs", "0", "--bn-mode", "running", "--out", str(out),
+                      "--device", "cpu", "--threads", "1"])
+    (r,) = read_jsonl(out / "cka.jsonl")
+    assert r["bn_mode"] == "running" and (out / "figures" / "cka_curves.png").exists()
+    tool_main("cka")([run, "--epochs", "0", "--out", str(out / "recal")])
+    (q,) = read_jsonl(out / "recal" / "cka.jsonl")
+    assert q["bn_mode"] == "recalibrate"
+    assert max(abs(a - b) for ra, rb in zip(r["matrix"], q["matrix"]) for a, b in zip(ra, rb)) \
+        > 1e-3
+    tool_main("orientation")([run, "--epochs", "1", "--layers", "layer1.0", "--no-ablation",
+                              "--bn-mode", "batch", "--out", str(out)])
+    (o,) = read_jsonl(out / "orientation.jsonl")
+    assert o["bn_mode"] == "batch" and (out / "figures" / "orientation_shift.png").exists()
+    assert sorted(os.listdir(run)) == before
 
 
 # ---------------------------------------------------------------- one-line errors, exit 2
@@ -136,15 +171,18 @@ def test_unknown_layer_is_a_one_line_error(run):
     proc = run_tool("tools/cka.py", run, "--layers", "layer9")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith("error: unknown layer 'layer9'; stages: layer1, layer2, layer3")
+    assert proc.stderr.startswith("error: units: no module named 'layer9' (did you mean "), \
+        proc.stderr
 
 
 @pytest.mark.parametrize("tool_name", ["cka", "orientation"])
 def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_name):
     main = tool_main(tool_name)  # in-process: the same run_cli path as the command line
     cases = {"run directory not found": [str(tmp_path / "nope")],
-             "unknown layer 'layer9'; stages: layer1, layer2, layer3": [run, "--layers", "layer9"],
-             "unknown layer 'layer3.7'": [run, "--layers", "layer1", "layer3.7"]}
+             "no module named 'layer9'": [run, "--layers", "layer9"],
+             "no module named 'layer3.7'": [run, "--layers", "layer1", "layer3.7"],
+             "--bn-mode: invalid choice": [run, "--bn-mode", "train"],
+             "--device: invalid choice": [run, "--device", "tpu"]}
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     shutil.copy(os.path.join(run, "config.yaml"), empty)
@@ -202,7 +240,7 @@ def test_zero_channels_masks_only_the_chosen_channels_and_is_removed():
     assert torch.equal(got[:, [1, 3]], torch.zeros_like(got[:, [1, 3]]))
     assert torch.equal(got[:, [0, 2]], ref[:, [0, 2]])
     assert torch.equal(net(x), ref)
-    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+    with pytest.raises(ValueError, match="no module named 'nope'"):
         with zero_channels(net, "nope", [0]):
             pass
 
@@ -256,3 +294,98 @@ def test_epochs_can_be_named_as_the_tools_print_them():
     assert nearest(12, epochs, "r") == 12.0 and nearest(0.3, epochs, "r") is None
     with pytest.raises(CheckpointError, match="ambiguous"):
         nearest(0.5, [0.5001, 0.4999], "r")
+
+
+# ---------------------------------------------------------------- the val order and CKA
+
+def write_image_folder(root, classes=4, per_class=24, size=16, seed=0):
+    """An ImageFolder (root/{train,val}/c<k>/*.png): each class a fixed template plus noise,
+    listed class by class as ImageFolder lists them."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, (classes, size, size, 3))
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = 0.5 * templates[c] + 0.5 * rng.uniform(0, 255, (size, size, 3))
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i:03d}.png")
+
+
+def test_cka_on_a_class_sorted_image_folder_equals_shuffled_within_noise(tmp_path):
+    # The analyses draw val batches in a fixed shuffled order (analysis.val_loader). The noise of
+    # the minibatch estimator is measured, not guessed: the spread of CKA over 8 other shuffles.
+    # Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
+    # class) must sit far outside it, or this test would not show that the shuffle matters.
+    import numpy as np
+    from selectivity.analysis import random_init_model
+    from selectivity.cka_run import order_spread
+    from selectivity.config import Config
+    write_image_folder(tmp_path)
+    cfg = Config(dataset="imagefolder", data_dir=str(tmp_path), image_size=16,
+                 eval_batch_size=8, workers=0, model="resnet20")
+    model = random_init_model(cfg, 4, 0, "cpu")
+    r = order_spread(cfg, model, seeds=range(9), batch_size=8, bn_mode="recalibrate")
+    assert r["rows"] == STAGES + [LOGITS]
+    assert np.array_equal(r["dataset"], r["by_class"])  # ImageFolder lists images by class
+    shuffled = np.stack(r["shuffled"])
+    ours, others = shuffled[0], shuffled[1:]
+    mean, sd = others.mean(0), others.std(0, ddof=1)
+    off = ~np.eye(len(r["rows"]), dtype=bool)
+    # Measured here: |ours − mean| ≤ 3.0 s.d. (logits entries; ≤ 0.6 s.d. between stages).
+    assert (np.abs(ours - mean)[off] <= 5 * sd[off] + 1e-3).all()
+    # Measured here: the class-sorted CKA(layer1, layer2) is 30 s.d. below the shuffled mean.
+    assert (np.abs(r["by_class"] - mean)[off] / sd[off]).max() > 10
+
+
+def test_val_loader_order_is_a_fixed_permutation(tmp_path):
+    from selectivity.analysis import val_loader
+    from selectivity.config import Config
+    write_image_folder(tmp_path, classes=3, per_class=5, size=8)
+    cfg = Config(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, workers=0)
+    orders = {s: val_loader(cfg, "cpu", seed=s).dataset.indices.tolist() for s in (0, 0, 1)}
+    a = val_loader(cfg, "cpu", seed=0).dataset.indices.tolist()
+    assert a == orders[0] and sorted(a) == list(range(15)) and a != orders[1]
+    assert a != sorted(a)
+    labels = val_loader(cfg, "cpu", order="by_class").dataset.labels.tolist()
+    assert labels == sorted(labels)
+
+
+# ---------------------------------------------------------------- tools/plot_selectivity.py
+
+def fake_run(root, name, p=12, seed=0):
+    """A run folder with two selectivity records (two stages, [P, U] null) and nothing else."""
+    g = torch.Generator().manual_seed(seed)
+    run = root / name
+    (run / "selectivity").mkdir(parents=True)
+    for step, epoch in ((0, 0), (10, 1)):
+        layers = {n: {"si": torch.rand(8, generator=g, dtype=torch.float64),
+                      "si_null": 0.1 * torch.rand(p, 8, generator=g, dtype=torch.float64)}
+                  for n in ("layer1.0", "layer1.1", "layer2.0")}
+        torch.save({"epoch": epoch, "step": step, "layers": layers, "bn_mode": "recalibrate"},
+                   run / "selectivity" / f"epoch_{epoch}.pt")
+    return run
+
+
+def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys):
+    import importlib
+    plot = importlib.import_module("tools.plot_selectivity")
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", seed=1)
+    plot.main([str(a), str(b)])
+    out = tmp_path / "compare_a_vs_b"
+    assert sorted(os.listdir(out)) == ["si_by_stage.png", "si_heatmap_a.png", "si_heatmap_b.png"]
+    assert not (a / "figures").exists() and not (b / "figures").exists()
+    plot.main([str(a)])  # one run: its own figures/
+    assert (a / "figures" / "si_by_stage.png").exists()
+    # The null: the stage's mean SI under each permutation (blocks weighted equally), reported
+    # as the mean and the 95 % quantile of those P values.
+    evals = plot.load_evals(str(a))
+    series = plot.stage_series(evals)["layer1"]
+    nulls = [evals[-1]["layers"][n]["si_null"] for n in ("layer1.0", "layer1.1")]
+    per_perm = (nulls[0].mean(1) + nulls[1].mean(1)) / 2
+    assert series["null"][-1] == pytest.approx(float(per_perm.mean()))
+    assert series["null_top"][-1] == pytest.approx(float(torch.quantile(per_perm, 0.95)))
+    assert series["band"] == {"q95"} and series["null_top"][-1] > series["null"][-1]
+    assert "95 % quantile" in capsys.readouterr().out

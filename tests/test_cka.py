@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from selectivity.errors import UnitsError
 from selectivity.cka import (LOGITS, MinibatchCKA, cka_over_loader, collect_features, gram,
                              relu_active_fraction)
 
@@ -200,8 +201,13 @@ def test_collect_features_returns_the_named_layers_and_removes_hooks():
 
 
 def test_unknown_layer_names_the_layer_and_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'layer9'.*valid: conv, relu, pool, flat, fc"):
+    # The one resolver's error (selectivity/units.py): the name asked for and the modules there.
+    with pytest.raises(UnitsError, match=r"no module named 'layer9'.*modules conv, relu, pool, "
+                                         r"flat, fc"):
         with collect_features(small_net(), ["layer9"]):
+            pass
+    with pytest.raises(UnitsError, match="named twice"):
+        with collect_features(small_net(), ["relu", "relu"]):
             pass
 
 

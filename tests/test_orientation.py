@@ -137,10 +137,10 @@ def test_bad_input_is_rejected():
         orientation_indices(torch.rand(2, 3, 5))
     with pytest.raises(ValueError, match="n_sf, n_orient, n_phase, 3"):
         orientation_responses(filter_bank([gabor(0.0)]), ["act"], torch.rand(4, 3, SIZE, SIZE))
-    with pytest.raises(ValueError, match=r"'nope'.*valid: conv, act"):
+    with pytest.raises(ValueError, match=r"no module named 'nope'.*modules conv, act"):
         orientation_responses(filter_bank([gabor(0.0)]), ["nope"], GRATINGS.images[:1])
     tokens = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3), seq=nn.Flatten(2)))
-    with pytest.raises(ValueError, match="'seq' output is 3-D"):
+    with pytest.raises(ValueError, match=r"layer 'seq': a unit activation must be \[B, U, H, W\] or \[B, U\]"):
         orientation_responses(tokens, ["seq"], GRATINGS.images[:1])
 
 

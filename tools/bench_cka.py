@@ -30,8 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selectivity.cka import cka_over_loader, collect_features  # noqa: E402
+from selectivity.cka import cka_over_loader, collect_features, resolve_modules  # noqa: E402
 from selectivity.models import MODELS, build_model  # noqa: E402
+from selectivity.units import UnitHooks  # noqa: E402
 
 DEFAULT_LAYERS = {"resnet20": ["relu", "layer1", "layer2", "layer3", "fc"],
                   "resnet18": ["layer1", "layer2", "layer3", "layer4", "fc"]}
@@ -43,13 +44,14 @@ class PairLoopCKA:
     def __init__(self, model1, model2, model1_layers, model2_layers):
         self.models, self.features = (model1, model2), ({}, {})
         self.sizes = (len(model1_layers), len(model2_layers))
-        for side, (model, names) in enumerate(((model1, model1_layers), (model2, model2_layers))):
-            for name, module in model.named_modules():
-                if name in names:
-                    module.register_forward_hook(partial(self._log, side, name))
+        # torch_cka hooks the named modules and keeps each one's last output; the package's one
+        # hook mechanism does the same here (a repeated call reports name#k: keep the name).
+        self.hooks = [UnitHooks(model, resolve_modules(model, names), partial(self._log, side))
+                      for side, (model, names) in enumerate(((model1, model1_layers),
+                                                             (model2, model2_layers)))]
 
-    def _log(self, side, name, _module, _inputs, out):
-        self.features[side][name] = out
+    def _log(self, side, name, out):
+        self.features[side][name.partition("#")[0]] = out
 
     @staticmethod
     def _hsic(K, L):

@@ -7,6 +7,7 @@ training step (K = 1000 classes) with tracking on ÷ off, each measured in a fre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -21,24 +22,24 @@ def one_run(track: bool, batch: int, size: int, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
     from selectivity.models import build_model
-    from selectivity.tracker import LayerStates, UnitProbe
+    from selectivity.tracker import SelectivityTracker
 
     torch.manual_seed(0)
     model = build_model("resnet50", 1000).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    states, labels = LayerStates(1000), None
-    if track:
-        probe = UnitProbe(model, "blocks", lambda n, out: states.add(n, out, labels))
-        probe.enabled = True
+    tracker = SelectivityTracker(model, 1000, "blocks") if track else None
     for _ in range(steps):
         x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
         labels = torch.randint(0, 1000, (batch,))
-        loss = F.cross_entropy(model(x), labels)
+        # The tracker accumulates inside the training forward, as the trainer runs it.
+        with tracker.track(labels) if tracker is not None else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    states = tracker.states.states if tracker is not None else {}
     per_layer = {n: s.numel() * s.element_size() + c.numel() * c.element_size()
-                 for n, (s, c) in states.states.items()}
+                 for n, (s, c) in states.items()}
     return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "tracker_bytes": per_layer}
 

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from selectivity import ops  # noqa: E402
 from selectivity.config import Config  # noqa: E402
+from selectivity.units import UnitHooks  # noqa: E402
 
 K = 1000
 B = 64
@@ -114,13 +115,10 @@ def resnet50_block_outputs():
 
     model = torchvision.models.resnet50(weights=None, num_classes=K).to(memory_format=torch.channels_last)
     outputs = []
-    blocks = [blk for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for blk in layer]
-    hooks = [blk.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for blk in blocks]
-    with torch.no_grad():
+    with UnitHooks(model, "blocks", lambda name, out: outputs.append(out.detach())) as hooks, \
+            torch.no_grad():
         model(torch.rand(B, 3, 64, 64).to(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    return model, blocks, outputs
+    return model, list(hooks.layers), outputs
 
 
 def training_step(model):
@@ -163,15 +161,15 @@ def in_training_step(model, blocks, acts, rounds, si_every, t_index):
     current = {"labels": None}  # None: a step without tracking
     spent = [0.0]
 
-    def hook_of(i):
-        def hook(module, args, output):
-            if current["labels"] is not None:
-                t0 = time.perf_counter()
-                ops.accumulate(output, current["labels"], *states[i])
-                spent[0] += time.perf_counter() - t0
-        return hook
+    index = {name: i for i, name in enumerate(blocks)}
 
-    hooks = [blk.register_forward_hook(hook_of(i)) for i, blk in enumerate(blocks)]
+    def hook(name, output):
+        if current["labels"] is not None:
+            t0 = time.perf_counter()
+            ops.accumulate(output, current["labels"], *states[index[name]])
+            spent[0] += time.perf_counter() - t0
+
+    hooks = UnitHooks(model, "blocks", hook)
     plain, tracked, in_hooks = [], [], []
     for r in range(rounds + 1):  # round 0 warms up
         for track in (False, True):
@@ -183,8 +181,7 @@ def in_training_step(model, blocks, acts, rounds, si_every, t_index):
                 (tracked if track else plain).append(time.perf_counter() - t0)
                 if track:
                     in_hooks.append(spent[0])
-    for h in hooks:
-        h.remove()
+    hooks.remove()
     t_step, t_acc = Timing(plain), Timing(in_hooks)
     print(f"c1. in {rounds} training steps: accumulate inside the 16 blocks' forward hooks, as the tracker runs it")
     print(f"  training step without tracking: {t_step.median:.0f} ms [{t_step.min:.0f}]; with the hooks "
