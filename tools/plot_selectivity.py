@@ -3,9 +3,12 @@
 
     python tools/plot_selectivity.py RUN [RUN ...] [--out DIR]
 
-Writes into DIR (default: the first run's figures/):
+Writes into DIR (default: RUN/figures/ for one run; for several, a new folder beside the first
+run named for the comparison, e.g. runs/compare_<a>_vs_<b>/ — never into another run's folder):
   si_by_stage.png     mean SI per stage against epoch, one panel per stage; every run overlaid;
-                      the label-shuffled null as a band (null mean ± one s.d. over the stage's units)
+                      the label-shuffled null as its mean (dotted) with a band up to its 95 %
+                      quantile over the permutations (records of runs with one permutation: the
+                      band is ± one s.d. over the stage's units)
   si_heatmap_<run>.png  per-unit SI over evaluations (units sorted by final SI within each stage)
 Reads the per-evaluation files RUN/selectivity/*.pt that training writes.
 """
@@ -54,20 +57,41 @@ def _load_record(path: str) -> dict:
     return record
 
 
+def _stage_null(layers: list[dict]):
+    """(null mean, band top, band kind) of a stage at one evaluation, or None without a null.
+
+    ``si_null`` is [P, U] (P permutations): the stage's mean SI under each permutation (blocks
+    weighted equally, as for the SI itself) gives P values, reported as their mean and 95 %
+    quantile (as the val records' ``si_null`` / ``si_null_q95``). Older records hold one
+    permutation as [U]: mean and + one s.d. over the units, as these figures showed before."""
+    nulls = [l.get("si_null") for l in layers]
+    if any(n is None for n in nulls):
+        return None
+    if all(n.dim() == 2 for n in nulls):
+        per_perm = torch.stack([n.double().mean(1) for n in nulls]).mean(0)  # [P]
+        return (float(per_perm.mean()), float(torch.quantile(per_perm, 0.95)), "q95")
+    units = torch.cat([n.double().flatten() for n in nulls])
+    return float(units.mean()), float(units.mean() + units.std()), "sd"
+
+
 def stage_series(evals: list[dict]) -> "OrderedDict[str, dict]":
-    """stage → {epoch, si (mean over blocks, each block weighted equally), null mean, null sd}."""
+    """stage → {epoch, si (mean over blocks, each block weighted equally), null mean, band top,
+    band kind} (see ``_stage_null``)."""
     out = OrderedDict()
     for e in evals:
         by_stage = OrderedDict()
         for name, layer in e["layers"].items():
             by_stage.setdefault(stage_of(name), []).append(layer)
         for stage, layers in by_stage.items():
-            s = out.setdefault(stage, {"epoch": [], "si": [], "null": [], "null_sd": []})
+            s = out.setdefault(stage, {"epoch": [], "si": [], "null": [], "null_top": [],
+                                       "band": set()})
             s["epoch"].append(float(e["epoch"]))
             s["si"].append(np.mean([float(l["si"].mean()) for l in layers]))
-            null = torch.cat([l["si_null"] for l in layers]).numpy()
-            s["null"].append(null.mean())
-            s["null_sd"].append(null.std())
+            null = _stage_null(layers)
+            s["null"].append(np.nan if null is None else null[0])
+            s["null_top"].append(np.nan if null is None else null[1])
+            if null is not None:
+                s["band"].add(null[2])
     return out
 
 
@@ -75,20 +99,26 @@ def plot_stages(runs: dict, path: str) -> None:
     stages = list(OrderedDict.fromkeys(s for series in runs.values() for s in series))
     fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.2), squeeze=False,
                              sharey=True)
+    bands = set()
     for ax, stage in zip(axes[0], stages):
         for i, (run, series) in enumerate(runs.items()):
             if stage not in series:
                 continue
             s, color = series[stage], f"C{i}"
-            ep, null, sd = map(np.asarray, (s["epoch"], s["null"], s["null_sd"]))
-            ax.fill_between(ep, null - sd, null + sd, color=color, alpha=0.15, linewidth=0)
+            ep, null, top = map(np.asarray, (s["epoch"], s["null"], s["null_top"]))
+            bands |= s["band"]
+            lower = null if "sd" not in s["band"] else 2 * null - top  # ± s.d. for old records
+            ax.fill_between(ep, lower, top, color=color, alpha=0.15, linewidth=0)
             ax.plot(ep, null, color=color, linestyle=":", linewidth=1)
             ax.plot(ep, s["si"], color=color, marker="o", markersize=3, label=run)
         ax.set_title(stage)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean class selectivity index")
-    axes[0][-1].legend(fontsize=7, title="dotted + band: shuffled-label null", title_fontsize=7)
+    band = " to its 95 % quantile" if bands == {"q95"} else \
+        " ± 1 s.d. over units" if bands == {"sd"} else ""
+    axes[0][-1].legend(fontsize=7, title=f"dotted: shuffled-label null mean\nband:{band}",
+                       title_fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -122,15 +152,26 @@ def plot_heatmap(run: str, evals: list[dict], path: str) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def default_out(runs: list[str]) -> str:
+    """One run: its figures/. Several: a new folder beside the first run, named for the
+    comparison (compare_<a>_vs_<b>...), so no run's own figures are overwritten."""
+    if len(runs) == 1:
+        return os.path.join(runs[0], "figures")
+    labels = [os.path.basename(os.path.normpath(r)) for r in runs]
+    parent = os.path.dirname(os.path.abspath(os.path.normpath(runs[0])))
+    return os.path.join(parent, "compare_" + "_vs_".join(labels))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+")
-    p.add_argument("--out", help="output directory (default: RUN/figures of the first run)")
+    p.add_argument("--out", help="output directory (default: RUN/figures for one run; "
+                                 "compare_<a>_vs_<b>/ beside the first run for several)")
     args = p.parse_args(argv)
     for run in args.runs:
         if not os.path.isdir(run):
             raise CheckpointError(f"run directory not found: {run}")
-    out = args.out or os.path.join(args.runs[0], "figures")
+    out = args.out or default_out(args.runs)
     makedirs(out)
     series, written = OrderedDict(), []
     for run in args.runs:
@@ -144,9 +185,12 @@ def main(argv=None):
     plot_stages(series, path)
     written.insert(0, path)
     for label, s in series.items():
-        last = {st: (v["si"][-1], v["null"][-1]) for st, v in s.items()}
+        last = {st: (v["si"][-1], v["null"][-1], v["null_top"][-1], v["band"])
+                for st, v in s.items()}
         print(f"{label}: final mean SI by stage " + ", ".join(
-            f"{st} {si:.3f} (null {nl:.3f})" for st, (si, nl) in last.items()))
+            f"{st} {si:.3f} (null {nl:.3f}" + (f", 95 % quantile {top:.3f})" if band == {"q95"}
+                                               else ")")
+            for st, (si, nl, top, band) in last.items()))
     print("wrote " + ", ".join(written))
 
 
