@@ -4,6 +4,9 @@
   blocks each (n = 3, 5, 9), option-A (zero-padding) shortcuts, as in the paper.
 - torchvision ResNet-18/50 (``weights=None``: nothing is downloaded), optionally with a small-image
   stem (3×3 stride-1 conv, no max-pool) for 32–64 px inputs.
+- paper 3's (Ukita 2020) models for the orientation study: its small CNN (``cnn7``, see
+  ``SmallCNN``) and VGG16 (torchvision ``vgg16`` / ``vgg16_bn``, ``weights=None``). They have no
+  residual blocks: track their units with ``track_units: relu``.
 
 The unit registry names every residual block by its module path (``layer1.0``, ``layer1.1``, …):
 a block's output is its activation after the final ReLU (post-addition), the units the papers
@@ -22,7 +25,13 @@ from .errors import ModelError  # noqa: F401  (importable from here too)
 
 CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
 TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
-MODELS = tuple(CIFAR_DEPTHS) + tuple(TORCHVISION)
+# Plain (non-residual) nets, built as they are: the small-stem option does not apply to them.
+PLAIN = {"cnn7": lambda num_classes: SmallCNN(num_classes),
+         "vgg16": lambda num_classes: torchvision.models.vgg16(weights=None,
+                                                               num_classes=num_classes),
+         "vgg16_bn": lambda num_classes: torchvision.models.vgg16_bn(weights=None,
+                                                                     num_classes=num_classes)}
+MODELS = tuple(CIFAR_DEPTHS) + tuple(TORCHVISION) + tuple(PLAIN)
 
 
 class BasicBlock(nn.Module):
@@ -77,6 +86,35 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class SmallCNN(nn.Module):
+    """Paper 3's (Ukita 2020) CIFAR-10 CNN: six valid 3×3 convolutions of 32-32-64-64-128-128
+    channels with strides 1-2-1-2-1-2, each followed by ReLU *then* BatchNorm (the paper's order),
+    Flatten, FC 512 → ReLU → BatchNorm, FC ``num_classes``.
+
+    At the paper's 32 px the last map is 1×1 (32→30→14→12→5→3→1), so the 128-d flatten is the
+    paper's. ``AdaptiveAvgPool2d(1)`` before it is the identity there and lets other image sizes
+    run with the same FC sizes (an average over the last map then, not the paper's flatten).
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, stride in zip((32, 32, 64, 64, 128, 128), (1, 2, 1, 2, 1, 2)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 0), nn.ReLU(inplace=True),
+                       nn.BatchNorm2d(cout)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(128, 512)
+        self.relu = nn.ReLU(inplace=True)
+        self.bn = nn.BatchNorm1d(512)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = torch.flatten(self.pool(self.features(x)), 1)
+        return self.fc(self.bn(self.relu(self.fc1(x))))
+
+
 def build_model(name: str, num_classes: int, small_stem: bool = False) -> nn.Module:
     """A freshly initialised model by name (see MODELS)."""
     if name in CIFAR_DEPTHS:
@@ -87,6 +125,8 @@ def build_model(name: str, num_classes: int, small_stem: bool = False) -> nn.Mod
             model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             model.maxpool = nn.Identity()
         return model
+    if name in PLAIN:
+        return PLAIN[name](num_classes)
     raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

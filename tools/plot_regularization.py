@@ -3,17 +3,21 @@
 
     python tools/plot_regularization.py RUN [RUN ...] [--out DIR]
     python tools/plot_regularization.py runs/reg_sweep/* runs/reg_windows/*
+    python tools/plot_regularization.py runs/study/*/s*          # conditions × seeds (tools/study.py)
 
 Reads each run's config.yaml (``selectivity_reg``) and metrics.jsonl (val records: acc1, si_mean,
-si_null; train records: alpha, si_reg). A run whose α is one constant from epoch 0 on (or no
-regularizer: α = 0) is a point of the α sweep; any other is a window run. Writes into DIR (default:
-the runs' common parent directory's figures/, else the first run's figures/):
+si_null; train records: alpha, si_reg). Runs are grouped into conditions by
+selectivity/aggregate.py (equal configs but for the seed); every value is the mean over a
+condition's seeds with its 95 % Student-t interval (bands on curves, error bars on points, ± and n
+in the table; one seed: no interval). A condition whose α is one constant from epoch 0 on (or no
+regularizer: α = 0) is a point of the α sweep; any other is a window condition. Writes into DIR
+(default: figures/ in the runs' common parent directory, which must not itself be a run):
   reg_alpha.png    final val acc1 against α; final val si_mean against α with si_null (constant-α
-                   runs; drawn when they hold at least two values of α)
+                   conditions; drawn when they hold at least two values of α)
   reg_curves.png   val acc1, val si_mean (dotted: si_null) and train minibatch si_reg against epoch,
-                   every run overlaid, windows' starts marked (drawn when a window run is present,
-                   or with --curves)
-and prints one table row per run (markdown, for the docs).
+                   every condition overlaid, windows' starts marked (drawn when a window condition
+                   is present, or with --curves)
+and prints one table row per condition (markdown, for the docs).
 """
 from __future__ import annotations
 
@@ -29,24 +33,24 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
+from selectivity import aggregate as agg  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
-from selectivity.runlog import read_metrics, run_paths  # noqa: E402
 
 
-def load_run(run: str) -> dict:
-    paths = run_paths(run)
-    if not os.path.exists(paths["config"]):
-        raise SystemExit(f"error: {run} is not a run directory (no config.yaml)")
-    with open(paths["config"]) as f:
-        cfg = yaml.safe_load(f) or {}
-    windows = parse_windows(cfg.get("selectivity_reg") or [])
-    records = read_metrics(paths["metrics"])
-    val = [r for r in records if r.get("split") == "val"]
-    train = [r for r in records if r.get("split") == "train"]
-    if not val:
-        raise SystemExit(f"error: {run} has no val records in metrics.jsonl; train it first")
+def fail(message: str):
+    """Bad input: one line on stderr, exit status 2 (as every tool here)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_condition(label: str, runs: list) -> dict:
+    """A condition (runs equal but for their seed): its α windows and its runs."""
+    for run in runs:
+        if not run.val:
+            fail(f"{run.path} has no val records in metrics.jsonl; train it "
+                             f"first")
+    windows = parse_windows(runs[0].config.get("selectivity_reg") or [])
     active = [w for w in windows if w.alpha != 0]
     if not active:
         const = 0.0
@@ -54,9 +58,15 @@ def load_run(run: str) -> dict:
         const = active[0].alpha
     else:
         const = None
-    return {"name": os.path.basename(os.path.normpath(run)), "windows": windows,
-            "const_alpha": const, "val": val, "train": train,
-            "epochs": cfg.get("epochs"), "final": val[-1]}
+    return {"name": label, "windows": windows, "const_alpha": const, "runs": runs}
+
+
+def load_conditions(dirs: list[str]) -> list[dict]:
+    try:
+        groups = agg.load_groups(dirs)
+    except agg.AggregateError as e:
+        fail(str(e))
+    return [load_condition(label, runs) for label, runs in groups.items()]
 
 
 def describe(windows) -> str:
@@ -65,39 +75,57 @@ def describe(windows) -> str:
     return ", ".join(parts) if parts else "α=0"
 
 
-def _num(v, fmt=".4f"):
-    return "–" if v is None else format(v, fmt)
+def _fmt(s: agg.Summary) -> str:
+    if s.n == 0:
+        return "–"
+    return f"{s.mean:.4f}" if s.n == 1 else f"{s.mean:.4f} ± {s.half:.4f}"
 
 
-def table(runs: list[dict]) -> str:
-    rows = ["| run | α windows (epochs) | epoch | val acc1 | val si_mean | si_null | "
-            "train si_reg (last) |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        f = r["final"]
-        si_reg = [t["si_reg"] for t in r["train"] if t.get("si_reg") is not None]
-        rows.append(f"| {r['name']} | {describe(r['windows'])} | {f['epoch']:g} | "
-                    f"{_num(f.get('acc1'))} | {_num(f.get('si_mean'))} | "
-                    f"{_num(f.get('si_null'))} | {_num(si_reg[-1] if si_reg else None)} |")
-    return "\n".join(rows)
+def last_si_reg(run):
+    si_reg = [t["si_reg"] for t in run.train if t.get("si_reg") is not None]
+    return si_reg[-1] if si_reg else None
 
 
-def plot_alpha(runs: list[dict], path: str) -> bool:
-    pts = sorted((r for r in runs if r["const_alpha"] is not None), key=lambda r: r["const_alpha"])
-    if len({r["const_alpha"] for r in pts}) < 2:
+def table(conds: list[dict]) -> str:
+    rows = ["| condition | α windows (epochs) | epoch | val acc1 | val si_mean | si_null | "
+            "train si_reg (last) | n |", "|---|---|---|---|---|---|---|---|"]
+    for c in conds:
+        runs = c["runs"]
+        epochs = sorted({r.final["epoch"] for r in runs})
+        rows.append(f"| {c['name']} | {describe(c['windows'])} | "
+                    f"{', '.join(f'{e:g}' for e in epochs)} | "
+                    f"{_fmt(agg.summarize(agg.final_values(runs, 'acc1')))} | "
+                    f"{_fmt(agg.summarize(agg.final_values(runs, 'si_mean')))} | "
+                    f"{_fmt(agg.summarize(agg.final_values(runs, 'si_null')))} | "
+                    f"{_fmt(agg.summarize([last_si_reg(r) for r in runs]))} | {len(runs)} |")
+    return "\n".join(rows) + f"\n\n± : {agg.INTERVAL}; n: seeds"
+
+
+def _err(s: agg.Summary, scale=1.0) -> float:
+    return s.half * scale if math.isfinite(s.half) else 0.0
+
+
+def plot_alpha(conds: list[dict], path: str) -> bool:
+    pts = sorted((c for c in conds if c["const_alpha"] is not None),
+                 key=lambda c: c["const_alpha"])
+    if len({c["const_alpha"] for c in pts}) < 2:
         return False
-    a = np.array([r["const_alpha"] for r in pts])
-    acc = np.array([r["final"].get("acc1", np.nan) for r in pts], dtype=float)
-    si = np.array([r["final"].get("si_mean") or np.nan for r in pts], dtype=float)
-    null = np.array([r["final"].get("si_null") or np.nan for r in pts], dtype=float)
+    a = np.array([c["const_alpha"] for c in pts])
+    acc = [agg.summarize(agg.final_values(c["runs"], "acc1")) for c in pts]
+    si = [agg.summarize(agg.final_values(c["runs"], "si_mean")) for c in pts]
+    null = [agg.summarize(agg.final_values(c["runs"], "si_null")) for c in pts]
     lin = max(min(abs(x) for x in a if x != 0) if any(a != 0) else 1.0, 1e-6)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    axes[0].plot(a, acc * 100, marker="o")
+    axes[0].errorbar(a, [s.mean * 100 for s in acc], yerr=[_err(s, 100) for s in acc],
+                     marker="o", capsize=3)
     axes[0].set_ylabel("final val top-1 (%)")
-    axes[1].plot(a, si, marker="o", label="val si_mean")
-    axes[1].plot(a, null, marker=".", linestyle=":", color="gray", label="label-shuffled null")
-    base = [r for r in pts if r["const_alpha"] == 0]
-    if base and base[0]["final"].get("si_mean") is not None:
-        axes[1].axhline(0.5 * base[0]["final"]["si_mean"], color="C3", linewidth=0.8,
+    axes[1].errorbar(a, [s.mean for s in si], yerr=[_err(s) for s in si], marker="o", capsize=3,
+                     label="val si_mean")
+    axes[1].errorbar(a, [s.mean for s in null], yerr=[_err(s) for s in null], marker=".",
+                     linestyle=":", color="gray", capsize=2, label="label-shuffled null")
+    base = [s for c, s in zip(pts, si) if c["const_alpha"] == 0]
+    if base and math.isfinite(base[0].mean):
+        axes[1].axhline(0.5 * base[0].mean, color="C3", linewidth=0.8,
                         linestyle="--", label="½ × si_mean at α = 0")
     axes[1].set_ylabel("final val mean SI")
     axes[1].legend(fontsize=7)
@@ -108,40 +136,42 @@ def plot_alpha(runs: list[dict], path: str) -> bool:
         ax.axvline(0, color="k", linewidth=0.5)
         ax.set_xlabel("α  (loss = CE − α·SI;  α < 0 suppresses selectivity)")
         ax.grid(alpha=0.3)
-    epochs = {r["final"]["epoch"] for r in pts}
-    fig.suptitle(f"selectivity regularizer, constant α (final epoch {', '.join(map(str, epochs))})",
-                 fontsize=9)
+    epochs = sorted({r.final["epoch"] for c in pts for r in c["runs"]})
+    ns = sorted({len(c["runs"]) for c in pts})
+    fig.suptitle(f"selectivity regularizer, constant α (final epoch "
+                 f"{', '.join(map(str, epochs))}; seeds per point n = {', '.join(map(str, ns))};"
+                 f" bars: 95 % t-interval)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def plot_curves(runs: list[dict], path: str) -> None:
+def plot_curves(conds: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for i, r in enumerate(runs):
-        color, label = f"C{i % 10}", f"{r['name']}: {describe(r['windows'])}"
-        ep = [float(v["epoch"]) for v in r["val"]]
-        axes[0].plot(ep, [v["acc1"] * 100 for v in r["val"]], color=color, marker=".",
-                     label=label)
-        axes[1].plot(ep, [v.get("si_mean") for v in r["val"]], color=color, marker=".")
-        axes[1].plot(ep, [v.get("si_null") for v in r["val"]], color=color, linestyle=":",
-                     linewidth=1)
-        tr = [t for t in r["train"] if t.get("si_reg") is not None]
-        if tr:
+    for i, c in enumerate(conds):
+        color = f"C{i % 10}"
+        label = f"{c['name']}: {describe(c['windows'])} (n = {len(c['runs'])})"
+        agg.plot_band(axes[0], agg.curve(c["runs"], "acc1"), label, color, 100)
+        agg.plot_band(axes[1], agg.curve(c["runs"], "si_mean"), None, color)
+        agg.plot_band(axes[1], agg.curve(c["runs"], "si_null"), None, color, linestyle=":",
+                      marker=None)
+        tr = [t for t in c["runs"][0].train if t.get("si_reg") is not None]
+        if tr:  # the first seed's minibatch term (train records are not aligned across seeds)
             axes[2].plot([t["epoch"] for t in tr], [t["si_reg"] for t in tr], color=color,
                          linewidth=1)
-        for w in r["windows"]:
+        for w in c["windows"]:
             if w.alpha != 0 and w.start > 0:
                 for ax in axes:
                     ax.axvline(w.start, color=color, linewidth=0.8, linestyle="--", alpha=0.6)
     axes[0].set_ylabel("val top-1 (%)")
     axes[1].set_ylabel("val mean SI (dotted: shuffled null)")
-    axes[2].set_ylabel("train minibatch SI_reg (regularized steps)")
+    axes[2].set_ylabel("train minibatch SI_reg (first seed)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="dashed: a window starts (after epoch 0)", title_fontsize=7)
+    axes[0].legend(fontsize=7, title="dashed: a window starts; band: 95 % t over seeds",
+                   title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -157,21 +187,26 @@ def main(argv=None):
                  os.path.basename(os.path.normpath(r)) != "figures"]
     for r in args.runs:
         if not os.path.isdir(r):
-            raise SystemExit(f"error: run directory not found: {r}")
-    runs = [load_run(r) for r in runs_dirs]
-    parents = {os.path.dirname(os.path.abspath(r)) for r in runs_dirs}
-    out = args.out or os.path.join(parents.pop() if len(parents) == 1 else runs_dirs[0], "figures")
+            fail(f"run directory not found: {r}")
+    conds = load_conditions(runs_dirs)
+    out = args.out
+    if not out:
+        parent = os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs_dirs])
+        if os.path.exists(os.path.join(parent, "config.yaml")):
+            fail(f"the runs' common parent {parent} is itself a run; "
+                             f"choose an output directory with --out")
+        out = os.path.join(parent, "figures")
     os.makedirs(out, exist_ok=True)
     written = []
     path = os.path.join(out, "reg_alpha.png")
-    if plot_alpha(runs, path):
+    if plot_alpha(conds, path):
         written.append(path)
-    if args.curves or any(r["const_alpha"] is None for r in runs):
+    if args.curves or any(c["const_alpha"] is None for c in conds):
         path = os.path.join(out, "reg_curves.png")
-        plot_curves(runs, path)
+        plot_curves(conds, path)
         written.append(path)
-    runs.sort(key=lambda r: (r["const_alpha"] is None, r["const_alpha"] or 0, r["name"]))
-    print(table(runs))
+    conds.sort(key=lambda c: (c["const_alpha"] is None, c["const_alpha"] or 0, c["name"]))
+    print(table(conds))
     print("wrote " + (", ".join(written) if written else "no figure (one α and no window run)"))
 
 
