@@ -148,10 +148,12 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # on). They are applied and recorded in metrics.jsonl ({"split": "config_change", ...}). Any other
 # difference (the model, the data, the optimisation, the seed, ...) is refused unless
 # ``--accept-config-change`` is given; then it is applied and recorded too.
-RESUMABLE = ("name", "out_dir", "epochs", "eval_every_epochs", "eval_every_steps",
-             "eval_steps_epochs", "log_every_steps", "save_every_epochs", "save_every_steps",
-             "save_steps_epochs", "tensorboard", "progress", "workers", "threads", "device",
-             "cache_dir", "os_cache", "compile")
+RESUMABLE = ("epochs", "eval_every_epochs", "eval_every_steps", "eval_steps_epochs",
+             "log_every_steps", "save_every_epochs", "save_every_steps", "save_steps_epochs",
+             "tensorboard", "progress", "workers", "threads", "device", "cache_dir", "os_cache",
+             "compile")
+# Where the run directory is, not how the run runs: a moved or renamed run resumes as it was.
+LOCATION = ("name", "out_dir")
 
 
 def help_of(key: str) -> str:

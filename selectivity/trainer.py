@@ -23,7 +23,7 @@ from . import faults
 from .callbacks import Callback  # noqa: F401  (re-exported: the extension points)
 from .checkpoint import (load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import RESUMABLE, Config, save_config, to_dict, yaml_load
+from .config import LOCATION, RESUMABLE, Config, save_config, to_dict, yaml_load
 from .distributed import DistInfo, all_reduce_sum, broadcast_object
 from .evaluation import bn_statistics, calibration_batches
 from .errors import (CheckpointError, ConfigError, Interrupted, TrainingError,  # noqa: F401
@@ -162,7 +162,8 @@ class Trainer:
         ConfigError listing them when some are not RESUMABLE and ``accept`` is not given."""
         state, path = resume_state
         stored, new = self._stored_config(state), to_dict(self.cfg)
-        changes = {k: (stored[k], v) for k, v in new.items() if k in stored and stored[k] != v}
+        changes = {k: (stored[k], v) for k, v in new.items()
+                   if k in stored and stored[k] != v and k not in LOCATION}
         refused = [k for k in changes if k not in RESUMABLE]
         if refused and not accept:
             listed = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
