@@ -46,11 +46,10 @@ while step < args.steps:
 reg.enabled, tracker.enabled = False, True
 calibration = [images for _, (images, _) in zip(range(8), train)]
 with torch.no_grad(), selectivity.bn_statistics(model, "recalibrate", calibration):
-    position = 0
-    for images, labels in val:
-        with tracker.track(labels, indices=val.indices()[position:position + len(labels)]):
+    for batch in val:  # a batch unpacks as (images, labels) and carries its dataset indices
+        images, labels = batch
+        with tracker.track(labels, indices=batch.indices):
             model(images)
-        position += len(labels)
 for layer, r in tracker.compute().items():
     print(f"{layer:10s} SI {r.mean:.3f}   null {r.null_mean:.3f} (95% {r.null_q95:.3f})   "
           f"units above their null: {r.frac_above_null:.0%}")

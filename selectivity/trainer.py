@@ -273,15 +273,13 @@ class Trainer:
         callbacks = self.callbacks if track else []
         for cb in callbacks:
             cb.eval_begin(self)
-        # The dataset indices of every val image in loader order: the null's permutation is a
-        # function of the index, the same on every rank and at every evaluation.
-        order = torch.as_tensor(self.val_loader.indices())
-        pos = 0
         loss_sum, correct1, correct5, count = (torch.zeros((), device=self.device, dtype=torch.float64)
                                                for _ in range(4))
-        for images, labels in self.val_loader:
-            indices = order[pos:pos + labels.shape[0]]
-            pos += labels.shape[0]
+        for batch in self.val_loader:
+            images, labels = batch
+            # The dataset indices the batch carries: the null's permutation is a function of the
+            # index, the same on every rank and at every evaluation.
+            indices = batch.indices
             for cb in callbacks:
                 cb.before_batch(self, images, labels, False, indices=indices)
             with torch.autocast(self.device.type, self.amp_dtype, enabled=self.cfg.amp):

@@ -8,6 +8,7 @@ Tolerances, in normalized units (1.0 = one standard deviation, ≈ 57 grey level
   OpenCV's INTER_AREA (PIL: antialiased bilinear): mean |diff| < 0.05 over the split, < 0.1 for
   every image (measured: ≈ 0.022 mean; ≈ 0.009 with raw pixels, the resampling alone).
 """
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,30 @@ def test_unknown_backend_is_one_line_error():
     cfg.data_backend = "tf.data"
     with pytest.raises(DataError, match="unknown data_backend"):
         build_loader(cfg, "val", CPU)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_carry_the_dataset_indices_of_their_images(tmp_path, backend, split):
+    """batch.indices name the images: their labels are the dataset's labels at those indices, a
+    validation epoch holds every image once, a training epoch never repeats one."""
+    cfg = Config(data_backend=backend, cache_dir=str(tmp_path / "cache"), workers=1,
+                 batch_size=64, eval_batch_size=50)
+    loader = build_loader(cfg, split, CPU)
+    try:
+        loader.set_epoch(1)
+        seen = []
+        for batch in loader:
+            images, labels = batch
+            assert batch.indices.dtype == torch.int64 and len(batch.indices) == len(labels)
+            assert torch.equal(torch.as_tensor(np.array(loader.labels))[batch.indices], labels), backend
+            seen.append(batch.indices)
+    finally:
+        loader.close()
+    seen = torch.cat(seen)
+    assert len(set(seen.tolist())) == len(seen)
+    if split == "val":
+        assert sorted(seen.tolist()) == list(range(len(loader.labels)))
+    else:
+        assert len(seen) == len(loader.labels) // 64 * 64

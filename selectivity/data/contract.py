@@ -9,8 +9,10 @@ before iterating epoch ``e``: shuffling and augmentation are a function of (seed
 rank and every resumed run sees the same data. Under DDP each rank gets a disjoint shard.
 ``set_epoch(e, skip_batches=k)`` starts epoch ``e`` at batch ``k`` (resume from a mid-epoch
 checkpoint); backends that cannot skip cheaply raise NotImplementedError.
-``labels`` (all labels of the split, by dataset index) and ``indices()`` (the dataset indices this
-rank yields this epoch, in order) let the selectivity tracker give every image a fixed null label.
+Each batch is a ``Batch``: it unpacks as ``images, labels`` and carries ``batch.indices``, the
+dataset indices of its images (int64 [B], on the CPU), so the selectivity tracker gives every
+image its fixed null label by index. ``labels`` (all labels of the split, by dataset index) and
+``indices()`` (the dataset indices this rank yields this epoch, in order) describe a whole epoch.
 """
 from __future__ import annotations
 
@@ -21,6 +23,15 @@ import numpy as np
 import torch
 
 
+class Batch(tuple):
+    """``(images, labels)`` that also carries ``indices``: the dataset index of every image."""
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor, indices):
+        batch = super().__new__(cls, (images, labels))
+        batch.indices = torch.as_tensor(indices, dtype=torch.int64)
+        return batch
+
+
 class Loader(Protocol):
     batch_size: int
     num_classes: int
@@ -29,7 +40,7 @@ class Loader(Protocol):
     labels: np.ndarray
 
     def indices(self) -> np.ndarray: ...
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[Batch]: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
     def close(self) -> None: ...

@@ -35,6 +35,7 @@ import os
 import numpy as np
 import torch
 
+from .contract import Batch
 from .datasets import DataError, ImageFolderDataset, build_dataset
 from .export import (MAX_SIDE, cache_name, check_images, file_lock, image_files, note,
                      resolve_cache_dir)
@@ -79,7 +80,8 @@ def center_crop_resize(images, encoded, size: int, crop_fraction: float):
 def make_pipeline(files, labels, *, batch_size: int, train: bool, augment: str, image_size: int,
                   mean, std, shard_id: int, num_shards: int, seed: int, threads: int,
                   device_id=None, reader_seed: int | None = None):
-    """The DALI Pipeline (built) for one split on one rank."""
+    """The DALI Pipeline (built) for one split on one rank; ``labels``: the integer the reader
+    returns with each file (DALILoader passes the files' dataset indices)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -148,9 +150,13 @@ class DALILoader:
         if n == 0:
             raise DataError("dali: no images to read")
         self.dataset = _Files(list(files), list(labels), list(classes), tuple(mean), tuple(std))
+        self._label_of = torch.as_tensor(self.dataset.labels, dtype=torch.int64)
+        # The reader's "label" of a file is its dataset index: every batch then carries the
+        # indices of its images (the tracker's null needs them), and the labels are looked up.
+        ids = list(range(n))
         if train:  # epoch 0 shuffled too: DALI's shuffle_after_epoch starts in list order
             perm = np.random.default_rng((seed, 0xDA11)).permutation(n)
-            files, labels = [files[i] for i in perm], [labels[i] for i in perm]
+            files, ids = [files[i] for i in perm], [ids[i] for i in perm]
         self.batch_size, self.train, self.device = batch_size, train, device
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.num_classes = len(classes)
@@ -164,7 +170,7 @@ class DALILoader:
         if device.type == "cuda" and device_id is None:
             device_id = torch.cuda.current_device()
         self._pipe = make_pipeline(
-            files, labels, batch_size=batch_size, train=train, augment=augment,
+            files, ids, batch_size=batch_size, train=train, augment=augment,
             image_size=image_size, mean=mean, std=std, shard_id=rank, num_shards=world_size,
             seed=seed * 1009 + rank + 1, reader_seed=seed, threads=threads,
             device_id=device_id)
@@ -229,10 +235,11 @@ class DALILoader:
             x = out[0]["images"].permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
             if not self.channels_last:
                 x = x.contiguous()
-            y = out[0]["labels"].reshape(-1).to(torch.int64)
+            idx = out[0]["labels"].reshape(-1).to("cpu", torch.int64)
+            y = self._label_of[idx]
             if x.device != self.device:
                 x = x.to(self.device, non_blocking=True)
-            yield x, y.to(self.device, non_blocking=True)
+            yield Batch(x, y.to(self.device, non_blocking=True), idx)
             done += 1
         self._mid_epoch = False
 

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import torch
 
-from .contract import shard_indices
+from .contract import Batch, shard_indices
 from .datasets import DataError, build_dataset
 from .ffcv_write import _column, _ffcv, ensure_beton, threads_for
 
@@ -261,6 +261,8 @@ class FFCVLoader:
         self._loader.next_epoch = self.epoch
         self._loader.skip_batches = self.skip_batches
         torch_threads = torch.get_num_threads()
+        # FFCV yields no indices: its traversal order for this epoch tells which images batch b holds.
+        order = torch.from_numpy(self.indices()[self.skip_batches * self.batch_size:])
         it = self._epoch_it = iter(self._loader)
         try:
             for b, (images, labels) in enumerate(it):
@@ -270,7 +272,7 @@ class FFCVLoader:
                     images = (images.float() - self._mean) * self._inv_std
                     if not self.channels_last:
                         images = images.contiguous()
-                yield images, labels
+                yield Batch(images, labels, order[b * self.batch_size:(b + 1) * self.batch_size])
         finally:
             self._end_epoch()
             torch.set_num_threads(torch_threads)

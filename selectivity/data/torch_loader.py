@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .contract import shard_indices
+from .contract import Batch, shard_indices
 from .transforms import train_transform, val_transform
 
 
@@ -39,8 +39,8 @@ class _Augmented(Dataset):
         label = int(self.dataset.labels[i])
         if self.train:
             rng = np.random.default_rng((self.seed, epoch, i))
-            return train_transform(img, self.image_size, self.augment, rng), label
-        return val_transform(img, self.image_size), label
+            return train_transform(img, self.image_size, self.augment, rng), label, i
+        return val_transform(img, self.image_size), label, i
 
 
 class TorchLoader:
@@ -88,12 +88,12 @@ class TorchLoader:
         return -(-len(self.indices()) // self.batch_size) - self.skip_batches
 
     def __iter__(self):
-        for images, labels in self._loader:
+        for images, labels, indices in self._loader:
             x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC → channels_last
             x = (x.float() - self._mean) * self._inv_std
             if not self.channels_last:
                 x = x.contiguous()
-            yield x, labels.to(self.device, non_blocking=True)
+            yield Batch(x, labels.to(self.device, non_blocking=True), indices)
 
     def close(self) -> None:
         self._loader = None
