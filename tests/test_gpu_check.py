@@ -34,9 +34,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert report["dry_run"] and report["exit"] == 0
     assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(("build", "tests", "train", "ops"), "ok")
     assert st["build"]["loads"] and st["build"]["cpu_kernels"] and not st["build"]["compiled"]
-    # The CUDA tests were found and all skipped (the dry run hides every GPU).
+    # The CUDA tests were found, and skipped for want of a GPU (the dry run hides every GPU).
     cuda = st["tests"]["cuda"]
-    assert cuda["total"] > 0 and cuda["skipped"] == cuda["total"] and cuda["failed"] == 0
+    assert "tests/test_ops.py" in st["tests"]["files"]
+    assert cuda["total"] > 0 and cuda["failed"] == 0 and st["tests"]["skipped_for_no_gpu"] == cuda["skipped"] > 0
     for amp in ("bf16", "fp16"):
         res = st["train"]["amps"][amp]
         assert res["status"] == "ok" and res["tracked_layers"] == 16 and res["tracked_units"] == 15104
@@ -96,6 +97,31 @@ def test_a_failing_cuda_test_fails_the_check(tmp_path):
     assert tests["failed_ids"] == ["test_planted::test_cuda_fails"]
     assert report["stages"]["train"]["status"] == "not run"
     assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
+
+
+def test_junit_counts_and_skips_for_want_of_a_gpu(tmp_path):
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_ops" name="test_cuda_a[fp16]"/>'
+        '<testcase classname="tests.test_ops" name="test_cuda_b"><skipped message="no CUDA device"/></testcase>'
+        '<testcase classname="tests.test_ops" name="test_cuda_c"><error message="boom"/></testcase>'
+        '<testcase classname="tests.test_x" name="test_d"><failure message="no"/></testcase>'
+        '<testcase classname="tests.test_x" name="test_e[cpu]"><skipped message="a GPU is visible"/></testcase>'
+        '<testcase classname="tests.test_x" name="test_f"><skipped message="selectivity._C is not built"/></testcase>'
+        '</testsuite></testsuites>')
+    s = gpu_check.summarize_junit(str(tmp_path / "j.xml"))
+    assert s["all"] == {"passed": 1, "failed": 2, "skipped": 3, "total": 6}
+    assert s["cuda"] == {"passed": 1, "failed": 1, "skipped": 1, "total": 3}
+    assert s["failed_ids"] == ["tests.test_ops::test_cuda_c", "tests.test_x::test_d"]
+    assert s["skipped_for_no_gpu"] == 2  # not the test that skips because a GPU is visible
+
+
+@pytest.mark.parametrize("line, on_gpu", [
+    ('x = torch.rand(3, device="cuda")', True), ("y = x.cuda()", True), ("torch.device('cuda:0')", True),
+    ('m.to("cuda")', True), ('tool("train.py", "--device", "cuda")', False), ("# cuda is optional", False),
+])
+def test_which_test_files_count_as_cuda_tests(line, on_gpu):
+    assert bool(gpu_check.ON_GPU.search(line)) is on_gpu
 
 
 def _toolkit(root):

@@ -18,20 +18,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 
 class Bench:
     """Device, timer and cache flush for one mode (``dry_run``: CPU; else the current CUDA device)."""
 
     def __init__(self, dry_run: bool):
+        import torch  # here, not above: the stages that only read files start without torch
+        self.torch = torch
         self.dry_run = dry_run
         self.device = torch.device("cpu" if dry_run else "cuda")
         self._flush_buf = None
 
     def sync(self) -> None:
         if not self.dry_run:
-            torch.cuda.synchronize()
+            self.torch.cuda.synchronize()
 
     def time_ms(self, fn, reps: int = 1) -> float:
         """Milliseconds for ``reps`` calls of ``fn``, all queued work before them finished first."""
@@ -42,7 +42,8 @@ class Bench:
                 fn()
             return (time.perf_counter() - t0) * 1e3
         # Events time the GPU's work, not the launch: what a training step costs the GPU.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cuda = self.torch.cuda
+        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
             fn()
@@ -59,7 +60,7 @@ class Bench:
         """
         if self._flush_buf is None:
             n = (8 if self.dry_run else 256) * 2**20
-            self._flush_buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+            self._flush_buf = self.torch.empty(n, dtype=self.torch.uint8, device=self.device)
         self._flush_buf.zero_()
 
     def median_ms(self, fn, reps: int, warmup: int = 2) -> float:
@@ -83,7 +84,7 @@ def write_json(path: str, obj) -> None:
 
 
 def _jsonable(x):
-    if isinstance(x, (torch.dtype, torch.device)):
+    if type(x).__module__.startswith("torch"):  # a dtype or device
         return str(x)
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
 

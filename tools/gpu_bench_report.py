@@ -30,9 +30,11 @@ def verdicts(stages: dict, dry_run: bool) -> list:
     t = stages["tests"]
     if t["status"] != "not run":
         value = t["status"] if "cuda" not in t else \
-            f"CUDA: {_counts(t['cuda'])}; all selected: {_counts(t['all'])}"
+            f"CUDA: {_counts(t['cuda'])}; all selected: {_counts(t['all'])}; " \
+            f"{t['skipped_for_no_gpu']} skipped for want of a GPU"
         out.append(_verdict("every CUDA test passes", value, t["status"] == "ok", True,
-                            "all pass, none skipped" + (" (dry run: all skip)" if dry_run else "")))
+                            "all pass, none skipped for want of a GPU" +
+                            (" (dry run: they skip)" if dry_run else "")))
     tr = stages["train"]
     for amp in ("bf16", "fp16"):
         res = tr.get("amps", {}).get(amp)
@@ -106,7 +108,7 @@ def write_markdown(report: dict, path: str) -> None:
         c = tr["config"]
         lines += ["", f"## ResNet-50 training step (batch {c['batch']}, {c['size']} px, K = {c['classes']}, "
                   f"channels_last, {c['rounds']} rounds × {c['steps']} steps per variant after "
-                  f"{c['warmup']} warm-up steps; tracker: `{tr.get('api')}`)", "",
+                  f"{c['warmup']} warm-up steps; `SelectivityTracker(model, {c['classes']}, units=\"blocks\")`)", "",
                   "| AMP | variant | images/s | ms/step (median round) | ÷ off |", "|---|---|---|---|---|"]
         for amp, res in tr["amps"].items():
             for v, d in res.get("variants", {}).items():

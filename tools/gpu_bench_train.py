@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_bench_common import Bench, write_json
+from selectivity import SelectivityTracker
 from selectivity.models import build_model
 
 REAL = dict(batch=256, size=224, classes=1000, warmup=5, rounds=4, steps=5)
@@ -29,26 +30,14 @@ VARIANTS = ("off", "on", "si")
 TARGETS = {"on": 0.99, "si": 0.98}  # images/s ÷ off; "without slowing throughput"
 
 
-def make_tracker(model, num_classes):
-    """(tracker, where it came from): the library's public API; its module while the package
-    does not export it yet."""
-    try:
-        from selectivity import SelectivityTracker
-        where = "selectivity.SelectivityTracker"
-    except ImportError:
-        from selectivity.tracker import SelectivityTracker
-        where = "selectivity.tracker.SelectivityTracker (not exported by selectivity yet)"
-    return SelectivityTracker(model, num_classes=num_classes, units="blocks"), where
-
-
 def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     dev, K, B, S = bench.device, cfg["classes"], cfg["batch"], cfg["size"]
     dtype = AMPS[amp]
     torch.manual_seed(0)
     off = build_model("resnet50", K).to(dev, memory_format=torch.channels_last)
     tracked = copy.deepcopy(off)
-    tracker, api = make_tracker(tracked, K)
-    record["api"] = api
+    # The library's public API, as a user's training loop would call it.
+    tracker = SelectivityTracker(tracked, num_classes=K, units="blocks")
 
     def parts(model):
         # lr small enough that 100-odd steps on random labels stay finite in fp16 and bf16.
@@ -103,8 +92,7 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     res["tracked_units"] = int(si.numel())
     res["si_finite"] = bool(torch.isfinite(si).all())
     res["si_mean"] = float(si.mean()) if si.numel() else None
-    if hasattr(tracker, "remove"):
-        tracker.remove()
+    tracker.remove()
     if not bench.dry_run:
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     res["status"] = "ok"
