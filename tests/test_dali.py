@@ -185,8 +185,8 @@ for split in ("train", "val"):
 
 @pytest.mark.timeout(300)
 def test_dali_reports_and_skips_bad_images_and_checks_once(tmp_path):
-    """Random bytes (with and without a JPEG header), a truncated and a zero-byte JPEG: each is
-    reported by path and left out; the pipeline never sees them (in a subprocess: before the check
+    """Random bytes (with and without a JPEG header), a truncated and a zero-byte JPEG, and a GIF
+    named .jpg (PIL reads it, DALI does not): each is reported by path and left out; the pipeline never sees them (in a subprocess: before the check
     DALI crashed the process or raised mid-epoch). The check is cached: a second build re-checks
     nothing."""
     from test_ffcv import make_image_folder
@@ -203,13 +203,17 @@ def test_dali_reports_and_skips_bad_images_and_checks_once(tmp_path):
     for path, data in bad.items():
         with open(path, "wb") as f:
             f.write(data)
+    gif = os.path.join(c0, "animated.jpg")
+    Image.new("P", (20, 20)).save(gif, "GIF", save_all=True,
+                                  append_images=[Image.new("P", (20, 20), 3)])
+    bad[gif] = None
     script = BAD_IMAGES_PROBE.format(root=ROOT, data=root, cache=str(tmp_path / "cache"))
     runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
             for _ in range(2)]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
-        # train: 12 good of 15, batches of 4 dropped to whole ones; val: 12 good of 13, all read
+        # train: 12 good of 16, in whole batches of 4; val: 12 good of 13, all read
         assert proc.stdout.split("\n")[:2] == ["train 12 12", "val 12 12"], proc.stdout
         for path in bad:
             assert f"dali: skipped unreadable image {path}: " in proc.stderr, proc.stderr[-3000:]

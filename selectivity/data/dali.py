@@ -4,7 +4,8 @@ Files. An ImageFolder is read in place (its own file list and labels, so classes
 exactly the torch backend's). Every one of its images is first decoded once with PIL, as the ffcv
 path does (``export.check_images``): DALI's decoders crash the process (SIGSEGV) on some corrupt
 files and raise mid-epoch on truncated or empty ones, so a file that does not decode is reported
-by path and left out before the pipeline is built. The verdict is cached in ``cache_dir`` under a
+by path and left out before the pipeline is built, and so is a file PIL reads in a format DALI
+does not decode (a GIF named .jpg). The verdict is cached in ``cache_dir`` under a
 key of every file's path, size and modification time, so a later run re-checks nothing unless a
 file changed. In-memory datasets (digits, synthetic, cifar10) are exported once to
 a PNG tree in the cache (``export.image_files``): PNG is lossless, so DALI decodes the very pixels
@@ -174,9 +175,14 @@ class DALILoader:
             image_size=image_size, mean=mean, std=std, shard_id=rank, num_shards=world_size,
             seed=seed * 1009 + rank + 1, reader_seed=seed, threads=threads,
             device_id=device_id)
-        self._it = DALIGenericIterator(
-            self._pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+        try:  # the iterator runs the pipeline for its first batch already
+            self._it = DALIGenericIterator(
+                self._pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
+                last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+        except RuntimeError as e:
+            self._it = None
+            self.close()
+            raise _batch_error(e) from None
         self._mid_epoch = False
 
     @property
@@ -213,9 +219,7 @@ class DALILoader:
         except StopIteration:  # end of epoch: DALIGenericIterator has reset itself (auto_reset)
             return None
         except RuntimeError as e:  # a file DALI cannot read although PIL could: one line
-            first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
-            raise DataError(f"dali: cannot read a batch: {first.strip()}; try data_backend "
-                            f"torch, or convert the file") from None
+            raise _batch_error(e) from None
 
     def _drain(self) -> None:
         while self._next() is not None:  # the rest of this epoch, unseen
@@ -250,6 +254,30 @@ class DALILoader:
             self._pipe = None
 
 
+def _batch_error(e: RuntimeError) -> DataError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((line for line in lines if "rror" in line and "Critical" not in line),
+                  lines[0] if lines else repr(e))
+    return DataError(f"dali: cannot read a batch: {detail}; try data_backend torch, or convert "
+                     f"the file")
+
+
+# What DALI's image decoders read (its documentation); PIL reads more (GIF, ICO, ...).
+DALI_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP")
+
+
+def _format_problem(path: str) -> str | None:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception as e:  # noqa: BLE001 — decoded a moment ago; any failure now is a bad file
+        return f"{type(e).__name__}: {e}"
+    if fmt not in DALI_FORMATS:
+        return f"{fmt} is not a format DALI decodes ({', '.join(DALI_FORMATS)})"
+    return None
+
+
 def threads_for(cfg, world_size: int) -> int:
     return cfg.workers if cfg.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
 
@@ -270,8 +298,12 @@ def unreadable_images(cfg, split: str, dataset, threads: int = 1) -> list:
             pass
         note(f"dali: checking {len(dataset)} images of {dataset.source} (once)")
         # DALI has no .beton side limit: only decoding counts here
-        _, bad, _ = check_images(dataset, workers=threads, progress=False,
-                                 max_resolution=MAX_SIDE)
+        good, bad, _ = check_images(dataset, workers=threads, progress=False,
+                                    max_resolution=MAX_SIDE)
+        for i in good:
+            problem = _format_problem(dataset.samples[i][0])
+            if problem:
+                bad.append((dataset.samples[i][0], problem))
         atomic_write_text(path, json.dumps(bad))
     return bad
 
