@@ -108,7 +108,8 @@ def write_markdown(report: dict, path: str) -> None:
         c = tr["config"]
         lines += ["", f"## ResNet-50 training step (batch {c['batch']}, {c['size']} px, K = {c['classes']}, "
                   f"channels_last, {c['rounds']} rounds × {c['steps']} steps per variant after "
-                  f"{c['warmup']} warm-up steps; `SelectivityTracker(model, {c['classes']}, units=\"blocks\")`)", "",
+                  f"{c['warmup']} warm-up steps; `SelectivityTracker(model, {c['classes']}, units=\"blocks\")`; "
+                  f"extension loaded: {tr.get('has_extension')})", "",
                   "| AMP | variant | images/s | ms/step (median round) | ÷ off |", "|---|---|---|---|---|"]
         for amp, res in tr["amps"].items():
             for v, d in res.get("variants", {}).items():
@@ -118,6 +119,9 @@ def write_markdown(report: dict, path: str) -> None:
                 ratio = res.get(f"ratio_{v}", {}).get("value", 1.0 if v == "off" else None)
                 lines.append(f"| {amp} | {v} | {_f(d.get('images_per_s'), '{:.0f}')} | {_f(ms, '{:.2f}')} | "
                              f"{_f(ratio, '{:.3f}')} |")
+            if "grad_scale" in res:
+                lines.append(f"| {amp} | final GradScaler scale | off {res['grad_scale']['off']:g}, "
+                             f"tracked {res['grad_scale']['tracked']:g} (from 1024; each halving: a skipped step) | | |")
             if "peak_memory_gib" in res:
                 lines.append(f"| {amp} | peak memory | {res['peak_memory_gib']:.1f} GiB | | |")
     o = st["ops"]

@@ -42,7 +42,11 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     def parts(model):
         # lr small enough that 100-odd steps on random labels stay finite in fp16 and bf16.
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
-        return opt, torch.amp.GradScaler(dev.type, enabled=amp == "fp16")
+        # The default initial scale (2**16) overflows for the first steps, which then skip the
+        # optimizer: with unequal warm-ups (off gets 5 steps, the tracked model 10) the two
+        # models' timed steps could differ in that. At 2**10 no step overflows, and the scale
+        # cannot grow within the run (growth_interval 2000): the final scale is recorded to show it.
+        return opt, torch.amp.GradScaler(dev.type, init_scale=2.0**10, enabled=amp == "fp16")
 
     gen = torch.Generator(device=dev).manual_seed(0)
     images = torch.randn(B, 3, S, S, device=dev, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -77,6 +81,8 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
             ms = bench.time_ms(lambda: step(v), cfg["steps"])
             res["variants"][v]["step_ms"].append(ms / cfg["steps"])
         res["last_loss"] = float(last["loss"])  # a sync, outside the timed windows
+        if amp == "fp16":
+            res["grad_scale"] = {"off": sc_off.get_scale(), "tracked": sc_tr.get_scale()}
         save()
     for v, d in res["variants"].items():
         d["images_per_s"] = B * len(d["step_ms"]) / (sum(d["step_ms"]) / 1e3)
@@ -102,9 +108,9 @@ def run(bench: Bench, json_path: str) -> int:
     cfg = DRY if bench.dry_run else REAL
     if not bench.dry_run:
         torch.backends.cudnn.benchmark = True  # what a fast training run sets
-    record = {"status": "running", "config": dict(cfg, model="resnet50", channels_last=True,
-                                                  optimizer="SGD", data="synthetic, device-resident"),
-              "amps": {}}
+    from selectivity import ops
+    config = dict(cfg, model="resnet50", channels_last=True, optimizer="SGD", data="synthetic, device-resident")
+    record = {"status": "running", "has_extension": ops.has_extension(), "config": config, "amps": {}}
     save = lambda: write_json(json_path, record)  # noqa: E731
     failed = False
     for amp in AMPS:
