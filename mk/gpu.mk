@@ -14,7 +14,7 @@ GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu_check_out)
 .PHONY: gpu-check gpu-check-dry
 
 gpu-check:
-	PYTHON=$(PYTHON) OUT=$(GPU_CHECK_OUT) tools/gpu_check.sh
+	PYTHON=$(PYTHON) OUT=$(GPU_CHECK_OUT) bash tools/gpu_check.sh
 
 gpu-check-dry: venv $(EXT_SO)
-	PYTHON=$(PY) OUT=$(GPU_CHECK_OUT) tools/gpu_check.sh --dry-run
+	PYTHON=$(PY) OUT=$(GPU_CHECK_OUT) bash tools/gpu_check.sh --dry-run
