@@ -41,7 +41,9 @@ def verdicts(stages: dict, dry_run: bool) -> list:
         if tr["status"] == "not run":
             break
         if not res or res.get("status") != "ok":
-            status = res.get("status") if res else tr["status"]
+            status = res["status"] if res and res.get("status") != "running" else tr["status"]
+            if res and res.get("variants"):  # cut off mid-way: say how far it got
+                status += f"; {len(res['variants']['off']['step_ms'])} of {tr['config']['rounds']} rounds timed"
             out.append(_verdict(f"ResNet-50 {amp} step", status, None, False))
             continue
         layers_ok = res["tracked_layers"] == TRACKED_BLOCKS and res["si_finite"]
