@@ -18,7 +18,7 @@ import gpu_check  # noqa: E402
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
 
-def run_check(*args, out, env=None, timeout=180):
+def run_check(*args, out, env=None, timeout=300):  # generous: 2 shared cores can be slow
     full = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1")
     full.update(env or {})
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=full, capture_output=True, text=True,
