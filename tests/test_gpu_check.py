@@ -42,6 +42,7 @@ def test_dry_run_end_to_end(tmp_path):
         res = st["train"]["amps"][amp]
         assert res["status"] == "ok" and res["tracked_layers"] == 16 and res["tracked_units"] == 15104
         assert res["si_finite"] and 0 <= res["si_mean"] <= 1
+        assert res["tracker_vs_reference"]["pass"] and res["tracker_vs_reference"]["layers"] == 16
         for v in ("off", "on", "si"):
             assert len(res["variants"][v]["step_ms"]) == st["train"]["config"]["rounds"]
             assert res["variants"][v]["images_per_s"] > 0

@@ -46,6 +46,10 @@ def verdicts(stages: dict, dry_run: bool) -> list:
                 status += f"; {len(res['variants']['off']['step_ms'])} of {tr['config']['rounds']} rounds timed"
             out.append(_verdict(f"ResNet-50 {amp} step", status, None, False))
             continue
+        ref = res["tracker_vs_reference"]
+        out.append(_verdict(f"tracker's sums equal the float64 reference ({amp})",
+                            f"{ref['layers']} layers, worst error {ref['max_rel_err']:.1e} of max|sums|",
+                            ref["pass"], True, "≤ 1e-6, one batch"))
         layers_ok = res["tracked_layers"] == TRACKED_BLOCKS and res["si_finite"]
         out.append(_verdict(f"tracking hooks every block ({amp})",
                             f"{res['tracked_layers']} layers, {res['tracked_units']} units, SI finite: "

@@ -30,6 +30,38 @@ VARIANTS = ("off", "on", "si")
 TARGETS = {"on": 0.99, "si": 0.98}  # images/s ÷ off; "without slowing throughput"
 
 
+REL_TOL = 1e-6  # as in gpu_bench_ops: the CPU kernel's float32 runs; the CUDA kernel sums in float64
+
+
+def tracker_matches_reference(model, num_classes, images, labels, dtype) -> dict:
+    """One tracked forward (under autocast, so the block outputs are what training gives the
+    tracker) against ``ops.accumulate_reference`` of the same outputs, captured by hooks of our
+    own: the tracker on this device, end to end, at full size."""
+    from selectivity import ops
+    tracker = SelectivityTracker(model, num_classes=num_classes, units="blocks")
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out.detach()))
+             for n, m in tracker.layers.items()]
+    try:
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype), tracker.track(labels):
+            model(images)
+        result = tracker.compute()
+    finally:
+        tracker.remove()
+        for h in hooks:
+            h.remove()
+    worst = 0.0
+    for name, r in result.items():
+        sums, counts = ops.new_state(num_classes, outputs[name].shape[1], outputs[name].device)
+        ops.accumulate_reference(outputs[name], labels, sums, counts)
+        sums, counts = sums.cpu(), counts.cpu()
+        if not torch.equal(r.counts, counts):
+            worst = float("inf")
+        worst = max(worst, float((r.sums - sums).abs().max()) / (float(sums.abs().max()) or 1.0))
+    same_layers = list(result) == list(outputs) and len(result) > 0
+    return {"layers": len(result), "max_rel_err": worst, "pass": same_layers and worst <= REL_TOL}
+
+
 def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     dev, K, B, S = bench.device, cfg["classes"], cfg["batch"], cfg["size"]
     dtype = AMPS[amp]
@@ -71,6 +103,8 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
         last["loss"] = loss.detach()
 
     res = record["amps"][amp] = {"status": "running", "variants": {v: {"step_ms": []} for v in VARIANTS}}
+    res["tracker_vs_reference"] = tracker_matches_reference(tracked, K, images, labels, dtype)
+    save()
     t0 = time.perf_counter()
     for v in VARIANTS:  # warm-up: cuDNN's autotuning, the allocator, the tracker's first states
         bench.time_ms(lambda: step(v), cfg["warmup"])

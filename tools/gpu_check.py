@@ -7,7 +7,8 @@ ops, report. Each stage writes $WORK/STAGE.json; `report` merges them into $OUT/
 and $OUT/gpu_check.md and sets the check's exit status:
 
     0  every stage ran, every correctness check passed (speed targets are verdicts, not failures)
-    1  a correctness check failed: the build, a test, no CUDA test ran, or accumulate's values
+    1  a correctness check failed: the build, a test, no CUDA test ran, accumulate's values, or
+       the tracker's (its sums, the 16 blocks hooked, SI finite)
     3  correct so far, but a benchmark stage failed or ran out of time
 """
 from __future__ import annotations
