@@ -61,11 +61,23 @@ def user_errors() -> tuple:
             UnitsError)
 
 
+def one_line(e: BaseException) -> str:
+    """The error's message as one line. An error raised in a DataLoader worker reaches the main
+    process re-raised with the worker's whole traceback in its message; its last line is the
+    original ``Class: message``."""
+    text = str(e).strip()
+    if "Traceback (most recent call last)" not in text:
+        return " ".join(text.split("\n"))
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last
+
+
 def run_cli(main, argv=None) -> None:
     try:
         main(argv)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Interrupted as e:
         print(str(e), file=sys.stderr)

@@ -336,3 +336,19 @@ def test_error_classes_are_one_set_importable_from_their_old_modules():
     for cls in (errors.ConfigError, errors.DataError, errors.ModelError, errors.CheckpointError,
                 errors.WriteError, errors.TrainingError, errors.AblationError):
         assert cls in errors.user_errors() or issubclass(cls, errors.user_errors())
+
+
+@pytest.mark.timeout(300)
+def test_a_bad_image_read_in_a_loader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's error with the worker's traceback in the message; the tools
+    print only the error itself."""
+    from test_ffcv import make_image_folder
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    bad = os.path.join(root, "train", "c0", "corrupt.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    proc = run_tool("tools/train.py", "--dataset", "imagefolder", "--data-dir", root,
+                    "--image-size", "16", "--batch-size", "4", "--eval-batch-size", "4",
+                    "--epochs", "1", "--workers", "1", "--progress", "false",
+                    "--out-dir", str(tmp_path / "runs"), timeout=240)
+    one_error_line(proc, f"error: cannot decode image {bad}: ")
