@@ -25,8 +25,14 @@ def run_check(*args, out, env=None, timeout=300):  # generous: 2 shared cores ca
                           timeout=timeout)
 
 
-def test_dry_run_end_to_end(tmp_path):
-    proc = run_check("--dry-run", out=tmp_path)
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry")
+    return run_check("--dry-run", out=out), out
+
+
+def test_dry_run_end_to_end(dry_run):
+    proc, tmp_path = dry_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.log", "gpu_check.md", "junit.xml"]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -57,6 +63,33 @@ def test_dry_run_end_to_end(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| ops | ok |" in md and "tracking on ÷ off (fp16)" in md
     assert md in proc.stdout  # the report is what the device tool's output tail shows
+
+
+def test_report_of_a_real_run_renders(dry_run, tmp_path):
+    """The report's GPU-only fields (machine, arch, peak memory, GradScaler scales), fed from the dry
+    run's records made to look like a real run's: a report that crashed there would lose the run."""
+    report = json.loads((dry_run[1] / "gpu_check.json").read_text())
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    env = dict(report["env"], dry_run=False, nvidia_smi="580.159.04, 1980 MHz, 3201 MHz",
+               gpu={"name": "NVIDIA H200", "capability": "9.0", "memory_gib": 139.8, "multiprocessors": 132})
+    (work / "env.json").write_text(json.dumps(env))
+    stages = report["stages"]
+    stages["build"].update(arch="9.0", compiled=True, cuda_kernels=True)
+    stages["tests"]["cuda"]["passed"], stages["tests"]["cuda"]["skipped"] = stages["tests"]["cuda"]["skipped"], 0
+    for amp in ("bf16", "fp16"):
+        stages["train"]["amps"][amp]["peak_memory_gib"] = 31.5
+    stages["train"]["amps"]["fp16"]["grad_scale"] = {"off": 1024.0, "tracked": 512.0}
+    for name, rec in stages.items():
+        (work / f"{name}.json").write_text(json.dumps(rec))
+        (work / f"{name}.rc").write_text("0")
+        (work / f"{name}.sec").write_text("7")
+    rc = gpu_check.main(["report", "--work", str(work), "--out", str(out)])
+    md = (out / "gpu_check.md").read_text()
+    assert rc == 0 and "DRY RUN" not in md and "NVIDIA H200 (sm 9.0, 140 GiB, 132 SMs" in md
+    assert "built for sm_90 with CUDA kernels registered | PASS |" in md
+    assert "| fp16 | final GradScaler scale | off 1024, tracked 512" in md and "31.5 GiB" in md
+    assert "(dry run)" not in md
 
 
 def test_real_mode_without_a_gpu_stops_at_once_with_one_line(tmp_path):

@@ -97,6 +97,11 @@ done
 echo "== report" >>"$LOG"
 timeout -k 5 20 "$PYTHON" tools/gpu_check.py report "${ARGS[@]}" --limit 20 >>"$LOG" 2>&1
 rc=$?
-if [ -f "$OUT/gpu_check.md" ]; then cat "$OUT/gpu_check.md"; else echo "gpu_check: the report failed (exit $rc); see $LOG"; fi
+if [ -f "$OUT/gpu_check.md" ]; then cat "$OUT/gpu_check.md"
+else
+  # $WORK goes with this shell: keep the stages' raw records in the log, which comes back.
+  for f in "$WORK"/*.json; do echo "== raw record $(basename "$f")"; cat "$f"; echo; done >>"$LOG"
+  echo "gpu_check: the report failed (exit $rc); the stages' raw records are at the end of $LOG"
+fi
 [ $rc -eq 2 ] && rc=1  # 2 means "could not start"; a broken report is a failed check
 exit $rc
