@@ -166,6 +166,17 @@ def random_init_model(cfg, num_classes: int, seed: int, device) -> nn.Module:
     return model.eval()
 
 
+def keep_record(records: list, record, out_jsonl: str | None, on_record=None) -> None:
+    """Append ``record``, rewrite ``out_jsonl`` with all records so far (an interrupted
+    analysis keeps what it measured), then tell ``on_record``."""
+    from .io import write_jsonl
+    records.append(record)
+    if out_jsonl:
+        write_jsonl(out_jsonl, records)
+    if on_record is not None:
+        on_record(record)
+
+
 def set_threads(threads: int | None, cfg=None) -> None:
     """torch threads: ``threads`` when given, else the run's ``threads`` (0: torch's default)."""
     n = threads if threads is not None else (cfg.threads if cfg is not None else 0)

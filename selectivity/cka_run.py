@@ -26,13 +26,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .analysis import (calibration_for, eval_no_grad, keep_or_replay, measuring,
+from .analysis import (calibration_for, eval_no_grad, keep_or_replay, keep_record, measuring,
                        random_init_model, run_label, val_loader)
 from .cka import LOGITS, MIN_BATCH, MinibatchCKA, collect_features, count_relu_activity, gram
 from .cka import resolve_modules
 from .checkpoint import makedirs
 from .errors import CheckpointError, ConfigError, UnitsError
-from .io import write_jsonl
 from .runs import choose_checkpoints, load_model, open_run
 
 STAGES = "layer*"  # the stage outputs layer1..layerN: '*' stays inside one name segment
@@ -173,11 +172,7 @@ def cka_records(run: str, run_b: str | None = None, *, epochs=None, steps: bool 
                "run": name_a, "run_b": name_b, "bn_mode": bn_mode, "val_order_seed": seed}
         rec.update(_measure_under(bn_mode, pairs, batches, names, max_batches))
         rec["random_init"] = baseline
-        records.append(rec)
-        if out_jsonl:
-            write_jsonl(out_jsonl, records)
-        if on_record is not None:
-            on_record(rec)
+        keep_record(records, rec, out_jsonl, on_record)
     return records
 
 

@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .analysis import (calibration_for, measured_epochs, measuring, run_label, val_loader)
+from .analysis import (calibration_for, keep_record, measured_epochs, measuring, run_label,
+                       val_loader)
 from .checkpoint import makedirs
 from .cka import resolve_modules
 from .cka_run import STAGES, check_layers
 from .errors import ConfigError
-from .io import write_jsonl
 from .orientation import (ablation_groups, channel_normalize, loss_and_shift_invariance,
                           make_gratings, orientation_indices, orientation_responses,
                           permuted_control, zero_channels)
@@ -189,11 +189,7 @@ def orientation_records(plan: Plan, out_jsonl: str | None = None,
             rec.update(measure_checkpoint(model, plan.layers, plan.shift_layers, g, normalize,
                                           batches, plan.shift, plan.seed, c.epoch in plan.ablate_at,
                                           cfg.eval_batch_size))
-        records.append(rec)
-        if out_jsonl:
-            write_jsonl(out_jsonl, records)
-        if on_record is not None:
-            on_record(rec)
+        keep_record(records, rec, out_jsonl, on_record)
     return records
 
 

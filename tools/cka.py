@@ -14,7 +14,8 @@ epochs named by --epochs), on the run's val split in a fixed shuffled order (--s
   - with RUN2: RUN's layers (rows) against RUN2's (columns) at every epoch both runs have;
   - the fraction of ReLU outputs > 0 inside each layer (every nn.ReLU, every call);
   - the same for the architecture freshly initialised from a seed derived from --seed (never
-    the run's own initialisation; with RUN2: two fresh networks), on the same batches: the baseline, dashed in every figure.
+    the run's own initialisation; with RUN2: two fresh networks), on the same batches: the
+    baseline, dashed in every figure.
 BatchNorm statistics: --bn-mode (default: recomputed on the run's fixed training images).
 Writes OUT/cka.jsonl (with RUN2: OUT/cka_vs_<RUN2 name>.jsonl; OUT defaults to RUN), one line
 per checkpoint:
