@@ -90,6 +90,7 @@ class Tracking(Callback):
         out = {"epoch": record["epoch"], "step": record["step"], "units": self.units,
                "bn_mode": record.get("bn_mode"), "layers": {}}
         for name, r in results.items():
+            r = r.cpu()
             out["layers"][name] = {
                 "si": r.si, "pref_class": r.pref_class, "mu_max": r.mu_max, "mu_rest": r.mu_rest,
                 "sums": r.sums, "counts": r.counts, "si_null": r.null_si}
@@ -105,7 +106,7 @@ class Tracking(Callback):
             tb.add_scalar(f"si/{name}", r.mean, step)
             if r.null_si is not None:
                 tb.add_scalar(f"si_null/{name}", r.null_mean, step)
-            tb.add_histogram(f"si_hist/{name}", r.si.float(), step)
+            tb.add_histogram(f"si_hist/{name}", r.si.float().cpu(), step)
         if not self._layout_done:
             stages = OrderedDict()
             for name in results:

@@ -47,7 +47,7 @@ NULL_QUANTILE = 0.95
 
 @dataclasses.dataclass
 class LayerSelectivity:
-    """One layer's units over the data seen (float64 / int64 tensors on the CPU)."""
+    """One layer's units over the data seen (float64 / int64 tensors on the tracker's device)."""
     si: torch.Tensor            # [U]
     pref_class: torch.Tensor    # [U], -1 where no class was seen
     mu_max: torch.Tensor        # [U]
@@ -85,6 +85,11 @@ class LayerSelectivity:
         """Fraction of units whose SI exceeds their own null 95 % quantile."""
         q = self.unit_null_q95
         return None if q is None else float((self.si > q).double().mean())
+
+    def cpu(self) -> "LayerSelectivity":
+        """A copy on the CPU (what the trainer saves)."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return LayerSelectivity(*(None if t is None else t.cpu() for t in values))
 
 
 class _LayerStates:
@@ -219,16 +224,17 @@ class SelectivityTracker:
     # -- results ---------------------------------------------------------------------------------
     def compute(self) -> "OrderedDict[str, LayerSelectivity]":
         """Every layer's selectivity over all batches since the last ``reset`` (summed over DDP
-        ranks; every rank must call it)."""
+        ranks; every rank must call it). Tensors stay on the states' device (no copy to the host:
+        SI can be computed at every step on a GPU); ``sums``/``counts`` are the states themselves
+        in one process — clone them to keep them past the next update."""
         states = self.states.reduced()
         nulls = [n.reduced() for n in self.null_states]
         out = OrderedDict()
         for name, (s, c) in states.items():
             r = ops.selectivity_index(s, c, self.eps)
-            null = torch.stack([ops.selectivity_index(*n[name], self.eps).si.cpu()
-                                for n in nulls]) if nulls else None
-            out[name] = LayerSelectivity(r.si.cpu(), r.pref_class.cpu(), r.mu_max.cpu(),
-                                         r.mu_rest.cpu(), s.cpu(), c.cpu(), null)
+            null = torch.stack([ops.selectivity_index(*n[name], self.eps).si for n in nulls]) \
+                if nulls else None
+            out[name] = LayerSelectivity(r.si, r.pref_class, r.mu_max, r.mu_rest, s, c, null)
         return out
 
     def reset(self) -> None:
