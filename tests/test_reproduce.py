@@ -1,0 +1,94 @@
+"""tools/study.py (conditions × seeds, resumable) and tools/reproduce.py --tiny end to end."""
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from selectivity.config import ConfigError
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def finished_run(run_dir, epochs):
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    open(os.path.join(run_dir, "checkpoints", "last.pt"), "w").close()
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for e in range(epochs + 1):
+            f.write(json.dumps({"split": "val", "epoch": e, "acc1": 0.5}) + "\n")
+
+
+def test_study_plan_resumes_skips_and_refuses_a_changed_condition(tmp_path, capsys):
+    study = load_tool("study")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: synthetic\nepochs: 2\nselectivity_reg: [{alpha: -1.0}]\n")
+    out = tmp_path / "study"
+    conds = study.conditions_from_files([str(cfg)], {})
+    assert conds["c"]["threads"] == 1  # side-by-side runs are single-threaded by default
+    study.run_study(conds, [0, 1, 2], str(out), dry_run=True)
+    finished_run(str(out / "c" / "s0"), 2)
+    finished_run(str(out / "c" / "s1"), 1)
+    plan = {(e["condition"], e["seed"]): e["status"]
+            for e in study.plan_study(conds, [0, 1, 2], str(out))}
+    assert plan == {("c", 0): "done", ("c", 1): "resume", ("c", 2): "new"}
+    entry = [e for e in study.plan_study(conds, [1], str(out))][0]
+    cmd = study.train_command(entry)
+    assert cmd[-1] == "--resume" and "--seed=1" in cmd and cmd[cmd.index("--name") + 1] == "s1"
+    # the condition as written: a different setting under the same name is refused
+    os.makedirs(out / "c", exist_ok=True)
+    with open(out / "c" / "condition.yaml", "w") as f:
+        yaml.safe_dump(dict(conds["c"], lr=0.5), f)
+    with pytest.raises(ConfigError, match="differs from the one already"):
+        study.plan_study(conds, [0], str(out))
+    with pytest.raises(ConfigError, match="decides per run"):
+        study.plan_study({"x": {"seed": 3}}, [0], str(out))
+    with pytest.raises(ConfigError, match="twice"):
+        study.plan_study(conds, [0, 0], str(out))
+    grid = study.expand_alphas(conds, [-1.0, 0.0, 0.3])
+    assert list(grid) == ["c_alpha_m1", "c_alpha_0", "c_alpha_p0.3"]
+    assert grid["c_alpha_0"]["selectivity_reg"] == []
+
+
+def test_study_bad_input_is_one_line_exit_2(tool, tmp_path):
+    proc = tool("tools/study.py", os.path.join(ROOT, "configs", "study", "alpha_0.yaml"),
+                "--out", str(tmp_path), "--set", "seed=3", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "decided by the study" in proc.stderr
+
+
+def test_window_scaling_for_tiny():
+    rep = load_tool("reproduce")
+    from selectivity.regularizer import parse_windows
+    w = rep.scale_windows(parse_windows([{"alpha": -10.0, "start": 5, "end": 8}]), 0.1)
+    assert w == [{"alpha": -10.0, "start": 0.5, "end": pytest.approx(0.8)}]
+    conds = rep.study_conditions(tiny=True)
+    assert {rep.BASE, rep.EARLY, rep.LATE, rep.STRONG} <= set(conds)
+    assert all(c["epochs"] == rep.TINY["epochs"] for c in conds.values())
+
+
+def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
+    out = tmp_path / "tiny"
+    proc = tool("tools/reproduce.py", "--tiny", "--out", str(out), "--jobs", "2", timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "findings.md").read_text()
+    assert "Tiny mode" in text and "Student-t" in text
+    for section in ("SI emergence and recession", "The α sweep", "Early-only vs late"):
+        assert section in text
+    verdicts = re.findall(r"\*\*(supports|contradicts|inconclusive)\*\*", text)
+    assert len(verdicts) == 6
+    assert "(n = 2)" in text  # two seeds in tiny mode, and the tables say so
+    for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert os.path.getsize(out / fig) > 5_000, fig
+    # every run finished; a second call trains nothing and writes the same findings
+    again = tool("tools/reproduce.py", "--tiny", "--out", str(out), timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "12 of 12 runs finished already" in again.stdout
+    assert (out / "findings.md").read_text() == text
