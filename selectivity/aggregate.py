@@ -36,7 +36,8 @@ INTERVAL = "95 % Student-t interval over seeds (mean ± t₀.₉₇₅,ₙ₋₁
 RUN_ONLY_KEYS = ("seed", "name", "out_dir", "threads", "device", "workers", "progress",
                  "tensorboard", "cache_dir", "log_every_steps", "save_every_epochs",
                  "save_every_steps", "save_steps_epochs")
-_SEED_SUFFIX = re.compile(r"(?:[_\-.]?(?:seed|s)[_\-]?\d+)$")
+# "_s2", "-seed3", or the whole name "s0"; not "cls3" (a separator or the start must precede)
+_SEED_SUFFIX = re.compile(r"(?:^|[_\-.])(?:seed|s)[_\-]?\d+$")
 
 
 class AggregateError(ValueError):

@@ -113,3 +113,11 @@ def test_command_line_table_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         agg.main([str(tmp_path)])
     assert e.value.code == 2 and "no config.yaml" in capsys.readouterr().err
+
+
+def test_condition_labels():
+    def label(path):
+        return agg.condition_label(agg.Run(path, os.path.basename(path), {}, [], []))
+    assert label("/r/alpha_m1_s2") == "alpha_m1"
+    assert label("/r/study/early/s0") == "early"
+    assert label("/r/demo_cls3") == "demo_cls3"  # "s3" inside a word is not a seed
