@@ -140,6 +140,9 @@ NON_NEGATIVE = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smooth
                 "threads", "eval_every_steps", "eval_steps_epochs", "save_every_steps",
                 "save_steps_epochs")
 BELOW_ONE = ("momentum", "label_smoothing")
+# An image side the loaders would try to allocate without a second thought (100000 px: 30 GB
+# per image); 4096 is 18x ImageNet's 224 and still fits a batch in memory.
+MAX_IMAGE_SIZE = 4096
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Keys that may differ when a run is resumed: how long it runs, how often it evaluates, logs and
@@ -249,6 +252,9 @@ def validate(cfg: Config) -> Config:
     for key in BELOW_ONE:
         if getattr(cfg, key) >= 1:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"config key 'image_size' must be <= {MAX_IMAGE_SIZE}, got "
+                          f"{cfg.image_size}")
     if cfg.nesterov and cfg.momentum == 0:
         raise ConfigError("config key 'nesterov': Nesterov momentum needs momentum > 0 "
                           "(momentum is 0); set momentum or nesterov: false")

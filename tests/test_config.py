@@ -49,6 +49,7 @@ def test_defaults_and_overrides(tmp_path):
     ("eval_every_steps: -1\n", "config key 'eval_every_steps' must be >= 0, got -1"),
     ("save_every_steps: -5\n", "config key 'save_every_steps' must be >= 0, got -5"),
     ("warmup_epochs: -1\n", "config key 'warmup_epochs' must be >= 0"),
+    ("image_size: 100000\n", "config key 'image_size' must be <= 4096, got 100000"),
     ("name: ../escape\n", "config key 'name' must be one directory name"),
     ("lr: 0.1\nepochs: 2\nlr: 0.2\n", "is not valid YAML: duplicated key 'lr' (line 3, column 1)"),
     ("1: 2\n", "config keys are names; got int 1"),
