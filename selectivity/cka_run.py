@@ -3,7 +3,8 @@
 ``cka_records(run)`` measures, for every chosen checkpoint, on the run's val split:
 
 - within one network: the square linear-CKA matrix among ``layers`` (default: the stage outputs
-  ``layer*``, i.e. layer1..layerN) and the logits; with ``run_b``: the run's layers (rows)
+  ``layer*``, i.e. layer1..layerN; for a model without stages, the run's ``track_units``) and
+  the logits; with ``run_b``: the run's layers (rows)
   against ``run_b``'s (columns) at every epoch both runs have;
 - the fraction of ReLU outputs > 0 inside each layer (every ``nn.ReLU`` module, every call), a
   direct proxy for how linear the network still is;
@@ -33,6 +34,7 @@ from .cka import resolve_modules
 from .checkpoint import makedirs
 from .errors import CheckpointError, ConfigError, UnitsError
 from .runs import choose_checkpoints, load_model, open_run
+from .units import resolve_units
 
 STAGES = "layer*"  # the stage outputs layer1..layerN: '*' stays inside one name segment
 # The baseline network's seed is offset from --seed so that it is never the run's own
@@ -48,6 +50,17 @@ def stage_names(model) -> list[str]:
     except UnitsError:
         raise UnitsError(f"{type(model).__name__} has no layer1..layerN stages; name the layers "
                          f"(--layers)") from None
+
+
+def default_layers(model, cfg=None) -> list[str]:
+    """The stage outputs (``layer*``); for a model without stages (a VGG, a plain CNN), the
+    units the run tracked (``cfg.track_units``, e.g. every ReLU)."""
+    try:
+        return stage_names(model)
+    except UnitsError:
+        if cfg is None:
+            raise
+        return list(resolve_units(model, cfg.track_units))
 
 
 def check_layers(model, layers: Sequence[str]) -> list[str]:
@@ -136,7 +149,7 @@ def cka_records(run: str, run_b: str | None = None, *, epochs=None, steps: bool 
             raise CheckpointError(f"{run} and {run_b} have no checkpoint epoch in common")
     # Names are checked on the first checkpoint's model, before any data is read.
     model = load_model(cfg, ckpts[0], device)
-    names = check_layers(model, layers) if layers else stage_names(model)
+    names = check_layers(model, layers) if layers else default_layers(model, cfg)
     num_classes = model.fc.out_features if hasattr(model, "fc") else None
     if run_b is not None:
         model_b = load_model(cfg_b, at[round(ckpts[0].epoch, 9)], device)
@@ -192,7 +205,7 @@ def order_spread(cfg, model, layers: Sequence[str] | None = None, seeds: Sequenc
     orders (their spread is the estimator's noise at this batch size). ``model`` as loaded
     from a checkpoint of a run with config ``cfg``; all under ``bn_mode``.
     Returns {"rows", "by_class", "dataset", "shuffled": [matrix per seed]} (numpy arrays)."""
-    names = check_layers(model, layers) if layers else stage_names(model)
+    names = check_layers(model, layers) if layers else default_layers(model, cfg)
     calib = calibration_for(cfg, device, bn_mode)
 
     def one(order, seed=0):

@@ -5,9 +5,11 @@
 
 - gratings at the model's input size (12 orientations, 4 phases, Ukita's SF ladder), normalised
   like the dataset; R[unit, SF, orientation] per layer (default: the stem ReLU and every
-  residual block output); OSI, gOSI, and the permuted control (per-unit shuffle);
+  residual block output; without residual blocks, the run's ``track_units``); OSI, gOSI, and
+  the permuted control (per-unit shuffle);
 - on the val images (the first ``max_images`` of a fixed shuffled order): val loss, accuracy and
-  shift invariance at ``shift_layers`` (default: the stage outputs), raw and centred (see
+  shift invariance at ``shift_layers`` (default: the stage outputs; without stages, the last
+  three layers), raw and centred (see
   ``orientation.shift_correlation``);
 - at ``ablate_at`` (default: every measured epoch), for each layer: the top half of its live
   units by gOSI zeroed, then the bottom half (dead units excluded), and the same measured again.
@@ -30,7 +32,7 @@ from .analysis import (calibration_for, keep_record, measured_epochs, measuring,
 from .checkpoint import makedirs
 from .cka import resolve_modules
 from .cka_run import STAGES, check_layers
-from .errors import ConfigError
+from .errors import ConfigError, UnitsError
 from .orientation import (ablation_groups, channel_normalize, loss_and_shift_invariance,
                           make_gratings, orientation_indices, orientation_responses,
                           permuted_control, zero_channels)
@@ -41,10 +43,25 @@ TUNED = 0.33  # Ukita's threshold for an orientation-tuned unit (gOSI > 0.33)
 CENTRED = "shift_invariance_centered"  # the primary shift-invariance measure in figures/summary
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """The stem ReLU (a top-level ``nn.ReLU`` named ``relu``) and every residual block output."""
+def default_layers(model: nn.Module, cfg=None) -> list[str]:
+    """The stem ReLU (a top-level ``nn.ReLU`` named ``relu``) and every residual block output;
+    for a model without residual blocks (Ukita's plain CNN, a VGG), the units the run tracked
+    (``cfg.track_units``, e.g. every ReLU)."""
     stem = ["relu"] if isinstance(getattr(model, "relu", None), nn.ReLU) else []
-    return stem + list(resolve_units(model, "blocks"))
+    try:
+        return stem + list(resolve_units(model, "blocks"))
+    except UnitsError:
+        if cfg is None:
+            raise
+        return list(resolve_units(model, cfg.track_units))
+
+
+def default_shift_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The stage outputs (``layer*``); for a model without stages, the last three ``layers``."""
+    try:
+        return list(resolve_modules(model, [STAGES]))
+    except UnitsError:
+        return list(layers[-3:])
 
 
 def val_batches(loader, max_images: int) -> list:
@@ -147,9 +164,9 @@ class Plan:
         self.cfg = cfg = open_run(run, **overrides)
         self.ckpts = choose_checkpoints(run, epochs, steps)
         probe = load_model(cfg, self.ckpts[0], "cpu")
-        self.layers = check_layers(probe, layers) if layers else default_layers(probe)
+        self.layers = check_layers(probe, layers) if layers else default_layers(probe, cfg)
         self.shift_layers = check_layers(probe, shift_layers) if shift_layers else \
-            list(resolve_modules(probe, [STAGES]))
+            default_shift_layers(probe, self.layers)
         measured = [c.epoch for c in self.ckpts]
         if no_ablation:
             self.ablate_at = set()

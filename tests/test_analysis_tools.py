@@ -15,6 +15,7 @@ from torch import nn
 from conftest import run_tool
 from selectivity.cka import LOGITS, count_relu_activity, cka_over_loader
 from selectivity.errors import run_cli
+from selectivity.models import build_model
 from selectivity.orientation import (OrientationIndices, ablation_groups,
                                      loss_and_shift_invariance, shift_correlation, zero_channels)
 
@@ -389,3 +390,24 @@ def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys)
     assert series["null_top"][-1] == pytest.approx(float(torch.quantile(per_perm, 0.95)))
     assert series["band"] == {"q95"} and series["null_top"][-1] > series["null"][-1]
     assert "95 % quantile" in capsys.readouterr().out
+
+
+def test_default_layers_of_a_model_without_residual_blocks():
+    # Ukita's plain CNN and VGG16 have no blocks and no stages: the analyses then look at the
+    # units the run tracked (track_units), as training did.
+    from types import SimpleNamespace
+    from selectivity.cka_run import default_layers as cka_layers
+    from selectivity.errors import UnitsError
+    from selectivity.orientation_run import default_layers, default_shift_layers
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), act=nn.ReLU(),
+                                    conv2=nn.Conv2d(4, 4, 3), act2=nn.ReLU(),
+                                    pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+                                    fc=nn.Linear(4, 3)))
+    cfg = SimpleNamespace(track_units="relu")
+    assert default_layers(net, cfg) == cka_layers(net, cfg) == ["act", "act2"]
+    assert default_shift_layers(net, ["conv", "act", "conv2", "act2"]) == ["act", "conv2", "act2"]
+    with pytest.raises(UnitsError, match="no layer1..layerN stages"):
+        cka_layers(net)
+    resnet = build_model("resnet20", 10)
+    assert default_layers(resnet, cfg)[:2] == ["relu", "layer1.0"] and \
+        cka_layers(resnet, cfg) == STAGES

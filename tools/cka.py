@@ -10,7 +10,8 @@
 For every epoch_* checkpoint of RUN (with --steps, the step_* ones inside an epoch too; or the
 epochs named by --epochs), on the run's val split in a fixed shuffled order (--seed):
   - within one network: the square CKA matrix among --layers (default: the stage outputs
-    layer1..layerN; names or globs such as 'layer3.*') and the logits;
+    layer1..layerN, or the run's track_units for a model without stages; names or globs such
+    as 'layer3.*') and the logits;
   - with RUN2: RUN's layers (rows) against RUN2's (columns) at every epoch both runs have;
   - the fraction of ReLU outputs > 0 inside each layer (every nn.ReLU, every call);
   - the same for the architecture freshly initialised from a seed derived from --seed (never

@@ -13,14 +13,15 @@ without that ablation.
 Per checkpoint (default: every epoch_* one; --steps adds step_*):
   - gratings at the model's input size (12 orientations, 4 phases, Ukita's SF ladder), normalised
     like the dataset; R[unit, SF, orientation] per layer (--layers, default: the stem ReLU and
-    every residual block output); OSI, gOSI, and the permuted control (per-unit shuffle);
+    every residual block output; for a model without residual blocks, the run's track_units);
+    OSI, gOSI, and the permuted control (per-unit shuffle);
   - on the val images (the first --max-images of a fixed shuffled order, --seed): val loss,
     accuracy, and shift invariance (mean over images of the Pearson correlation across units
     between responses to an image and to the image circularly shifted by --shift px) at
-    --shift-layers (default: the stage outputs), both raw and "centred" (each unit's mean
-    response over the val images removed first; the raw value is dominated by the unit-mean
-    profile all images share and sits near 1 even at init, so figures and summary use the
-    centred one);
+    --shift-layers (default: the stage outputs, else the last three layers), both raw and
+    "centred" (each unit's mean response over the val images removed first; the raw value is
+    dominated by the unit-mean profile all images share and sits near 1 even at init, so
+    figures and summary use the centred one);
   - at --ablate-epochs (default: every measured epoch), for each layer: zero the top half of its
     live units by gOSI, then the bottom half (dead units excluded), and measure the same again.
     Ukita's metric is the mean per-image increase in cross-entropy (± SEM).
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", action="store_true",
                    help="also the step_* checkpoints taken inside an epoch")
     p.add_argument("--layers", nargs="+",
-                   help="module names or globs (default: the stem relu and every residual block)")
+                   help="module names or globs (default: the stem relu and every residual "
+                        "block; without blocks, the run's track_units)")
     ablation = p.add_mutually_exclusive_group()
     ablation.add_argument("--ablate-epochs", type=float, nargs="+",
                           help="epochs at which to run the ablations (default: every measured "
