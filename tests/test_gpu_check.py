@@ -118,8 +118,9 @@ def test_missing_interpreter_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "no interpreter" in lines[0], lines
 
 
-def test_a_failing_cuda_test_fails_the_check(tmp_path):
-    planted = tmp_path / "test_planted.py"
+def test_a_failing_cuda_test_fails_the_check(tmp_path, tmp_path_factory):
+    # Not under tmp_path: its name holds "cuda", which pytest's -k would match on every test.
+    planted = tmp_path_factory.mktemp("planted") / "test_planted.py"
     planted.write_text("def test_cuda_passes():\n    pass\n\n\ndef test_cuda_fails():\n    assert False\n\n\n"
                        "def test_not_selected():\n    assert False\n")
     out = tmp_path / "out"

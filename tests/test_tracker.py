@@ -198,6 +198,8 @@ def test_tracker_equals_independent_recomputation(demo_run):
             pass
     with torch.no_grad():
         with bn_statistics(model, "recalibrate", calibration):
+            for chunks in acts.values():  # the recalibration's own forward passes
+                chunks.clear()
             for images, _ in loader:
                 model(images)
     saved = torch.load(os.path.join(demo_run, "selectivity", "epoch_2.pt"), weights_only=False)

@@ -215,7 +215,7 @@ def cuda_test_files() -> list[str]:
 
 
 def summarize_junit(path: str) -> dict:
-    """Counts over every test case, and over the CUDA ones (a 'cuda' in the test's id)."""
+    """Counts over every test case, and over the CUDA ones (a 'cuda' in the test's name)."""
     counts = {k: 0 for k in ("passed", "failed", "skipped", "total")}
     cuda = dict(counts)
     failed, skip_reasons = [], {}
@@ -223,7 +223,7 @@ def summarize_junit(path: str) -> dict:
         tid = f"{case.get('classname', '')}::{case.get('name', '')}"
         kids = {c.tag for c in case}
         outcome = "failed" if kids & {"failure", "error"} else "skipped" if "skipped" in kids else "passed"
-        for c in (counts, cuda) if "cuda" in tid.lower() else (counts,):
+        for c in (counts, cuda) if "cuda" in case.get("name", "").lower() else (counts,):
             c[outcome] += 1
             c["total"] += 1
         if outcome == "failed":
