@@ -80,10 +80,12 @@ def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "findings.md").read_text()
     assert "Tiny mode" in text and "Student-t" in text
-    for section in ("SI emergence and recession", "The α sweep", "Early-only vs late"):
+    for section in ("SI emergence and recession", "The α sweep", "Early-only vs late",
+                    "Ablation: selective vs random"):
         assert section in text
+    assert "ablation run(s) failed" not in text
     verdicts = re.findall(r"\*\*(supports|contradicts|inconclusive)\*\*", text)
-    assert len(verdicts) == 6
+    assert len(verdicts) == 7
     assert "(n = 2)" in text  # two seeds in tiny mode, and the tables say so
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert os.path.getsize(out / fig) > 5_000, fig
