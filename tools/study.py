@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
-from selectivity.config import ConfigError, from_dict, load_config, parse_override, to_dict  # noqa: E402
+from selectivity.config import (ConfigError, from_dict, load_config, parse_override,  # noqa: E402
+                                to_dict)
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 from selectivity.runlog import read_metrics, run_paths  # noqa: E402
