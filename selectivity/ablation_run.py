@@ -32,8 +32,7 @@ from .io import read_jsonl, write_jsonl
 from .models import unit_registry
 from .ranking_split import ranking_loader
 from .runs import choose_checkpoints, load_model, run_config, val_records
-from .tracker import EPS, SelectivityTracker
-from .unit_ranking import ranking_from_state, resolve_layers
+from .unit_ranking import rank_units, resolve_layers
 
 
 @dataclasses.dataclass
@@ -96,25 +95,6 @@ def conditions_for(scopes, req: AblationRequest, note: Callable[[str], None] = p
 
 
 # ---------------------------------------------------------------------------- measuring
-
-@torch.no_grad()
-def rank_as_set_up(model, loader, layers, num_classes: int, eps: float = EPS):
-    """``unit_ranking.rank_units`` for a model already set up for measuring: it does not touch
-    train/eval flags, so inside ``bn_statistics(model, "batch")`` the ranking sees batch
-    statistics (``rank_units`` switches the whole model to eval mode)."""
-    tracker = SelectivityTracker(model, num_classes, layers, eps=eps)
-    try:
-        for images, labels in loader:
-            with tracker.track(labels):
-                model(images)
-    finally:
-        tracker.remove()
-    states = tracker.states.states
-    missing = [n for n in layers if n not in states]
-    if missing:
-        raise AblationError(f"layers never ran in the forward pass: {', '.join(missing)}")
-    return OrderedDict((n, ranking_from_state(*states[n], eps)) for n in layers)
-
 
 def rows_for(results, ckpt, rankings, scopes, logged_acc, req: AblationRequest, n_rank
              ) -> list[dict]:
@@ -217,7 +197,7 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
         model = load_model(cfg, ckpt, device)
         with measuring(model, req.bn_mode, calib):
             hooked = resolve_layers(model, layers)
-            rankings = rank_as_set_up(model, rank, hooked, num_classes)
+            rankings = rank_units(model, rank, layers=hooked, num_classes=num_classes)
             results = A.evaluate_ablations(model, val, conds, rankings, layers=layers,
                                            mode=req.mode, seed=req.seed,
                                            max_images=req.max_images)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -80,15 +80,19 @@ def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int
     if K is None:
         raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")
     tracker = SelectivityTracker(model, K, layers, eps=eps)
-    was_training = model.training
-    model.eval()
+    # Eval mode for a model in training mode; a model already set up for measuring (e.g. inside
+    # bn_statistics(model, "batch"), BatchNorm in train mode) keeps every module's flag.
+    flags = [m.training for m in model.modules()]
+    if model.training:
+        model.eval()
     try:
         for images, labels in loader:
             with tracker.track(labels):
                 model(images)
     finally:
         tracker.remove()
-        model.train(was_training)
+        for m, t in zip(model.modules(), flags):
+            m.training = t
     states = tracker.states.states
     missing = [n for n in layers if n not in states]
     if missing:

@@ -179,8 +179,8 @@ def test_batched_equals_one_pass_per_condition(resnet, mode):
 def test_batch_statistics_are_measured_per_condition(resnet):
     # Inside bn_statistics(model, "batch") BatchNorm normalises by each batch's statistics: the
     # conditions of a batched pass would share them, so evaluate_ablations falls back to one pass
-    # per condition, and the ranking sees batch statistics too (rank_as_set_up).
-    from selectivity.ablation_run import rank_as_set_up
+    # per condition, and the ranking sees batch statistics too (rank_units keeps the flags).
+    from selectivity.unit_ranking import rank_units
     from selectivity.analysis import measuring
     model, batches, rankings = resnet
     registry = unit_registry(model)
@@ -191,7 +191,7 @@ def test_batch_statistics_are_measured_per_condition(resnet):
         assert any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
         ref = A.evaluate_ablations(model, batches, conds, rankings, seed=3, batched=False)
         got = A.evaluate_ablations(model, batches, conds, rankings, seed=3)
-        ranked = rank_as_set_up(model, batches, resolve_layers(model), 10)
+        ranked = rank_units(model, batches, layers=resolve_layers(model), num_classes=10)
     assert not model.training and not any(m.training for m in model.modules())  # restored
     for a, b in zip(ref, got):
         assert np.array_equal(a.correct, b.correct) and a.loss == pytest.approx(b.loss, rel=1e-6)
