@@ -168,8 +168,7 @@ def global_sums(states: list[tuple[torch.Tensor, torch.Tensor]], group=None):
     """Sum every layer's (sums, counts) over the DDP ranks in one differentiable collective.
 
     Why global class means rather than per-rank ones: the regularizer is defined on "the
-    minibatch", and under DDP the minibatch is the global batch (lr is scaled for
-    batch_size × world_size the same way). Per-rank class means would make the term — its value,
+    minibatch", and under DDP the minibatch is the global batch. Per-rank class means would make the term — its value,
     its noise floor (the minibatch SI of a unit with no class preference grows as the batch
     shrinks) and its gradient — depend on how many processes share the batch, and would leave each
     rank with ~B/K images per class. Summed sums and counts make a run on W processes regularize

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_bench_common import Bench, write_json
-from selectivity import SelectivityTracker
+from selectivity import SelectivityTracker, UnitHooks
 from selectivity.models import build_model
 
 REAL = dict(batch=256, size=224, classes=1000, warmup=5, rounds=4, steps=5)
@@ -40,16 +40,14 @@ def tracker_matches_reference(model, num_classes, images, labels, dtype) -> dict
     from selectivity import ops
     tracker = SelectivityTracker(model, num_classes=num_classes, units="blocks")
     outputs = {}
-    hooks = [m.register_forward_hook(lambda m, a, out, n=n: outputs.__setitem__(n, out.detach()))
-             for n, m in tracker.layers.items()]
+    capture = UnitHooks(model, tracker.layers, lambda n, out: outputs.__setitem__(n, out.detach()))
     try:
         with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype), tracker.track(labels):
             model(images)
-        result = tracker.compute()
+        result = {n: r.cpu() for n, r in tracker.compute().items()}
     finally:
         tracker.remove()
-        for h in hooks:
-            h.remove()
+        capture.remove()
     worst = 0.0
     for name, r in result.items():
         sums, counts = ops.new_state(num_classes, outputs[name].shape[1], outputs[name].device)
