@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 
 import torch
 
@@ -40,10 +41,15 @@ def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
     for f in os.listdir(ckpt_dir):
         m = re.fullmatch(r"(epoch|step)_(\d+)\.pt", f)
         if m:
-            state = torch.load(os.path.join(ckpt_dir, f), map_location="cpu", weights_only=False,
-                               mmap=True)
-            epoch = state["epoch"] + state["batch_in_epoch"] / max(_steps_per_epoch(state), 1)
-            out.append(CheckpointInfo(os.path.join(ckpt_dir, f), epoch, state["step"]))
+            path = os.path.join(ckpt_dir, f)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+                epoch = state["epoch"] + state["batch_in_epoch"] / max(_steps_per_epoch(state), 1)
+                step = state["step"]
+            except Exception as e:  # torn or foreign: as the trainer's resume does, skip it
+                warnings.warn(f"skipping unreadable checkpoint {path}: {str(e).splitlines()[0]}")
+                continue
+            out.append(CheckpointInfo(path, epoch, step))
     return sorted(out, key=lambda c: c.step)
 
 

@@ -352,3 +352,24 @@ def test_a_bad_image_read_in_a_loader_worker_is_one_line(tmp_path):
                     "--epochs", "1", "--workers", "1", "--progress", "false",
                     "--out-dir", str(tmp_path / "runs"), timeout=240)
     one_error_line(proc, f"error: cannot decode image {bad}: ")
+
+
+def test_analysis_tools_skip_a_torn_checkpoint_with_a_warning(tmp_path):
+    """selectivity/runs.py lists a run's checkpoints for ablate/cka/orientation: a torn file is
+    skipped with a warning (as the trainer's resume does), not a traceback."""
+    import warnings as w
+
+    import torch
+
+    from selectivity.runs import list_checkpoints
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    torch.save({"epoch": 1, "batch_in_epoch": 0, "steps_per_epoch": 5, "step": 5},
+               ckpts / "epoch_1.pt")
+    (ckpts / "epoch_2.pt").write_bytes(b"PK\x03\x04 torn")
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        found = list_checkpoints(str(tmp_path / "run"))
+    assert [c.step for c in found] == [5]
+    assert any("skipping unreadable checkpoint" in str(c.message) and "epoch_2.pt" in str(c.message)
+               for c in caught)

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from selectivity import aggregate as agg  # noqa: E402
+from selectivity.io import save_figure  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 
 
@@ -142,8 +143,7 @@ def plot_alpha(conds: list[dict], path: str) -> bool:
                  f"{', '.join(map(str, epochs))}; seeds per point n = {', '.join(map(str, ns))};"
                  f" bars: 95 % t-interval)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True
 
 
@@ -173,8 +173,7 @@ def plot_curves(conds: list[dict], path: str) -> None:
     axes[0].legend(fontsize=7, title="dashed: a window starts; band: 95 % t over seeds",
                    title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from selectivity import aggregate as agg  # noqa: E402
 from selectivity.config import ConfigError, load_config, to_dict  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
+from selectivity.io import save_figure  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 
 import study  # noqa: E402  (tools/study.py: the runner)
@@ -391,10 +392,8 @@ else *inconclusive*.
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
 
 
