@@ -59,6 +59,7 @@ def set_determinism(cfg: Config) -> None:
 
 class Trainer:
     _calibration: list | None = None  # the BatchNorm recalibration images, loaded at the first evaluation
+
     def __init__(self, cfg: Config, dist: DistInfo, resume: bool = False,
                  callbacks: list[Callback] | None = None, accept_config_change: bool = False):
         from selectivity.data import build_loader

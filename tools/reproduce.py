@@ -38,16 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
 from selectivity import aggregate as agg  # noqa: E402
 from selectivity.config import ConfigError, load_config, to_dict  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
-from selectivity.io import save_figure  # noqa: E402
+from selectivity.figures.study import plot_ablation, plot_alpha, plot_si, plot_windows  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 
 import study  # noqa: E402  (tools/study.py: the runner)
@@ -149,7 +143,7 @@ def claim_emergence(groups, figdir: str) -> str:
     v_rec = verdict_interval(recess)
     if peak_i is not None and peak_i == len(mean_curve.epochs) - 1:
         v_rec = "contradicts"  # the mean curve peaks at the last evaluation: no recession
-    fig = plot_si(runs, nk, os.path.join(figdir, "si_emergence.png"), peak_epoch)
+    fig = plot_si(runs, nk, os.path.join(figdir, "si_emergence.png"), peak_epoch, BASE)
     table = agg.markdown_table(
         ["layer", "SI at init", f"SI at epoch {peak_epoch:g}", f"null ({nk}) there",
          "SI − null", "final SI", "peak − final", "per-seed peak epoch"], rows)
@@ -271,7 +265,7 @@ def claim_windows(groups, figdir: str) -> str:
     late = agg.final_values(groups.get(LATE, []), "acc1")
     d = agg.difference(late, early)
     v = verdict_interval(d)
-    fig = plot_windows(groups, os.path.join(figdir, "windows.png"))
+    fig = plot_windows(groups, (BASE, EARLY, LATE), os.path.join(figdir, "windows.png"))
     table = agg.markdown_table(["condition", "regularizer (epochs)", "final val acc1",
                                 "Δ acc1 vs α = 0 (points)", "final mean SI", "Δ SI vs α = 0"], rows)
     return f"""## Early-only vs late regularization (paper 1's critical period)
@@ -363,7 +357,7 @@ def claim_ablation(groups, out: str, figdir: str, jobs: int) -> str:
     trained = [e for e in epochs if e > 0]
     early = trained[0] if trained else None
     v = verdict_interval(diffs[early]) if early is not None else "inconclusive"
-    fig = plot_ablation(per_seed, epochs, os.path.join(figdir, "ablation.png")) if epochs else None
+    fig = plot_ablation(per_seed, epochs, os.path.join(figdir, "ablation.png"), BASE) if epochs else None
     note = (f"\n\n{len(failed)} ablation run(s) failed: " + "; ".join(failed)) if failed else ""
     table = agg.markdown_table(["epoch", "AUC selective", "AUC random", "AUC least",
                                 "random − selective"], rows)
@@ -386,117 +380,6 @@ else *inconclusive*.
 |---|---|
 | early, selective units matter more than random ones | **{v}** |
 """ + (f"\n![ablation]({fig})\n" if fig else "")
-
-
-# ----- figures -----------------------------------------------------------------------------------
-
-
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
-
-
-def _n_note(runs) -> str:
-    return f"n = {len(runs)} seeds; band: {agg.INTERVAL}"
-
-
-def plot_si(runs, nk: str, path: str, peak_epoch: float) -> str:
-    """Mean SI with its null, then one panel per stage (its layers, each with its band)."""
-    stages = OrderedDict()
-    for layer in agg.layers_of(runs):
-        stages.setdefault(layer.split(".")[0], []).append(layer)
-    fig, axes = plt.subplots(1, 1 + len(stages), figsize=(4.2 * (1 + len(stages)), 3.4),
-                             squeeze=False)
-    axes = axes[0]
-    agg.plot_band(axes[0], agg.curve(runs, "si_mean"), "val mean SI")
-    agg.plot_band(axes[0], agg.curve(runs, nk), f"null ({nk})", color="gray", linestyle=":")
-    axes[0].axvline(peak_epoch, color="k", linewidth=0.6, linestyle="--")
-    axes[0].set_ylabel("mean SI over layers")
-    for ax, (stage, layers) in zip(axes[1:], stages.items()):
-        for i, layer in enumerate(layers):
-            agg.plot_band(ax, agg.curve(runs, "si", layer), layer, color=f"C{i % 10}",
-                          marker=None)
-        ax.set_ylabel(f"mean SI, {stage}")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{BASE}: {_n_note(runs)}; dashed: the peak of the mean curve", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_alpha(groups, names, path: str) -> str:
-    pts = []
-    for name in names:
-        runs = groups.get(name, [])
-        if runs:
-            ws = parse_windows(runs[0].config.get("selectivity_reg") or [])
-            alpha = ws[0].alpha if ws else 0.0
-            pts.append((alpha, agg.summarize(agg.final_values(runs, "acc1")),
-                        agg.summarize(agg.final_values(runs, "si_mean")), len(runs)))
-    pts.sort(key=lambda p: p[0])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, idx, label, scale in ((axes[0], 1, "final val top-1 (%)", 100),
-                                  (axes[1], 2, "final val mean SI", 1)):
-        x = [p[0] for p in pts]
-        y = [p[idx].mean * scale for p in pts]
-        e = [(p[idx].half if math.isfinite(p[idx].half) else 0) * scale for p in pts]
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("α  (loss = CE − α·SI)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"final values, mean ± 95 % t-interval over seeds "
-                 f"(n = {', '.join(str(p[3]) for p in pts)})", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_ablation(per_seed, epochs, path: str) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for i, cond in enumerate(("selective", "random", "least")):
-        stats = [agg.summarize([a[e].get(cond) for a in per_seed if e in a]) for e in epochs]
-        agg.plot_band(axes[0], agg.Curve(np.array(epochs), np.array([x.mean for x in stats]),
-                                         np.array([x.half for x in stats]),
-                                         np.array([x.n for x in stats])), cond, f"C{i}")
-    stats = [agg.summarize([a[e]["random"] - a[e]["selective"] for a in per_seed
-                            if e in a and {"random", "selective"} <= set(a[e])]) for e in epochs]
-    agg.plot_band(axes[1], agg.Curve(np.array(epochs), np.array([x.mean for x in stats]),
-                                     np.array([x.half for x in stats]),
-                                     np.array([x.n for x in stats])), "random − selective", "C3")
-    axes[1].axhline(0, color="k", linewidth=0.6)
-    axes[0].set_ylabel("ablation AUC (normalized accuracy)")
-    axes[1].set_ylabel("AUC random − AUC selective")
-    for ax in axes:
-        ax.set_xlabel("checkpoint epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{BASE}: n = {len(per_seed)} seeds; band: {agg.INTERVAL}", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_windows(groups, path: str) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for i, name in enumerate((BASE, EARLY, LATE)):
-        runs = groups.get(name, [])
-        if not runs:
-            continue
-        color = f"C{i}"
-        agg.plot_band(axes[0], agg.curve(runs, "acc1"), f"{name} (n = {len(runs)})", color, 100)
-        agg.plot_band(axes[1], agg.curve(runs, "si_mean"), name, color)
-        for w in parse_windows(runs[0].config.get("selectivity_reg") or []):
-            if w.alpha != 0:
-                end = w.end if math.isfinite(w.end) else runs[0].config.get("epochs", w.start)
-                for ax in axes:
-                    ax.axvspan(w.start, end, color=color, alpha=0.08)
-    axes[0].set_ylabel("val top-1 (%)")
-    axes[1].set_ylabel("val mean SI")
-    for ax in axes:
-        ax.set_xlabel("epoch (shaded: α ≠ 0)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"mean over seeds; band: {agg.INTERVAL}", fontsize=8)
-    return _save(fig, path)
 
 
 # ----- the command -------------------------------------------------------------------------------
