@@ -18,7 +18,7 @@ import gpu_check  # noqa: E402
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
 
-def run_check(*args, out, env=None, timeout=300):  # generous: 2 shared cores can be slow
+def run_check(*args, out, env=None, timeout=1200):  # generous: 2 shared cores can be slow
     full = dict(os.environ, PYTHON=sys.executable, OUT=str(out), OMP_NUM_THREADS="1")
     full.update(env or {})
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=full, capture_output=True, text=True,
@@ -94,7 +94,7 @@ def test_report_of_a_real_run_renders(dry_run, tmp_path):
 
 def test_real_mode_without_a_gpu_stops_at_once_with_one_line(tmp_path):
     # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too.
-    proc = run_check(out=tmp_path / "out", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    proc = run_check(out=tmp_path / "out", env={"CUDA_VISIBLE_DEVICES": ""}, timeout=180)
     assert proc.returncode == 2
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--dry-run" in lines[0], lines
@@ -107,13 +107,13 @@ def test_real_mode_without_a_gpu_stops_at_once_with_one_line(tmp_path):
     (["--only"], "--only needs a list"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
-    proc = run_check(*args, out=tmp_path, timeout=30)
+    proc = run_check(*args, out=tmp_path, timeout=120)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], lines
 
 
 def test_missing_interpreter_is_one_line_and_exit_2(tmp_path):
-    proc = run_check("--dry-run", out=tmp_path, env={"PYTHON": str(tmp_path / "no-python")}, timeout=30)
+    proc = run_check("--dry-run", out=tmp_path, env={"PYTHON": str(tmp_path / "no-python")}, timeout=120)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "no interpreter" in lines[0], lines
 
@@ -129,7 +129,9 @@ def test_a_failing_cuda_test_fails_the_check(tmp_path, tmp_path_factory):
     report = json.loads((out / "gpu_check.json").read_text())
     tests = report["stages"]["tests"]
     assert tests["cuda"] == {"passed": 1, "failed": 1, "skipped": 0, "total": 2}  # -k cuda: 2 of 3
-    assert tests["failed_ids"] == ["test_planted::test_cuda_fails"]
+    # junit names a file outside the rootdir by its path: only the tail is the test's own.
+    assert len(tests["failed_ids"]) == 1
+    assert tests["failed_ids"][0].endswith("test_planted::test_cuda_fails")
     assert report["stages"]["train"]["status"] == "not run"
     assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
 
