@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -160,20 +161,21 @@ def test_torch_save_failure_of_any_type_is_the_one_error(tmp_path, monkeypatch):
 
 
 # ---- one run per directory ---------------------------------------------------------------------
-def _hold_and_wait(run_dir, ready, release):
+def _hold_until_killed(run_dir, ready):
     RunLock(run_dir).acquire()
     ready.set()
-    release.wait(60)
+    time.sleep(120)  # killed long before; no Event to wait on (a dead waiter would hang notify)
 
 
+@pytest.mark.timeout(300)
 def test_run_lock_dies_with_its_holder(tmp_path):
     """A holder killed with SIGKILL leaves the lock file but no lock."""
     ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_hold_and_wait, args=(str(tmp_path), ready, release))
+    ready = ctx.Event()
+    child = ctx.Process(target=_hold_until_killed, args=(str(tmp_path), ready))
     child.start()
     try:
-        assert ready.wait(60)
+        assert ready.wait(120)
         with pytest.raises(Exception, match=f"is in use by pid {child.pid}"):
             RunLock(str(tmp_path)).acquire()
         os.kill(child.pid, signal.SIGKILL)
@@ -182,9 +184,9 @@ def test_run_lock_dies_with_its_holder(tmp_path):
             assert lock.held
             assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     finally:
-        release.set()
         if child.is_alive():
             child.kill()
+            child.join(60)
 
 
 @pytest.mark.timeout(300)
