@@ -289,7 +289,7 @@ class ImageFolderDataset(Dataset):
                             f"(tools/build_ffcv.py lists every unreadable image)") from None
 
     def __getitem__(self, i):
-        return np.asarray(self.load(i)), int(self.labels[i])
+        return np.array(self.load(i)), int(self.labels[i])  # writable (see transforms.val_transform)
 
 
 def cifar10(root: str, split: str) -> ArrayDataset:

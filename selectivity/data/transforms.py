@@ -51,7 +51,7 @@ def train_transform(img, size: int, augment: str, rng: np.random.Generator) -> n
     if augment == "rrc_flip":
         pil = to_pil(img)
         box = random_resized_crop_box(pil.height, pil.width, rng)
-        out = np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+        out = np.array(pil.resize((size, size), Image.BILINEAR, box=box))
     else:
         out = val_transform(img, size, crop_fraction=1.0)
         if augment in ("crop", "crop_flip"):
@@ -71,4 +71,6 @@ def val_transform(img, size: int, crop_fraction: float = 0.875) -> np.ndarray:
         return np.ascontiguousarray(img)
     pil = to_pil(img)
     box = center_crop_box(pil.height, pil.width, crop_fraction)
-    return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+    # np.array, not np.asarray: an array viewing PIL's bytes is read-only, which torch's collate
+    # warns about (a tensor sharing it could not be written)
+    return np.array(pil.resize((size, size), Image.BILINEAR, box=box))
