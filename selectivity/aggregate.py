@@ -239,7 +239,13 @@ def curve(runs: list[Run], key: str, layer: str | None = None) -> Curve:
     n per epoch says how many runs had a value there)."""
     epochs = sorted({round(float(r["epoch"]), 6) for run in runs for r in run.val
                      if r.get("epoch") is not None})
-    stats = [summarize([at_epoch(run, e, key, layer) for run in runs]) for e in epochs]
+    return curve_from(epochs, lambda e: [at_epoch(run, e, key, layer) for run in runs])
+
+
+def curve_from(epochs, values_at) -> Curve:
+    """The mean over seeds and 95 % t-band at each of ``epochs``; ``values_at(epoch)`` gives that
+    epoch's per-seed values (None where a seed has none)."""
+    stats = [summarize(values_at(e)) for e in epochs]
     return Curve(np.array(epochs, dtype=float), np.array([s.mean for s in stats]),
                  np.array([s.half for s in stats]), np.array([s.n for s in stats]))
 

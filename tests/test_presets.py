@@ -8,11 +8,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import ROOT
-from selectivity.config import load_config
-from selectivity.models import build_model
+from selectivity.config import load_config, to_dict
+from selectivity.models import MODELS, build_model
 from selectivity.regularizer import parse_windows
 
 ALL = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -29,8 +30,22 @@ def test_the_presets_exist():
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_preset_loads(path):
-    cfg = load_config(path)
-    parse_windows(cfg.selectivity_reg)
+    """Loads, and every key it writes comes back with its value (no key dropped or misread, e.g.
+    a number YAML reads as a string), its model named in the registry and its windows valid."""
+    with open(path) as f:
+        written = yaml.safe_load(f) or {}
+    cfg = to_dict(load_config(path))
+    assert written, path
+    for key, value in written.items():
+        if isinstance(value, str):  # PyYAML reads 1e-3 as a string; the config reads a number
+            try:
+                value = float(value)
+            except ValueError:
+                assert str(cfg[key]) == value, key
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(cfg[key]) == pytest.approx(float(value)), key
+    assert cfg["model"] in MODELS
+    parse_windows(cfg["selectivity_reg"])
 
 
 def test_paper1_settings():

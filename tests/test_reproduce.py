@@ -81,11 +81,13 @@ def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
     text = (out / "findings.md").read_text()
     assert "Tiny mode" in text and "Student-t" in text
     for section in ("SI emergence and recession", "The α sweep", "Early-only vs late",
-                    "Ablation: selective vs random"):
+                    "Ablation: selective vs random", "CKA linearity", "Orientation selectivity"):
         assert section in text
-    assert "ablation run(s) failed" not in text
+    assert "run(s) failed" not in text  # ablation, CKA and orientation ran on both seeds
+    for tool in ("ablate", "cka", "orientation"):
+        assert sorted(os.listdir(out / "analysis" / tool)) == ["s0", "s1"]
     verdicts = re.findall(r"\*\*(supports|contradicts|inconclusive)\*\*", text)
-    assert len(verdicts) == 7
+    assert len(verdicts) == 12
     assert "(n = 2)" in text  # two seeds in tiny mode, and the tables say so
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert os.path.getsize(out / fig) > 5_000, fig
@@ -94,3 +96,49 @@ def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "12 of 12 runs finished already" in again.stdout
     assert (out / "findings.md").read_text() == text
+
+
+def test_orientation_and_cka_reductions():
+    """The per-seed numbers the claims are decided on, from hand-made records with known means."""
+    ana = load_tool("reproduce_analyses")
+    rec = {"layers": {"relu": {"gosi_mean": 0.5, "control_gosi_mean": 0.1},
+                      "layer1.0": {"gosi_mean": 0.3, "control_gosi_mean": 0.1},
+                      "layer3.0": {"gosi_mean": 0.2, "control_gosi_mean": 0.15}},
+           "baseline": {"shift_invariance_centered": {"layer1": 0.6, "layer3": 0.4}},
+           "ablation": [
+               {"layer": "relu", "group": "top", "loss_increase": 0.4,
+                "shift_invariance_centered": {"layer1": 0.2, "layer3": 0.2}},
+               {"layer": "relu", "group": "bottom", "loss_increase": 0.1,
+                "shift_invariance_centered": {"layer1": 0.5, "layer3": 0.3}},
+               {"layer": "layer1.0", "group": "top", "loss_increase": 0.2,
+                "shift_invariance_centered": {"layer1": 0.4, "layer3": 0.4}},
+               {"layer": "layer1.0", "group": "bottom", "loss_increase": 0.1,
+                "shift_invariance_centered": {"layer1": 0.5, "layer3": 0.5}},
+               # a high layer's ablation is not one of the low layers' ablations
+               {"layer": "layer3.0", "group": "top", "loss_increase": 9.0,
+                "shift_invariance_centered": {"layer1": 0.0, "layer3": 0.0}}]}
+    v = ana.orientation_values(rec)
+    assert v["gosi"] == {"stem": 0.5, "layer1": 0.3, "layer3": 0.2}
+    assert v["control"]["layer3"] == pytest.approx(0.15)
+    assert v["ablation"][("loss", "top")] == pytest.approx(0.3)
+    assert v["ablation"][("loss", "bottom")] == pytest.approx(0.1)
+    # shift invariance of the stages above the low ones (layer3), not of the ablated layer1
+    assert v["ablation"][("shift", "top")] == pytest.approx(0.3)
+    assert v["ablation"][("shift", "bottom")] == pytest.approx(0.4)
+    assert v["shift_base"] == pytest.approx(0.4)
+    cka = {"rows": ["layer1", "layer2", "logits"], "cols": ["layer1", "layer2", "logits"],
+           "matrix": [[1, 0.5, 0.8], [0.5, 1, None], [0.8, None, 1]],
+           "random_init": {"matrix": [[1, 0.2, 0.3], [0.2, 1, 0.4], [0.3, 0.4, 1]]}}
+    assert ana.stage_logit_cka(cka) == {"layer1": 0.8, "layer2": None}
+    assert ana.stage_logit_cka(cka, "random_init") == {"layer1": 0.3, "layer2": 0.4}
+
+
+def test_analysis_arguments_are_bounded():
+    ana = load_tool("reproduce_analyses")
+    run = type("R", (), {"config": {"epochs": 10}})()
+    assert ana.tool_args("cka", run) == ["--epochs", "0", "1", "2", "3", "5", "10"]
+    assert ana.tool_args("orientation", run) == ["--epochs", "0", "1", "10", "--ablate-epochs",
+                                                 "10", "--max-images", "1000"]
+    tiny = type("R", (), {"config": {"epochs": 1}})()
+    assert ana.tool_args("cka", tiny) == ["--epochs", "0", "1"]
+    assert ana.tool_args("ablate", tiny) == []

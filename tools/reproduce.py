@@ -19,10 +19,9 @@ is typed. ``--tiny`` keeps every condition and every step of the analysis but tr
 16 px on 2 seeds, the α windows scaled to the shorter training: its numbers test the pipeline, not
 the papers. ``--analyse-only`` skips training and writes the findings from the runs there are.
 
-The ablation claim runs ``tools/ablate.py RUN --out <out>/analysis/ablate/<seed>`` on every α = 0
-seed (resumable too: a finished one is skipped). Not yet in this command: CKA linearity and
-orientation selectivity with its ablation (tools/cka.py and tools/orientation.py run on any of the
-run directories this writes, ``RUN --out DIR``).
+The claims measured on checkpoints run tools/ablate.py, tools/cka.py and tools/orientation.py on
+every α = 0 seed, ``RUN --out <out>/analysis/<tool>/<seed>`` with bounded arguments (resumable too:
+a finished one is skipped; tools/reproduce_analyses.py).
 """
 from __future__ import annotations
 
@@ -41,10 +40,12 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from selectivity import aggregate as agg  # noqa: E402
 from selectivity.config import ConfigError, load_config, to_dict  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
-from selectivity.figures.study import plot_ablation, plot_alpha, plot_si, plot_windows  # noqa: E402
+from selectivity.figures.study import plot_alpha, plot_si, plot_windows  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 
 import study  # noqa: E402  (tools/study.py: the runner)
+from reproduce_analyses import (claim_ablation, claim_cka, claim_orientation,  # noqa: E402
+                                verdict_interval)
 
 CONDITIONS = os.path.join(ROOT, "configs", "study")
 BASE, MODERATE, STRONG, POSITIVE, EARLY, LATE = ("alpha_0", "alpha_m1", "alpha_m10", "alpha_p10",
@@ -90,17 +91,6 @@ def study_conditions(tiny: bool) -> "OrderedDict[str, dict]":
 
 
 # ----- claims ------------------------------------------------------------------------------------
-
-
-def verdict_interval(s: agg.Summary, above: float = 0.0) -> str:
-    """supports if the interval lies above ``above``, contradicts if below, else inconclusive."""
-    if s.n < 2 or not math.isfinite(s.half):
-        return "inconclusive"
-    if s.low > above:
-        return "supports"
-    if s.high < above:
-        return "contradicts"
-    return "inconclusive"
 
 
 def null_key(runs) -> str:
@@ -292,103 +282,16 @@ else *inconclusive*.
 """
 
 
-def run_ablations(runs, out: str, jobs: int) -> dict:
-    """tools/ablate.py RUN --out <out>/analysis/ablate/<seed> for every run (a subprocess: the
-    tool's own interface); a finished one (its .done marker) is skipped. {run path: dir or error}."""
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-    def one(run):
-        d = os.path.join(out, "analysis", "ablate", os.path.basename(run.path))
-        if os.path.exists(os.path.join(d, ".done")):
-            return run.path, d
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "ablate.log"), "w") as log:
-            rc = subprocess.call([sys.executable, os.path.join(ROOT, "tools", "ablate.py"),
-                                  run.path, "--out", d], cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
-        if rc != 0:
-            return run.path, f"tools/ablate.py exited {rc}; see {d}/ablate.log"
-        open(os.path.join(d, ".done"), "w").close()
-        return run.path, d
-
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        return dict(pool.map(one, runs))
-
-
-def ablation_auc(path: str) -> dict:
-    """{epoch: {condition: AUC}} from one ablation.jsonl: AUC = mean normalized accuracy over the
-    grid (as tools/ablate.py reports it), then the mean over stages."""
-    import json
-    from collections import defaultdict
-    acc = defaultdict(list)
-    with open(os.path.join(path, "ablation.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("norm_acc1") is not None and r.get("epoch") is not None:
-                acc[(round(float(r["epoch"]), 6), r.get("stage"), r.get("condition"))].append(
-                    r["norm_acc1"])
-    by_stage = defaultdict(lambda: defaultdict(list))
-    for (epoch, _stage, cond), vals in acc.items():
-        by_stage[epoch][cond].append(sum(vals) / len(vals))
-    return {e: {c: sum(v) / len(v) for c, v in conds.items()} for e, conds in by_stage.items()}
-
-
-def claim_ablation(groups, out: str, figdir: str, jobs: int) -> str:
-    runs = groups.get(BASE, [])
-    if not runs:
-        return "## Ablation: selective vs random units\n\nNo α = 0 runs: nothing to test.\n"
-    done = run_ablations(runs, out, jobs)
-    failed = [v for v in done.values() if not os.path.isdir(v)]
-    per_seed = [ablation_auc(v) for v in done.values() if os.path.isdir(v)]
-    epochs = sorted({e for a in per_seed for e in a})
-    rows, diffs = [], {}
-    for e in epochs:
-        def vals(cond):
-            return [a[e].get(cond) for a in per_seed if e in a]
-        d = agg.summarize([a[e]["random"] - a[e]["selective"] for a in per_seed
-                           if e in a and {"random", "selective"} <= set(a[e])])
-        diffs[e] = d
-        rows.append([f"{e:g}", agg.summarize(vals("selective")).fmt(3),
-                     agg.summarize(vals("random")).fmt(3), agg.summarize(vals("least")).fmt(3),
-                     d.fmt(3)])
-    trained = [e for e in epochs if e > 0]
-    early = trained[0] if trained else None
-    v = verdict_interval(diffs[early]) if early is not None else "inconclusive"
-    fig = plot_ablation(per_seed, epochs, os.path.join(figdir, "ablation.png"), BASE) if epochs else None
-    note = (f"\n\n{len(failed)} ablation run(s) failed: " + "; ".join(failed)) if failed else ""
-    table = agg.markdown_table(["epoch", "AUC selective", "AUC random", "AUC least",
-                                "random − selective"], rows)
-    return f"""## Ablation: selective vs random units (paper 1)
-
-Paper 1 (Ranadive et al.): early in training, ablating the most class-selective units hurts
-accuracy more than ablating random ones.
-
-`tools/ablate.py RUN` (its defaults) on every `{BASE}` seed; AUC = the normalized accuracy
-(ablated / unablated) averaged over the grid of ablated fractions, then over the stages; lower =
-the ablation hurts more. Every checkpoint of the runs; epoch 0 is the untrained network (chance).
-
-{table}{note}
-
-**Rule.** At the first trained checkpoint (epoch {early if early is not None else '–'}):
-*supports* if the interval of (AUC random − AUC selective) lies above 0; *contradicts* if below 0;
-else *inconclusive*.
-
-| claim | verdict |
-|---|---|
-| early, selective units matter more than random ones | **{v}** |
-""" + (f"\n![ablation]({fig})\n" if fig else "")
-
-
 # ----- the command -------------------------------------------------------------------------------
 
 
 def write_findings(groups, docs: str, command: str, tiny: bool, out: str, jobs: int) -> str:
     figdir = os.path.join(docs, "findings")
     sections = [claim_emergence(groups, figdir), claim_alpha(groups, figdir),
-                claim_windows(groups, figdir), claim_ablation(groups, out, figdir, jobs)]
+                claim_windows(groups, figdir)]
+    base = groups.get(BASE, [])
+    sections += [claim(base, BASE, out, figdir, jobs)
+                 for claim in (claim_ablation, claim_cka, claim_orientation)]
     ns = ", ".join(f"`{k}` {len(v)}" for k, v in groups.items())
     cfg = next(iter(groups.values()))[0].config if groups else {}
     head = f"""# Findings of the small-scale study

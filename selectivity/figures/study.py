@@ -81,15 +81,11 @@ def plot_alpha(groups, names, path: str) -> str:
 def plot_ablation(per_seed, epochs, path: str, base: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for i, cond in enumerate(("selective", "random", "least")):
-        stats = [agg.summarize([a[e].get(cond) for a in per_seed if e in a]) for e in epochs]
-        agg.plot_band(axes[0], agg.Curve(np.array(epochs), np.array([x.mean for x in stats]),
-                                         np.array([x.half for x in stats]),
-                                         np.array([x.n for x in stats])), cond, f"C{i}")
-    stats = [agg.summarize([a[e]["random"] - a[e]["selective"] for a in per_seed
-                            if e in a and {"random", "selective"} <= set(a[e])]) for e in epochs]
-    agg.plot_band(axes[1], agg.Curve(np.array(epochs), np.array([x.mean for x in stats]),
-                                     np.array([x.half for x in stats]),
-                                     np.array([x.n for x in stats])), "random − selective", "C3")
+        agg.plot_band(axes[0], agg.curve_from(epochs, lambda e: [a[e].get(cond) for a in per_seed
+                                                                 if e in a]), cond, f"C{i}")
+    diff = agg.curve_from(epochs, lambda e: [a[e]["random"] - a[e]["selective"] for a in per_seed
+                                             if e in a and {"random", "selective"} <= set(a[e])])
+    agg.plot_band(axes[1], diff, "random − selective", "C3")
     axes[1].axhline(0, color="k", linewidth=0.6)
     axes[0].set_ylabel("ablation AUC (normalized accuracy)")
     axes[1].set_ylabel("AUC random − AUC selective")
@@ -98,6 +94,49 @@ def plot_ablation(per_seed, epochs, path: str, base: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{base}: n = {len(per_seed)} seeds; band: {agg.INTERVAL}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_cka(stage_curves, random_curves, relu, path: str, title: str) -> str:
+    """CKA(stage output, logits) per stage vs epoch ({stage: Curve}), the freshly initialised
+    network's dashed; the fraction of active ReLUs (a Curve)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for i, (stage, c) in enumerate(stage_curves.items()):
+        agg.plot_band(axes[0], c, stage, f"C{i}")
+        if stage in random_curves:
+            agg.plot_band(axes[0], random_curves[stage], None, f"C{i}", linestyle="--", marker=None)
+    agg.plot_band(axes[1], relu, "mean over stages", "C0")
+    axes[0].set_ylabel("linear CKA with the logits")
+    axes[1].set_ylabel("fraction of ReLU outputs > 0")
+    for ax in axes:
+        ax.set_xlabel("checkpoint epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}; dashed: a fresh random init; band: {agg.INTERVAL}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_orientation(excess_curves, bars, path: str, title: str) -> str:
+    """gOSI − control per layer group vs epoch ({group: Curve}); then one bar panel per entry of
+    ``bars`` ({panel ylabel: [(label, Summary), ...]}), mean ± the 95 % interval."""
+    fig, axes = plt.subplots(1, 1 + len(bars), figsize=(4.6 * (1 + len(bars)), 3.4), squeeze=False)
+    axes = axes[0]
+    for i, (group, c) in enumerate(excess_curves.items()):
+        agg.plot_band(axes[0], c, group, f"C{i}")
+    axes[0].axhline(0, color="k", linewidth=0.6)
+    axes[0].set_xlabel("checkpoint epoch")
+    axes[0].set_ylabel("mean gOSI − permuted control")
+    axes[0].legend(fontsize=7)
+    for ax, (ylabel, items) in zip(axes[1:], bars.items()):
+        x = np.arange(len(items))
+        ax.bar(x, [s.mean for _, s in items], yerr=[s.half if math.isfinite(s.half) else 0
+                                                   for _, s in items], capsize=3,
+               color=[f"C{i}" for i in range(len(items))])
+        ax.set_xticks(x, [label for label, _ in items], fontsize=7)
+        ax.set_ylabel(ylabel)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}; band and bars: {agg.INTERVAL}", fontsize=8)
     return _save(fig, path)
 
 

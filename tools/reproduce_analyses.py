@@ -1,0 +1,398 @@
+"""The study's claims that an analysis tool measures on checkpoints (tools/reproduce.py): unit
+ablation (tools/ablate.py), CKA linearity (tools/cka.py), orientation selectivity with its ablation
+and shift invariance (tools/orientation.py).
+
+Each tool runs on every seed of the unregularized condition, as a subprocess through its own
+command line (what a user would type), into ``<out>/analysis/<tool>/<seed>``; a finished one (its
+``.done`` marker holding the same arguments) is skipped, so the study stays resumable. Every
+difference below is paired within a seed and summarized over seeds (aggregate.summarize).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from selectivity import aggregate as agg  # noqa: E402
+from selectivity.cka import LOGITS  # noqa: E402
+from selectivity.cka_run import entry  # noqa: E402
+from selectivity.figures.study import plot_ablation, plot_cka, plot_orientation  # noqa: E402
+from selectivity.orientation_run import layer_groups  # noqa: E402
+
+CKA_EPOCHS = (0, 1, 2, 3, 5)  # and the final one: the early epochs, where paper 1 looks, densely
+ORIENTATION_IMAGES = 1000     # val images for loss and shift invariance (the tool's default: all)
+LOW, HIGH = ("stem", "layer1"), ("layer3",)  # the layer groups paper 3's "low" and "high" mean here
+
+
+def verdict_interval(s: agg.Summary, above: float = 0.0) -> str:
+    """supports if the interval lies above ``above``, contradicts if below, else inconclusive."""
+    if s.n < 2 or not math.isfinite(s.half):
+        return "inconclusive"
+    if s.low > above:
+        return "supports"
+    if s.high < above:
+        return "contradicts"
+    return "inconclusive"
+
+
+def _final_epoch(run) -> float:
+    return float(run.config.get("epochs", 0))
+
+
+def tool_args(tool: str, run) -> list[str]:
+    """The bounded arguments each tool gets (the ablation: its defaults, every checkpoint)."""
+    final = _final_epoch(run)
+    if tool == "cka":
+        return ["--epochs"] + [f"{e:g}" for e in sorted({e for e in CKA_EPOCHS if e < final}
+                                                        | {final})]
+    if tool == "orientation":
+        return ["--epochs"] + [f"{e:g}" for e in sorted({0.0, 1.0, final})] + [
+            "--ablate-epochs", f"{final:g}", "--max-images", str(ORIENTATION_IMAGES)]
+    return []
+
+
+def run_tool(tool: str, runs, out: str, jobs: int) -> dict:
+    """``tools/<tool>.py RUN --out <out>/analysis/<tool>/<seed> [tool_args]`` for every run;
+    {run path: its output folder, or the error}. A folder whose .done marker holds the same
+    arguments is taken as it is; different arguments measure it again."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+    def one(run):
+        d = os.path.join(out, "analysis", tool, os.path.basename(run.path))
+        args = tool_args(tool, run)
+        marker = os.path.join(d, ".done")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                if f.read() == json.dumps(args):
+                    return run.path, d
+            os.remove(marker)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{tool}.log"), "w") as log:
+            rc = subprocess.call([sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"),
+                                  run.path, "--out", d] + args, cwd=ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+        if rc != 0:
+            return run.path, f"tools/{tool}.py exited {rc}; see {d}/{tool}.log"
+        with open(marker, "w") as f:
+            f.write(json.dumps(args))
+        return run.path, d
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        return dict(pool.map(one, runs))
+
+
+def _records(done: dict, name: str) -> tuple[list, list]:
+    """({epoch: record} per seed, the errors) from ``run_tool``'s result."""
+    per_seed, failed = [], []
+    for v in done.values():
+        if not os.path.isdir(v):
+            failed.append(v)
+            continue
+        with open(os.path.join(v, name)) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        per_seed.append({round(float(r["epoch"]), 6): r for r in recs
+                         if str(r.get("checkpoint", "")).startswith("epoch_")})
+    return per_seed, failed
+
+
+def _failed_note(failed, what) -> str:
+    return (f"\n\n{len(failed)} {what} run(s) failed: " + "; ".join(failed)) if failed else ""
+
+
+def _v(x) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ep(e) -> str:
+    return "–" if e is None else f"{e:g}"
+
+
+def _minus(a, b) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# ----- ablation (paper 1) ------------------------------------------------------------------------
+
+
+def ablation_auc(path: str) -> dict:
+    """{epoch: {condition: AUC}} from one ablation.jsonl: AUC = mean normalized accuracy over the
+    grid (as tools/ablate.py reports it), then the mean over stages."""
+    acc = defaultdict(list)
+    with open(os.path.join(path, "ablation.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("norm_acc1") is not None and r.get("epoch") is not None:
+                acc[(round(float(r["epoch"]), 6), r.get("stage"), r.get("condition"))].append(
+                    r["norm_acc1"])
+    by_stage = defaultdict(lambda: defaultdict(list))
+    for (epoch, _stage, cond), vals in acc.items():
+        by_stage[epoch][cond].append(sum(vals) / len(vals))
+    return {e: {c: sum(v) / len(v) for c, v in conds.items()} for e, conds in by_stage.items()}
+
+
+def claim_ablation(runs, base: str, out: str, figdir: str, jobs: int) -> str:
+    if not runs:
+        return "## Ablation: selective vs random units\n\nNo α = 0 runs: nothing to test.\n"
+    done = run_tool("ablate", runs, out, jobs)
+    failed = [v for v in done.values() if not os.path.isdir(v)]
+    per_seed = [ablation_auc(v) for v in done.values() if os.path.isdir(v)]
+    epochs = sorted({e for a in per_seed for e in a})
+    rows, diffs = [], {}
+    for e in epochs:
+        def vals(cond):
+            return [a[e].get(cond) for a in per_seed if e in a]
+        d = agg.summarize([a[e]["random"] - a[e]["selective"] for a in per_seed
+                           if e in a and {"random", "selective"} <= set(a[e])])
+        diffs[e] = d
+        rows.append([f"{e:g}", agg.summarize(vals("selective")).fmt(3),
+                     agg.summarize(vals("random")).fmt(3), agg.summarize(vals("least")).fmt(3),
+                     d.fmt(3)])
+    trained = [e for e in epochs if e > 0]
+    early = trained[0] if trained else None
+    v = verdict_interval(diffs[early]) if early is not None else "inconclusive"
+    fig = plot_ablation(per_seed, epochs, os.path.join(figdir, "ablation.png"), base) if epochs else None
+    table = agg.markdown_table(["epoch", "AUC selective", "AUC random", "AUC least",
+                                "random − selective"], rows)
+    return f"""## Ablation: selective vs random units (paper 1)
+
+Paper 1 (Ranadive et al.): early in training, ablating the most class-selective units hurts
+accuracy more than ablating random ones.
+
+`tools/ablate.py RUN` (its defaults) on every `{base}` seed; AUC = the normalized accuracy
+(ablated / unablated) averaged over the grid of ablated fractions, then over the stages; lower =
+the ablation hurts more. Every checkpoint of the runs; epoch 0 is the untrained network (chance).
+
+{table}{_failed_note(failed, "ablation")}
+
+**Rule.** At the first trained checkpoint (epoch {_ep(early)}):
+*supports* if the interval of (AUC random − AUC selective) lies above 0; *contradicts* if below 0;
+else *inconclusive*.
+
+| claim | verdict |
+|---|---|
+| early, selective units matter more than random ones | **{v}** |
+""" + (f"\n![ablation]({fig})\n" if fig else "")
+
+
+# ----- CKA linearity (paper 1) -------------------------------------------------------------------
+
+
+def stage_logit_cka(rec: dict, key: str = "matrix") -> dict:
+    """{stage: CKA(stage output, logits)} of one cka.jsonl record (``key="random_init"``: the
+    freshly initialised network's)."""
+    return {r: _v(entry(rec, r, LOGITS, key)) for r in rec["rows"] if r != LOGITS}
+
+
+def claim_cka(runs, base: str, out: str, figdir: str, jobs: int) -> str:
+    if not runs:
+        return "## CKA linearity\n\nNo α = 0 runs: nothing to test.\n"
+    per_seed, failed = _records(run_tool("cka", runs, out, jobs), "cka.jsonl")
+    epochs = sorted({e for s in per_seed for e in s})
+    final = max(epochs) if epochs else None
+    trained = [e for e in epochs if e > 0]
+    early = trained[0] if trained else None
+    stages = list(stage_logit_cka(per_seed[0][epochs[0]])) if per_seed and epochs else []
+
+    def at(seed, e, stage, key="matrix"):
+        rec = seed.get(e)
+        if rec is None:
+            return None
+        vals = stage_logit_cka(rec, key)
+        return _mean(vals.values()) if stage is None else vals.get(stage)
+
+    rows, d_mean = [], agg.summarize([])
+    for stage in stages + [None]:
+        d = agg.summarize([_minus(at(s, early, stage), at(s, final, stage)) for s in per_seed])
+        if stage is None:
+            d_mean = d
+        rows.append([stage or "mean over stages"]
+                    + [agg.summarize([at(s, e, stage) for s in per_seed]).fmt(3)
+                       for e in (0.0, early, final)]
+                    + [d.fmt(3), agg.summarize([at(s, final, stage, "random_init")
+                                                for s in per_seed]).fmt(3)])
+
+    def relu(seed, e):
+        rec = seed.get(e)
+        return _mean((rec.get("relu_active") or {}).values()) if rec else None
+
+    relu_row = [agg.summarize([relu(s, e) for s in per_seed]).fmt(3) for e in (0.0, early, final)]
+    v = verdict_interval(d_mean)
+    fig = plot_cka({st: agg.curve_from(epochs, lambda e, st=st: [at(s, e, st) for s in per_seed])
+                    for st in stages},
+                   {st: agg.curve_from(epochs, lambda e, st=st: [at(s, e, st, "random_init")
+                                                                 for s in per_seed])
+                    for st in stages},
+                   agg.curve_from(epochs, lambda e: [relu(s, e) for s in per_seed]),
+                   os.path.join(figdir, "cka_linearity.png"),
+                   f"{base}: n = {len(per_seed)} seeds") if epochs else None
+    table = agg.markdown_table(
+        ["stage", "CKA with logits, epoch 0", f"epoch {_ep(early)}", f"epoch {_ep(final)}", "early − final",
+         "fresh random init"], rows)
+    return f"""## CKA linearity (paper 1)
+
+Paper 1 (Ranadive et al.): early in training, when selectivity emerges, the network is close to
+a linear regime. The paper does not say which statistic shows it; its code compares the stage
+outputs with the logits by linear minibatch CKA, so we test that: CKA(stage output, logits) is
+high early and falls with training.
+
+`tools/cka.py RUN {' '.join(tool_args('cka', runs[0]))}` on every `{base}` seed (the run's val
+split, BatchNorm statistics recomputed on its fixed training images); "fresh random init": the
+same architecture newly initialised, measured on the same batches. Early = the first trained
+checkpoint (epoch {_ep(early)}); early − final is paired within a seed.
+
+{table}
+
+Fraction of active ReLU outputs (mean over the stages): epoch 0 {relu_row[0]}, epoch
+{_ep(early)} {relu_row[1]}, epoch {_ep(final)} {relu_row[2]}.{_failed_note(failed, "CKA")}
+
+**Rule.** *supports* if the interval of (early − final), the mean over stages, lies above 0;
+*contradicts* if below 0; else *inconclusive*.
+
+| claim | verdict |
+|---|---|
+| stage outputs are closer to the logits (CKA) early than at the end | **{v}** |
+""" + (f"\n![CKA linearity]({fig})\n" if fig else "")
+
+
+# ----- orientation selectivity (paper 3) ---------------------------------------------------------
+
+
+def group_of(layers) -> dict:
+    """{layer: its group (stem, layer1, …)}."""
+    return {layer: g for g, members in layer_groups(list(layers)).items() for layer in members}
+
+
+def _higher_shift(entry: dict) -> float | None:
+    """The mean centred shift invariance over the stage outputs above the low layers."""
+    sic = entry.get("shift_invariance_centered") or {}
+    return _mean([_v(x) for layer, x in sic.items() if layer not in LOW])
+
+
+def orientation_values(rec: dict) -> dict:
+    """One orientation.jsonl record reduced to the study's per-seed numbers, each a mean over the
+    layers of a group: gOSI of the live units and its permuted control, per group; and, after
+    ablating each low layer's top or bottom half by gOSI, the val loss increase and the centred
+    shift invariance of the higher stage outputs (those not in LOW: the ablated layers' own stage
+    is damaged directly, not through its shift invariance)."""
+    groups = group_of(rec["layers"])
+    out = {"gosi": defaultdict(list), "control": defaultdict(list)}
+    for layer, st in rec["layers"].items():
+        out["gosi"][groups[layer]].append(_v(st.get("gosi_mean")))
+        out["control"][groups[layer]].append(_v(st.get("control_gosi_mean")))
+    res = {k: {g: _mean(v) for g, v in d.items()} for k, d in out.items()}
+    abl = defaultdict(list)
+    for row in rec.get("ablation") or []:
+        if groups.get(row["layer"]) in LOW:
+            abl[("loss", row["group"])].append(_v(row.get("loss_increase")))
+            abl[("shift", row["group"])].append(_higher_shift(row))
+    res["ablation"] = {k: _mean(v) for k, v in abl.items()}
+    res["shift_base"] = _higher_shift(rec.get("baseline") or {})
+    return res
+
+
+def claim_orientation(runs, base: str, out: str, figdir: str, jobs: int) -> str:
+    if not runs:
+        return "## Orientation selectivity\n\nNo α = 0 runs: nothing to test.\n"
+    per_seed, failed = _records(run_tool("orientation", runs, out, jobs), "orientation.jsonl")
+    vals = [{e: orientation_values(r) for e, r in s.items()} for s in per_seed]
+    epochs = sorted({e for s in vals for e in s})
+    final = max(epochs) if epochs else None
+    group_names = list(dict.fromkeys(g for s in vals for r in s.values() for g in r["gosi"]))
+
+    def grp(seed, e, key, names):
+        r = seed.get(e)
+        return _mean([r[key].get(g) for g in names]) if r else None
+
+    def excess(seed, e, names):
+        return _minus(grp(seed, e, "gosi", names), grp(seed, e, "control", names))
+
+    rows = []
+    for g in group_names:
+        rows.append([g] + [agg.summarize([excess(s, e, [g]) for s in vals]).fmt(3) for e in epochs]
+                    + [agg.summarize([grp(s, final, "gosi", [g]) for s in vals]).fmt(3),
+                       agg.summarize([grp(s, final, "control", [g]) for s in vals]).fmt(3)])
+    ex_low = agg.summarize([excess(s, final, LOW) for s in vals])
+    ex_high = agg.summarize([excess(s, final, HIGH) for s in vals])
+    rise = agg.summarize([_minus(grp(s, final, "gosi", LOW), grp(s, 0.0, "gosi", LOW))
+                          for s in vals])
+
+    def abl(seed, key, group):
+        r = seed.get(final)
+        return r["ablation"].get((key, group)) if r else None
+
+    loss_top = agg.summarize([abl(s, "loss", "top") for s in vals])
+    loss_bottom = agg.summarize([abl(s, "loss", "bottom") for s in vals])
+    d_loss = agg.summarize([_minus(abl(s, "loss", "top"), abl(s, "loss", "bottom")) for s in vals])
+    shift_base = agg.summarize([s[final]["shift_base"] for s in vals if final in s])
+    shift_top = agg.summarize([abl(s, "shift", "top") for s in vals])
+    shift_bottom = agg.summarize([abl(s, "shift", "bottom") for s in vals])
+    d_shift = agg.summarize([_minus(abl(s, "shift", "bottom"), abl(s, "shift", "top"))
+                             for s in vals])
+
+    shift_px = next((r.get("baseline", {}).get("shift_px") for s in per_seed for r in s.values()),
+                    None)
+    higher = next(([k for k in r.get("baseline", {}).get("shift_invariance_centered", {})
+                    if k not in LOW] for s in per_seed for r in s.values()), [])
+    v_exist = verdict_interval(ex_low)
+    v_high = verdict_interval(ex_high)
+    v_both = ("supports" if v_exist == v_high == "supports" else
+              "contradicts" if "contradicts" in (v_exist, v_high) else "inconclusive")
+    fig = plot_orientation(
+        {g: agg.curve_from(epochs, lambda e, g=g: [excess(s, e, [g]) for s in vals])
+         for g in group_names},
+        {"val loss increase, low-layer ablation": [("top half", loss_top),
+                                                              ("bottom half", loss_bottom)],
+         "shift invariance (centred), " + "+".join(higher): [("none", shift_base), ("top", shift_top),
+                                                       ("bottom", shift_bottom)]},
+        os.path.join(figdir, "orientation.png"),
+        f"{base}: n = {len(per_seed)} seeds; bars at epoch {final:g}") if epochs else None
+    table = agg.markdown_table(["layers"] + [f"gOSI − control, epoch {e:g}" for e in epochs]
+                               + [f"gOSI, epoch {final:g}" if final is not None else "gOSI",
+                                  "control"], rows)
+    abl_table = agg.markdown_table(
+        ["ablated half (low layers)", "val loss increase", "shift invariance (centred)"],
+        [["none", "0", shift_base.fmt(3)], ["top by gOSI", loss_top.fmt(3), shift_top.fmt(3)],
+         ["bottom by gOSI", loss_bottom.fmt(3), shift_bottom.fmt(3)],
+         ["top − bottom (loss); bottom − top (shift)", d_loss.fmt(3), d_shift.fmt(3)]])
+    return f"""## Orientation selectivity (paper 3)
+
+Paper 3 (Ukita): orientation-selective units exist in low and high layers; their selectivity in
+low layers rises with training; ablating the low layers' orientation-selective units hurts
+generalization, at least partly by breaking the shift invariance of higher layers.
+
+`tools/orientation.py RUN {' '.join(tool_args('orientation', runs[0]))}` on every `{base}` seed:
+gOSI of each live unit to sinusoidal gratings, against a per-unit permuted control; the mean over
+a group's layers (low: {', '.join(LOW)}; high: {', '.join(HIGH)}). At the final checkpoint, each
+low layer's top and bottom halves by gOSI (dead units excluded) are zeroed in turn, and the val
+loss increase and the centred shift invariance of the higher stage outputs ({', '.join(higher)}:
+the correlation across units between an image and its {shift_px}-px circular shift, each unit's
+mean removed) are averaged over the low layers. Every difference is paired within a seed.
+
+{table}
+
+{abl_table}{_failed_note(failed, "orientation")}
+
+**Rule.** Each row: *supports* if the interval of its statistic lies above 0, *contradicts* if
+below 0, else *inconclusive*; the first row needs both the low and the high layers' (gOSI −
+control) at the final checkpoint (low: {ex_low.fmt(3)}; high: {ex_high.fmt(3)}), *contradicts*
+if either lies below 0. Rise: low layers' gOSI, final − epoch 0: {rise.fmt(3)}.
+
+| claim | verdict |
+|---|---|
+| orientation-selective units (above the control) in low and high layers | **{v_both}** |
+| low layers' orientation selectivity rises with training | **{verdict_interval(rise)}** |
+| ablating low layers' selective half raises val loss more than the other half | **{verdict_interval(d_loss)}** |
+| ... and lowers the higher layers' shift invariance more | **{verdict_interval(d_shift)}** |
+""" + (f"\n![orientation selectivity]({fig})\n" if fig else "")
