@@ -78,6 +78,13 @@ def plot_alpha(groups, names, path: str) -> str:
     return _save(fig, path)
 
 
+def _checkpoint_axes(axes) -> None:
+    for ax in axes:
+        ax.set_xlabel("checkpoint epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+
 def plot_ablation(per_seed, epochs, path: str, base: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for i, cond in enumerate(("selective", "random", "least")):
@@ -89,10 +96,7 @@ def plot_ablation(per_seed, epochs, path: str, base: str) -> str:
     axes[1].axhline(0, color="k", linewidth=0.6)
     axes[0].set_ylabel("ablation AUC (normalized accuracy)")
     axes[1].set_ylabel("AUC random − AUC selective")
-    for ax in axes:
-        ax.set_xlabel("checkpoint epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _checkpoint_axes(axes)
     fig.suptitle(f"{base}: n = {len(per_seed)} seeds; band: {agg.INTERVAL}", fontsize=8)
     return _save(fig, path)
 
@@ -108,10 +112,7 @@ def plot_cka(stage_curves, random_curves, relu, path: str, title: str) -> str:
     agg.plot_band(axes[1], relu, "mean over stages", "C0")
     axes[0].set_ylabel("linear CKA with the logits")
     axes[1].set_ylabel("fraction of ReLU outputs > 0")
-    for ax in axes:
-        ax.set_xlabel("checkpoint epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _checkpoint_axes(axes)
     fig.suptitle(f"{title}; dashed: a fresh random init; band: {agg.INTERVAL}", fontsize=8)
     return _save(fig, path)
 
