@@ -6,7 +6,6 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
-#include <sstream>
 #include <string>
 
 namespace selectivity {
@@ -17,10 +16,15 @@ std::string dtype_name(c10::ScalarType t) {
   return "torch." + std::string(c10::getDtypeNames(t).first);
 }
 
+// Integers in messages are formatted with std::to_string, never through an ostream: on the GPU
+// machine the extension is compiled by a newer g++ than torch was, and an int64 written through
+// c10::str's ostringstream from this library crashed the process (docs/gpu.md, first run).
+std::string num(int64_t v) { return std::to_string(v); }
+
 std::string shape_of(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + num(t.size(d));
+  return s + "]";
 }
 
 }  // namespace
@@ -32,7 +36,7 @@ void check_index_args(const at::Tensor& sums, const at::Tensor& counts) {
                    dtype_name(counts.scalar_type()), "; make the state with selectivity.ops.new_state()");
   TORCH_CHECK_VALUE(sums.dim() == 2, "sums must be 2-D [K, U], got shape ", shape_of(sums));
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == sums.size(0), "counts must be [K] with K = ",
-                    sums.size(0), " (sums.size(0)), got shape ", shape_of(counts));
+                    num(sums.size(0)), " (sums.size(0)), got shape ", shape_of(counts));
   TORCH_CHECK_VALUE(sums.device() == counts.device(), "sums and counts must be on one device, got sums on ",
                     sums.device(), " and counts on ", counts.device());
   // The kernels index the state as a dense row-major array (and write it in place).
@@ -51,8 +55,8 @@ ActView check_accumulate_args(const at::Tensor& act, const at::Tensor& labels, c
                    dtype_name(labels.scalar_type()), "; use labels.long()");
   check_index_args(sums, counts);
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == act.size(0), "labels must be 1-D with B = ",
-                    act.size(0), " entries (act.size(0)), got shape ", shape_of(labels));
-  TORCH_CHECK_VALUE(sums.size(1) == act.size(1), "sums must be [K, U] with U = ", act.size(1),
+                    num(act.size(0)), " entries (act.size(0)), got shape ", shape_of(labels));
+  TORCH_CHECK_VALUE(sums.size(1) == act.size(1), "sums must be [K, U] with U = ", num(act.size(1)),
                     " (act.size(1)), got shape ", shape_of(sums));
   TORCH_CHECK_VALUE(act.device() == labels.device() && act.device() == sums.device(),
                     "act, labels, sums and counts must be on one device, got act on ", act.device(),
@@ -106,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_index_outputs(c
 }
 
 void throw_label_error(int64_t label, int64_t K, const char* where) {
-  TORCH_CHECK_VALUE(false, "labels out of range: label ", label, " is not in [0, K) with K = ", K,
+  TORCH_CHECK_VALUE(false, "labels out of range: label ", num(label), " is not in [0, K) with K = ", num(K),
                     " (K = sums.size(0), the number of classes)", where);
 }
 

@@ -75,21 +75,96 @@ __global__ void count_kernel(const int64_t* labels, int64_t B, int64_t K, unsign
   }
 }
 
-// channels_last / [B, U]: block (32 units x 8 pixel rows); one block row reads 32 adjacent units
-// (coalesced), the 8 rows split the pixels, shared memory sums the rows, one atomicAdd per unit.
-constexpr int kUnitsPerBlock = 32, kPixelRows = 8;
+// 16 bytes of act as one load: 8 fp16/bf16 or 4 fp32 values (the widest load a thread issues).
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(scalar_t);
+  scalar_t val[N];
+};
+
+template <typename scalar_t>
+bool aligned16(const ActView& v) {
+  return reinterpret_cast<uintptr_t>(v.act.const_data_ptr<scalar_t>()) % 16 == 0;
+}
+
+// channels_last / [B, U], the layout training uses: block (32 lanes x 8 pixel rows); each lane
+// reads 16 bytes of adjacent units per pixel, so one warp load covers 512 contiguous bytes. The
+// pixels of an image may be split over blockIdx.z; shared memory sums the rows, one atomicAdd per
+// unit and split. Needs U, sB and sP multiples of the pack and a 16-byte-aligned act.
+constexpr int kLanes = 32, kPixelRows = 8;
+constexpr int64_t kPixelsPerSplit = kPixelRows * 64;  // enough loads per thread to hide latency
 
 template <typename scalar_t>
 __global__ void accumulate_units_inner_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels,
                                               double* sums, int64_t U, int64_t P, int64_t K, int64_t sB,
-                                              int64_t sP) {
-  __shared__ double partial[kPixelRows][kUnitsPerBlock];
+                                              int64_t sP, int64_t pixels_per_split) {
+  constexpr int N = Pack<scalar_t>::N;
+  __shared__ double partial[kPixelRows][kLanes * N];
   const int64_t b = blockIdx.x;
   const int64_t label = labels[b];
   if (label < 0 || label >= K) return;  // uniform for the block; count_kernel reports it
-  const int64_t nublk = (U + kUnitsPerBlock - 1) / kUnitsPerBlock;
+  const int64_t u0 = (blockIdx.y * (int64_t)kLanes + threadIdx.x) * N;
+  const int64_t p_end = min(P, (blockIdx.z + 1) * pixels_per_split);
+  double acc[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = 0.0;
+  if (u0 < U) {  // U % N == 0, so the whole pack is inside
+    const scalar_t* xb = x + b * sB + u0;
+    int64_t p = blockIdx.z * pixels_per_split + threadIdx.y;
+    for (; p + 3 * kPixelRows < p_end; p += 4 * kPixelRows) {  // four loads in flight
+      Pack<scalar_t> v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = *reinterpret_cast<const Pack<scalar_t>*>(xb + (p + j * kPixelRows) * sP);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += static_cast<double>(static_cast<float>(v[j].val[i]));
+    }
+    for (; p < p_end; p += kPixelRows) {
+      const Pack<scalar_t> v = *reinterpret_cast<const Pack<scalar_t>*>(xb + p * sP);
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc[i] += static_cast<double>(static_cast<float>(v.val[i]));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) partial[threadIdx.y][threadIdx.x * N + i] = acc[i];
+  __syncthreads();
+  for (int col = threadIdx.y * kLanes + threadIdx.x; col < kLanes * N; col += kLanes * kPixelRows) {
+    const int64_t u = blockIdx.y * (int64_t)kLanes * N + col;
+    if (u >= U) continue;
+    double total = 0.0;
+#pragma unroll
+    for (int r = 0; r < kPixelRows; ++r) total += partial[r][col];
+    atomicAdd(sums + label * U + u, total / static_cast<double>(P));
+  }
+}
+
+template <typename scalar_t>
+bool launch_units_inner(const ActView& v, const int64_t* labels, double* sums, int64_t K, cudaStream_t stream) {
+  constexpr int N = Pack<scalar_t>::N;
+  const int64_t ublocks = (v.U + kLanes * N - 1) / (kLanes * N);
+  const int64_t splits = (v.P + kPixelsPerSplit - 1) / kPixelsPerSplit;
+  const bool packs = v.U % N == 0 && v.sB % N == 0 && (v.P == 1 || v.sP % N == 0) && aligned16<scalar_t>(v);
+  if (!packs || ublocks > 65535 || splits > 65535) return false;
+  const dim3 grid(static_cast<unsigned>(v.B), static_cast<unsigned>(ublocks), static_cast<unsigned>(splits));
+  accumulate_units_inner_kernel<scalar_t><<<grid, dim3(kLanes, kPixelRows), 0, stream>>>(
+      v.act.const_data_ptr<scalar_t>(), labels, sums, v.U, v.P, K, v.sB, v.sP, kPixelsPerSplit);
+  return true;
+}
+
+// channels_last / [B, U] when 16-byte packs do not fit (odd U, sliced or unaligned act): block
+// (32 units x 8 pixel rows), one element a load.
+template <typename scalar_t>
+__global__ void accumulate_units_inner_scalar_kernel(const scalar_t* __restrict__ x,
+                                                     const int64_t* __restrict__ labels, double* sums, int64_t U,
+                                                     int64_t P, int64_t K, int64_t sB, int64_t sP) {
+  __shared__ double partial[kPixelRows][kLanes];
+  const int64_t b = blockIdx.x;
+  const int64_t label = labels[b];
+  if (label < 0 || label >= K) return;
+  const int64_t nublk = (U + kLanes - 1) / kLanes;
   for (int64_t ublk = blockIdx.y; ublk < nublk; ublk += gridDim.y) {
-    const int64_t u = ublk * kUnitsPerBlock + threadIdx.x;
+    const int64_t u = ublk * kLanes + threadIdx.x;
     double acc = 0.0;
     if (u < U) {
       const scalar_t* xb = x + b * sB + u;
@@ -104,6 +179,66 @@ __global__ void accumulate_units_inner_kernel(const scalar_t* __restrict__ x, co
     }
     __syncthreads();
   }
+}
+
+// Contiguous NCHW with small maps (P <= 256, e.g. ResNet-50's 14x14 and 7x7): the block's planes
+// are one contiguous run of memory, copied to shared memory with 16-byte loads; then T threads
+// sum each plane (T = 1, 2 or 4 so that 128 / T planes of P values fit in 8192 elements).
+// Per-plane warp reductions, the fallback below, issue 2-byte loads and leave most lanes idle.
+constexpr int kTileThreads = 128, kTileElements = 8192;
+
+template <typename scalar_t, int T>
+__global__ void accumulate_tile_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels,
+                                       double* sums, int64_t B, int64_t U, int64_t P, int64_t K) {
+  constexpr int N = Pack<scalar_t>::N, kPlanes = kTileThreads / T;
+  extern __shared__ __align__(16) unsigned char tile_bytes[];
+  scalar_t* tile = reinterpret_cast<scalar_t*>(tile_bytes);
+  const int64_t first = blockIdx.x * (int64_t)kPlanes;
+  const int64_t planes = min((int64_t)kPlanes, B * U - first);
+  const int64_t n = planes * P;
+  const scalar_t* src = x + first * P;  // 16-byte aligned: kPlanes * P * sizeof is a multiple of 16
+  const int64_t packs = n / N;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < packs; i += kTileThreads)
+    reinterpret_cast<Pack<scalar_t>*>(tile)[i] = reinterpret_cast<const Pack<scalar_t>*>(src)[i];
+  for (int64_t i = packs * N + threadIdx.x; i < n; i += kTileThreads) tile[i] = src[i];
+  __syncthreads();
+  const int64_t plane = threadIdx.x / T;
+  const int lane = threadIdx.x % T;
+  double acc = 0.0;
+  if (plane < planes) {
+    const scalar_t* t = tile + plane * P;
+    for (int64_t p = lane; p < P; p += T) acc += static_cast<double>(static_cast<float>(t[p]));
+  }
+#pragma unroll
+  for (int offset = T / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset, T);
+  if (lane != 0 || plane >= planes) return;
+  const int64_t g = first + plane, b = g / U, u = g % U;
+  const int64_t label = labels[b];
+  if (label >= 0 && label < K) atomicAdd(sums + label * U + u, acc / static_cast<double>(P));
+}
+
+template <typename scalar_t, int T>
+void launch_tile(const ActView& v, const int64_t* labels, double* sums, int64_t K, cudaStream_t stream) {
+  constexpr int kPlanes = kTileThreads / T;
+  const int64_t blocks = (v.B * v.U + kPlanes - 1) / kPlanes;
+  const size_t bytes = static_cast<size_t>(kPlanes * v.P) * sizeof(scalar_t);
+  accumulate_tile_kernel<scalar_t, T><<<blocks, kTileThreads, bytes, stream>>>(
+      v.act.const_data_ptr<scalar_t>(), labels, sums, v.B, v.U, v.P, K);
+}
+
+template <typename scalar_t>
+bool launch_tiles(const ActView& v, const int64_t* labels, double* sums, int64_t K, cudaStream_t stream) {
+  const bool flat = v.sP == 1 && v.sU == v.P && v.sB == v.U * v.P && aligned16<scalar_t>(v);
+  if (!flat || v.P * (kTileThreads / 4) > kTileElements) return false;
+  if (v.P * kTileThreads <= kTileElements) {
+    launch_tile<scalar_t, 1>(v, labels, sums, K, stream);
+  } else if (v.P * (kTileThreads / 2) <= kTileElements) {
+    launch_tile<scalar_t, 2>(v, labels, sums, K, stream);
+  } else {
+    launch_tile<scalar_t, 4>(v, labels, sums, K, stream);
+  }
+  return true;
 }
 
 // NCHW: a group of G lanes (a power of two <= 32, about P) reduces one contiguous (image, unit)
@@ -157,11 +292,14 @@ void accumulate_cuda(const at::Tensor& act, const at::Tensor& labels, const at::
 
   SELECTIVITY_DISPATCH_ACT_TYPES(v.act.scalar_type(), "selectivity_accumulate_cuda", [&] {
     if (v.units_inner) {
-      const int64_t nublk = (v.U + kUnitsPerBlock - 1) / kUnitsPerBlock;
-      const dim3 grid(static_cast<unsigned>(v.B), static_cast<unsigned>(std::min<int64_t>(nublk, 65535)));
-      const dim3 block(kUnitsPerBlock, kPixelRows);
-      accumulate_units_inner_kernel<scalar_t><<<grid, block, 0, stream>>>(v.act.const_data_ptr<scalar_t>(), l, s,
-                                                                          v.U, v.P, K, v.sB, v.sP);
+      if (!launch_units_inner<scalar_t>(v, l, s, K, stream)) {
+        const int64_t nublk = (v.U + kLanes - 1) / kLanes;
+        const dim3 grid(static_cast<unsigned>(v.B), static_cast<unsigned>(std::min<int64_t>(nublk, 65535)));
+        accumulate_units_inner_scalar_kernel<scalar_t><<<grid, dim3(kLanes, kPixelRows), 0, stream>>>(
+            v.act.const_data_ptr<scalar_t>(), l, s, v.U, v.P, K, v.sB, v.sP);
+      }
+    } else if (launch_tiles<scalar_t>(v, l, s, K, stream)) {
+      // contiguous NCHW, small maps
     } else if (v.P >= 32) {
       launch_planes<scalar_t, 32>(v, l, s, K, stream);
     } else if (v.P >= 16) {
@@ -179,25 +317,51 @@ void accumulate_cuda(const at::Tensor& act, const at::Tensor& labels, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One thread per unit walks the K classes; reads of sums[c, u] are coalesced across the warp.
-// Same order of operations as the CPU kernel (ascending classes, strict > for ties).
+// Block (32 units x 16 class rows): each thread walks every 16th class of its unit (reads of
+// sums[c, u] coalesced across the warp), then row 0 merges the rows. One thread walking all K
+// classes was latency-bound (docs/gpu.md). The maximum is the CPU's (ties go to the lowest
+// class); the sum of means is added in another order, so mu_rest and SI can differ from the
+// CPU's in the last bits.
+constexpr int kSIUnits = 32, kSIRows = 16;
+
 __global__ void selectivity_index_kernel(const double* __restrict__ S, const int64_t* __restrict__ C, int64_t K,
                                          int64_t U, double eps, double* si, int64_t* pref, double* mu_max,
                                          double* mu_rest) {
-  const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (u >= U) return;
+  __shared__ double s_best[kSIRows][kSIUnits], s_total[kSIRows][kSIUnits];
+  __shared__ int64_t s_arg[kSIRows][kSIUnits], s_n[kSIRows][kSIUnits];
+  const int64_t u = blockIdx.x * (int64_t)kSIUnits + threadIdx.x;
   int64_t n_present = 0, arg = -1;
   double best = 0.0, total = 0.0;
-  for (int64_t c = 0; c < K; ++c) {
-    const int64_t cnt = C[c];
-    if (cnt <= 0) continue;
-    const double m = S[c * U + u] / static_cast<double>(cnt);
-    total += m;
-    if (n_present == 0 || m > best) {
-      best = m;
-      arg = c;
+  if (u < U) {
+    for (int64_t c = threadIdx.y; c < K; c += kSIRows) {
+      const int64_t cnt = C[c];
+      if (cnt <= 0) continue;
+      const double m = S[c * U + u] / static_cast<double>(cnt);
+      total += m;
+      if (n_present == 0 || m > best) {
+        best = m;
+        arg = c;
+      }
+      ++n_present;
     }
-    ++n_present;
+  }
+  s_best[threadIdx.y][threadIdx.x] = best;
+  s_total[threadIdx.y][threadIdx.x] = total;
+  s_arg[threadIdx.y][threadIdx.x] = arg;
+  s_n[threadIdx.y][threadIdx.x] = n_present;
+  __syncthreads();
+  if (threadIdx.y != 0 || u >= U) return;
+  for (int r = 1; r < kSIRows; ++r) {
+    const int64_t n = s_n[r][threadIdx.x];
+    if (n == 0) continue;
+    const double b = s_best[r][threadIdx.x];
+    const int64_t a = s_arg[r][threadIdx.x];
+    if (n_present == 0 || b > best || (b == best && a < arg)) {
+      best = b;
+      arg = a;
+    }
+    total += s_total[r][threadIdx.x];
+    n_present += n;
   }
   const double rest = n_present > 1 ? (total - best) / static_cast<double>(n_present - 1) : 0.0;
   const double den = best + rest + eps;
@@ -216,7 +380,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cud
   auto [si, pref, mu_max, mu_rest] = empty_index_outputs(sums);
   const int64_t K = sums.size(0), U = sums.size(1);
   if (U == 0) return {si, pref, mu_max, mu_rest};
-  selectivity_index_kernel<<<(U + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  selectivity_index_kernel<<<(U + kSIUnits - 1) / kSIUnits, dim3(kSIUnits, kSIRows), 0,
+                             c10::cuda::getCurrentCUDAStream()>>>(
       sums.const_data_ptr<double>(), counts.const_data_ptr<int64_t>(), K, U, eps, si.mutable_data_ptr<double>(),
       pref.mutable_data_ptr<int64_t>(), mu_max.mutable_data_ptr<double>(), mu_rest.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

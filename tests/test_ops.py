@@ -459,6 +459,62 @@ def test_cuda_accumulate_and_index_match_oracle(backend, layout, dtype):
         assert_index_close(selectivity_index(backend, sums, counts), oracle_index(sums, counts, 1e-7))
 
 
+def strided_act(layout, B, U, H, W, dtype, gen):
+    """Layouts beyond make_act's: contiguous, but one element off 16-byte alignment."""
+    base = torch.randn(B * U * H * W + 1, generator=gen, dtype=torch.float64).clamp_min(0).to(dtype).cuda()
+    if layout == "misaligned_nchw":
+        return base[1:].view(B, U, H, W)
+    return base[1:].view(B, H, W, U).permute(0, 3, 1, 2)
+
+
+# Each CUDA accumulate path and its fallbacks (csrc/cuda_kernels.cu): (layout, B, U, H, W).
+CUDA_PATHS = [
+    ("channels_last", 5, 64, 7, 7),  # 16-byte packs, one pixel split
+    ("channels_last", 3, 16, 40, 40),  # packs, several pixel splits
+    ("channels_last", 4, 12, 3, 3),  # U not a multiple of the pack: one element a load
+    ("2d", 6, 40, 1, 1),  # [B, U] in packs
+    ("nchw", 5, 64, 7, 7),  # shared-memory tiles, one thread a plane
+    ("nchw", 3, 16, 10, 10),  # tiles, two threads a plane
+    ("nchw", 3, 24, 14, 14),  # tiles, four threads a plane
+    ("nchw", 2, 8, 20, 20),  # maps over 256 pixels: a lane group a plane
+    ("misaligned_nchw", 5, 64, 7, 7),  # not 16-byte aligned: no tiles
+    ("misaligned_cl", 5, 64, 7, 7),  # not 16-byte aligned: no packs
+]
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout, B, U, H, W", CUDA_PATHS, ids=[f"{p[0]}-{p[2]}x{p[3]}x{p[4]}" for p in CUDA_PATHS])
+def test_cuda_accumulate_paths_match_oracle(layout, B, U, H, W, dtype):
+    gen = torch.Generator().manual_seed(3)
+    if layout.startswith("misaligned"):
+        act = strided_act(layout, B, U, H, W, dtype, gen)
+        assert act.data_ptr() % 16 != 0
+    else:
+        act = make_act(layout, B, U, H, W, dtype, "relu", gen, device="cuda")
+    labels = torch.randint(0, 3, (B,), generator=gen).cuda()
+    sums, counts = ops.new_state(3, U, device="cuda")
+    accumulate("extension", act, labels, sums, counts)
+    accumulate("extension", act, labels, sums, counts)  # a second call adds to the first
+    expected, expected_counts = oracle_accumulate(act, labels, 3)
+    scale, _ = oracle_accumulate(act.abs(), labels, 3)
+    assert (np.abs(sums.cpu().numpy() - 2 * expected) <= 2e-6 * scale + 1e-12).all()
+    np.testing.assert_array_equal(counts.cpu().numpy(), 2 * expected_counts)
+
+
+@needs_cuda
+@needs_extension
+def test_cuda_index_with_many_classes_absent_classes_and_ties():
+    gen = torch.Generator().manual_seed(4)
+    K, U = 1000, 70  # U not a multiple of the block's 32 units
+    sums = torch.randint(0, 4, (K, U), generator=gen).double()  # small integers: many ties
+    counts = torch.randint(0, 3, (K,), generator=gen)  # about a third of the classes absent
+    counts[:40] = 0  # and none among the first ones
+    result = selectivity_index("extension", sums.cuda(), counts.cuda())
+    assert_index_close(result, oracle_index(sums, counts, 1e-7))
+
+
 @needs_cuda
 @needs_extension
 def test_cuda_bad_label_is_reported_by_a_later_call():
