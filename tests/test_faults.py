@@ -60,6 +60,13 @@ def assert_same_run(reference, run):
     assert not [f for d, _, files in os.walk(run) for f in files if f.startswith(".tmp")]
 
 
+def ctrl_c_as_at_a_terminal():
+    """A shell starts background jobs with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: a test suite run from a script with `&` (as CI may be) would send
+    Ctrl-C to a process that cannot receive it. Give the run a terminal's default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.timeout(600)
 def test_ctrl_c_is_one_line_exit_130_and_resume_is_exact(tmp_path, reference):
     """SIGINT (what Ctrl-C sends) once training is under way: one line, exit 130, no traceback;
@@ -69,7 +76,8 @@ def test_ctrl_c_is_one_line_exit_130_and_resume_is_exact(tmp_path, reference):
     proc = subprocess.Popen([sys.executable, "tools/train.py", *FAST, "--out-dir", out,
                              "--name", "c"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            preexec_fn=ctrl_c_as_at_a_terminal)
     first = os.path.join(out, "c", "checkpoints", "epoch_0.pt")
     try:
         while not os.path.exists(first) and proc.poll() is None:

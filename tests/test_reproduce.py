@@ -84,8 +84,8 @@ def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
                     "Ablation: selective vs random", "CKA linearity", "Orientation selectivity"):
         assert section in text
     assert "run(s) failed" not in text  # ablation, CKA and orientation ran on both seeds
-    for tool in ("ablate", "cka", "orientation"):
-        assert sorted(os.listdir(out / "analysis" / tool)) == ["s0", "s1"]
+    for name in ("ablate", "cka", "orientation"):
+        assert sorted(os.listdir(out / "analysis" / name)) == ["s0", "s1"]
     verdicts = re.findall(r"\*\*(supports|contradicts|inconclusive)\*\*", text)
     assert len(verdicts) == 12
     assert "(n = 2)" in text  # two seeds in tiny mode, and the tables say so
