@@ -74,6 +74,7 @@ def test_window_scaling_for_tiny():
     assert all(c["epochs"] == rep.TINY["epochs"] for c in conds.values())
 
 
+@pytest.mark.timeout(3700)  # the two commands' own limits; the suite's default 1200 s is less
 def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
     out = tmp_path / "tiny"
     proc = tool("tools/reproduce.py", "--tiny", "--out", str(out), "--jobs", "2", timeout=3000)
