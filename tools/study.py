@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
-from selectivity.config import (ConfigError, from_dict, load_config, parse_override,  # noqa: E402
+from selectivity.config import (ConfigError, from_dict, load_config, parse_sets,  # noqa: E402
                                 to_dict)
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
@@ -47,18 +47,6 @@ from selectivity.runlog import read_metrics, run_paths  # noqa: E402
 # Keys the study decides per run (the run's place and seed); a condition may not set them.
 PER_RUN = ("seed", "name", "out_dir")
 _print_lock = threading.Lock()
-
-
-def parse_sets(items: list[str]) -> dict:
-    """``["epochs=4", "lr=0.05"]`` → {"epochs": 4, "lr": 0.05} (typed and checked like train.py)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key] = parse_override(key, value)
-    return out
 
 
 def status(run_dir: str, epochs: int) -> str:

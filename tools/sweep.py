@@ -26,22 +26,10 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
-from selectivity.config import ConfigError, load_config, parse_override, to_dict  # noqa: E402
+from selectivity.config import ConfigError, load_config, parse_sets, to_dict  # noqa: E402
 from selectivity.errors import run_cli  # noqa: E402
 from selectivity.regularizer import parse_windows  # noqa: E402
 from selectivity.runlog import read_metrics, run_paths  # noqa: E402
-
-
-def parse_sets(items: list[str]) -> dict:
-    """``["epochs=4", "lr=0.05"]`` → {"epochs": 4, "lr": 0.05} (typed and checked like train.py)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key] = parse_override(key, value)
-    return out
 
 
 def run_name(config_path: str) -> str:
