@@ -294,7 +294,6 @@ def parse_override(key: str, text: str):
         raise ConfigError(f"config key {key!r}: cannot parse {text!r} as {typ.__name__}") from None
 
 
-
 def parse_sets(items: list[str]) -> dict:
     """``["epochs=4", "lr=0.05"]`` (the tools' ``--set`` flags) → {"epochs": 4, "lr": 0.05}, each
     value typed and checked as a flag of tools/train.py would be."""
@@ -306,6 +305,7 @@ def parse_sets(items: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         out[key] = parse_override(key, value)
     return out
+
 
 def check_machine(cfg: Config) -> None:
     """What only this machine can tell: ``device: cuda`` needs a visible GPU. Kept out of
