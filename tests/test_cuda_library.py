@@ -88,3 +88,30 @@ def test_bn_recalibration_on_cuda_restores_buffers_and_rng():
         model(x[:8].cuda())
     assert all(torch.equal(before[k], v) for k, v in model.named_buffers())
     assert torch.equal(rng, torch.cuda.get_rng_state())
+
+
+@cuda
+def test_tracker_side_stream_on_cuda_sees_every_batch_and_keeps_its_inputs():
+    """The accumulation runs on a side stream (selectivity/tracker.py): each batch's output is
+    freed and its memory filled with NaN right after the forward, yet every batch is counted
+    with the values it had, and ``compute()`` reads them all without an explicit sync."""
+    import torch.nn as nn
+    from selectivity import ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU()).cuda()
+    tracker = SelectivityTracker(model, 10, {"relu": model[1]})
+    sums, counts = ops.new_state(10, 128, torch.device("cuda"))
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.randn(64, 3, 96, 96, device="cuda")
+            labels = torch.randint(0, 10, (64,), device="cuda")
+            with tracker.track(labels):
+                out = model(x)
+            ops.accumulate_reference(out, labels, sums, counts)
+            del out, x
+            torch.full((64, 128, 96, 96), float("nan"), device="cuda")  # reuse freed memory
+    assert len(tracker._side.streams) == 1, "the accumulation did not use the side stream"
+    result = tracker.compute()["relu"]
+    torch.testing.assert_close(result.sums, sums, rtol=1e-6, atol=1e-9)
+    assert torch.equal(result.counts, counts)
