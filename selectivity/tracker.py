@@ -300,6 +300,12 @@ class SelectivityTracker:
             out[name] = LayerSelectivity(r.si, r.pref_class, r.mu_max, r.mu_rest, s, c, null)
         return out
 
+    def synchronize(self) -> None:
+        """Make the current CUDA stream wait for the accumulation queued on the tracker's side
+        stream. ``compute()``, ``state_dict()`` and reading the states do it themselves; call it
+        to time a loop with CUDA events, or before reading the states from another stream."""
+        self._side.join()
+
     def reset(self) -> None:
         self.states.reset()
         for n in self.null_states:

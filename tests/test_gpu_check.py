@@ -196,3 +196,18 @@ def test_find_cuda_home_order_and_wrappers(tmp_path):
     assert find({}, None, torch_cuda="12.8") == (str(prefix / "cuda-12.8"), f"{prefix}/cuda-*")
     _toolkit(prefix / "cuda")
     assert find({}, None, torch_cuda="12.8") == (str(prefix / "cuda"), f"{prefix}/cuda")
+
+
+def test_host_sync_probe_dry_run_times_every_loop(tmp_path):
+    """tools/gpu_probe_sync.py (docs/gpu.md) on the CPU at tiny sizes, every GPU hidden: each of
+    its four loops is timed with tracking off and on, and the tracker's hooks ran."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_probe_sync.py"),
+                           "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    loops = json.loads((tmp_path / "gpu_probe_sync.json").read_text())["loops"]
+    assert list(loops) == ["bf16", "bf16+sync", "fp16+scaler", "fp16"]
+    for r in loops.values():
+        assert r["ms_off"] > 0 and r["ms_on"] > 0 and r["hook_host_ms_per_step"] > 0
+    assert "| fp16+scaler |" in (tmp_path / "gpu_probe_sync.md").read_text()

@@ -33,13 +33,19 @@ class Bench:
         if not self.dry_run:
             self.torch.cuda.synchronize()
 
-    def time_ms(self, fn, reps: int = 1) -> float:
-        """Milliseconds for ``reps`` calls of ``fn``, all queued work before them finished first."""
+    def time_ms(self, fn, reps: int = 1, finish=None) -> float:
+        """Milliseconds for ``reps`` calls of ``fn``, all queued work before them finished first.
+
+        ``finish()`` runs after the calls, before the end mark: it must make the current stream
+        wait for work the calls queued on other streams, which the end event would otherwise
+        not wait for."""
         self.sync()
         if self.dry_run:
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn()
+            if finish is not None:
+                finish()
             return (time.perf_counter() - t0) * 1e3
         # Events time the GPU's work, not the launch: what a training step costs the GPU.
         cuda = self.torch.cuda
@@ -47,6 +53,8 @@ class Bench:
         start.record()
         for _ in range(reps):
             fn()
+        if finish is not None:
+            finish()
         end.record()
         end.synchronize()
         return start.elapsed_time(end)

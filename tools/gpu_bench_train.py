@@ -112,7 +112,8 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     for r in range(cfg["rounds"]):
         order = VARIANTS[r % 3:] + VARIANTS[:r % 3]
         for v in order:
-            ms = bench.time_ms(lambda: step(v), cfg["steps"])
+            # The window closes when the tracker's side stream is done too (selectivity/tracker.py).
+            ms = bench.time_ms(lambda: step(v), cfg["steps"], finish=tracker.synchronize)
             res["variants"][v]["step_ms"].append(ms / cfg["steps"])
         res["last_loss"] = float(last["loss"])  # a sync, outside the timed windows
         if amp == "fp16":
