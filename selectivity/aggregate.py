@@ -207,6 +207,15 @@ def final_values(runs: list[Run], key: str, layer: str | None = None) -> list:
     return [record_value(r.final, key, layer) if r.val else None for r in runs]
 
 
+def not_learned(runs: list[Run], num_classes: int) -> list[Run]:
+    """The runs whose final val acc1 is below twice chance (2 / K): training failed outright.
+
+    Such a seed and the seeds that learned form two modes; a mean ± t-interval over them
+    describes neither, so tables count them beside the interval."""
+    return [r for r, acc in zip(runs, final_values(runs, "acc1"))
+            if acc is not None and acc < 2.0 / num_classes]
+
+
 def at_epoch(run: Run, epoch: float, key: str, layer: str | None = None, tol: float = 1e-6):
     """The value of the val record at ``epoch`` (None if the run has no record there)."""
     for rec in run.val:

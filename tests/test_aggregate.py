@@ -121,3 +121,11 @@ def test_condition_labels():
     assert label("/r/alpha_m1_s2") == "alpha_m1"
     assert label("/r/study/early/s0") == "early"
     assert label("/r/demo_cls3") == "demo_cls3"  # "s3" inside a word is not a seed
+
+
+def test_not_learned_counts_seeds_below_twice_chance(tmp_path):
+    # K = 10: a seed ending at 0.103 (chance) or 0.151 failed; 0.2 and above learned something
+    runs = [agg.load_run(make_run(str(tmp_path / f"s{s}"), s, [0.1, acc]))
+            for s, acc in enumerate([0.103, 0.151, 0.2, 0.76])]
+    assert [r.seed for r in agg.not_learned(runs, 10)] == [0, 1]
+    assert agg.not_learned(runs, 2) == runs  # K = 2: twice chance is 1.0, every run is below

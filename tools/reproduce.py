@@ -57,6 +57,7 @@ TINY = {"epochs": 1, "image_size": 16, "eval_every_steps": 22, "eval_batch_size"
         "bn_images": 256, "eval_running_bn": False}
 TINY_SEEDS = [0, 1]
 POINT = 0.01  # one accuracy point
+STUDY_CLASSES = 10  # digits_hard, the study's dataset (configs/study/)
 
 
 # ----- conditions --------------------------------------------------------------------------------
@@ -172,6 +173,20 @@ def windows_text(runs) -> str:
                      f"{'end' if math.isinf(w.end) else format(w.end, 'g')})" for w in ws)
 
 
+DELTA_HEADER = ["condition", "regularizer (epochs)", "seeds that did not learn", "final val acc1",
+                "Δ acc1 vs α = 0 (points)", "final mean SI", "Δ SI vs α = 0"]
+NOT_LEARNED = f"""A seed that *did not learn* ended below twice chance (val acc1 < {2 / STUDY_CLASSES:g}). Where
+some seeds of a condition learned and some did not, its outcome has two modes, and a mean ±
+t-interval over 3 seeds describes neither: such a condition's verdict is *inconclusive*
+whatever its interval says, and the table shows how many seeds failed."""
+
+
+def _mixed(groups, name) -> bool:
+    """Some seeds of the condition learned and some did not."""
+    runs = groups.get(name, [])
+    return 0 < len(agg.not_learned(runs, STUDY_CLASSES)) < len(runs)
+
+
 def _delta_rows(groups, names):
     base = groups.get(BASE, [])
     b_acc, b_si = agg.final_values(base, "acc1"), agg.final_values(base, "si_mean")
@@ -181,7 +196,8 @@ def _delta_rows(groups, names):
         acc, si = agg.final_values(runs, "acc1"), agg.final_values(runs, "si_mean")
         d_acc, d_si = agg.difference(acc, b_acc), agg.difference(si, b_si)
         deltas[name] = (d_acc, d_si, agg.summarize(si), agg.summarize(b_si))
-        rows.append([name, windows_text(runs), agg.summarize(acc).fmt(4),
+        failed = len(agg.not_learned(runs, STUDY_CLASSES))
+        rows.append([name, windows_text(runs), f"{failed} of {len(runs)}", agg.summarize(acc).fmt(4),
                      d_acc.fmt(2, 100) if d_acc.n else "–",
                      agg.summarize(si).fmt(3), d_si.fmt(3) if d_si.n else "–"])
     return rows, deltas
@@ -193,7 +209,7 @@ def claim_alpha(groups, figdir: str) -> str:
 
     def v_moderate():
         d_acc, d_si, _, _ = d[MODERATE]
-        if d_acc.n < 2 or not math.isfinite(d_acc.half):
+        if d_acc.n < 2 or not math.isfinite(d_acc.half) or _mixed(groups, MODERATE):
             return "inconclusive"
         if d_si.high < 0 and d_acc.low > -2 * POINT:
             return "supports"
@@ -203,7 +219,7 @@ def claim_alpha(groups, figdir: str) -> str:
 
     def v_strong():
         d_acc, _, si, b_si = d[STRONG]
-        if d_acc.n < 2 or not math.isfinite(d_acc.half):
+        if d_acc.n < 2 or not math.isfinite(d_acc.half) or _mixed(groups, STRONG):
             return "inconclusive"
         if d_acc.low > 0 or d_acc.high < -10 * POINT:
             return "contradicts"
@@ -213,7 +229,7 @@ def claim_alpha(groups, figdir: str) -> str:
 
     def v_positive():
         d_acc, d_si, _, _ = d[POSITIVE]
-        if d_acc.n < 2 or not math.isfinite(d_acc.half):
+        if d_acc.n < 2 or not math.isfinite(d_acc.half) or _mixed(groups, POSITIVE):
             return "inconclusive"
         if d_si.low > 0 and d_acc.high < 0:
             return "supports"
@@ -222,8 +238,7 @@ def claim_alpha(groups, figdir: str) -> str:
         return "inconclusive"
 
     fig = plot_alpha(groups, names, os.path.join(figdir, "alpha_sweep.png"))
-    table = agg.markdown_table(["condition", "regularizer (epochs)", "final val acc1",
-                                "Δ acc1 vs α = 0 (points)", "final mean SI", "Δ SI vs α = 0"], rows)
+    table = agg.markdown_table(DELTA_HEADER, rows)
     return f"""## The α sweep (paper 2)
 
 Paper 2 (Leavitt & Morcos): lowering class selectivity (α < 0) costs little accuracy; driving it
@@ -232,6 +247,7 @@ near 0 costs about 2 points; raising it (α > 0) hurts.
 {table}
 
 Δ: difference of the means, with a Welch 95 % interval (seeds are not paired across conditions).
+{NOT_LEARNED}
 
 **Rule.** α = −1: *supports* if Δ SI's interval is below 0 and Δ acc1's lower end is above −2
 points; *contradicts* if Δ acc1's interval is below −2 points or Δ SI's is above 0.
@@ -254,10 +270,9 @@ def claim_windows(groups, figdir: str) -> str:
     early = agg.final_values(groups.get(EARLY, []), "acc1")
     late = agg.final_values(groups.get(LATE, []), "acc1")
     d = agg.difference(late, early)
-    v = verdict_interval(d)
+    v = "inconclusive" if _mixed(groups, EARLY) or _mixed(groups, LATE) else verdict_interval(d)
     fig = plot_windows(groups, (BASE, EARLY, LATE), os.path.join(figdir, "windows.png"))
-    table = agg.markdown_table(["condition", "regularizer (epochs)", "final val acc1",
-                                "Δ acc1 vs α = 0 (points)", "final mean SI", "Δ SI vs α = 0"], rows)
+    table = agg.markdown_table(DELTA_HEADER, rows)
     return f"""## Early-only vs late regularization (paper 1's critical period)
 
 Paper 1 (Ranadive et al.): regularizing selectivity away early in training hurts the final
@@ -270,9 +285,10 @@ recover.
 {table}
 
 Late − early final val acc1: {d.fmt(2, 100)} points (Welch 95 % interval).
+{NOT_LEARNED}
 
 **Rule.** *supports* if the interval of (late − early) lies above 0; *contradicts* if below 0;
-else *inconclusive*.
+else *inconclusive* (and *inconclusive* where either window has seeds that did and did not learn).
 
 | claim | verdict |
 |---|---|
