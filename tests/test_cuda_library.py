@@ -115,3 +115,34 @@ def test_tracker_side_stream_on_cuda_sees_every_batch_and_keeps_its_inputs():
     result = tracker.compute()["relu"]
     torch.testing.assert_close(result.sums, sums, rtol=1e-6, atol=1e-9)
     assert torch.equal(result.counts, counts)
+
+
+@cuda
+def test_tracker_on_cuda_resumed_from_state_dict_equals_one_pass():
+    """States loaded into a fresh tracker are the side stream's to add into (recorded with it):
+    2 batches, save, load, 2 more batches = the 4 batches in one tracker."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).cuda().eval()
+    x, y = data(n=128)
+    x, y = x.cuda(), y.cuda()
+
+    def track(tracker, lo, hi):
+        with torch.no_grad():
+            for i in range(lo, hi, 32):
+                with tracker.track(y[i:i + 32]):
+                    model(x[i:i + 32])
+
+    whole = SelectivityTracker(model, 10)
+    track(whole, 0, 128)
+    expected = {n: r.sums.clone() for n, r in whole.compute().items()}
+    whole.remove()
+    first = SelectivityTracker(model, 10)
+    track(first, 0, 64)
+    saved = first.state_dict()
+    first.remove()
+    resumed = SelectivityTracker(model, 10)
+    resumed.load_state_dict(saved)
+    track(resumed, 64, 128)
+    got = resumed.compute()
+    for n in expected:
+        torch.testing.assert_close(got[n].sums, expected[n], rtol=1e-12, atol=1e-12)
