@@ -102,51 +102,35 @@ class _SideStream:
     Why: the fused accumulation reads each tracked output once more after the forward wrote it.
     That read is memory-bound while the convolutions around it are compute-bound, so on a side
     stream it runs under the rest of the forward and the backward instead of adding to the step.
-    The side stream waits for the current one before each layer's work (the activation must
-    exist), and the current stream waits for the side one only where the states are read
-    (``join``). Every tensor the side stream touches is recorded with it, so the caching allocator
-    does not hand its memory to another stream before the side work is done: the states and a
-    batch's labels once (``adopt``: a record lasts as long as the memory), each activation at its
-    use. CPU tensors, and a stream being captured into a CUDA graph (which cannot fork and join
-    lazily), run on the current stream. The hooks run in every forward pass, so this keeps their
-    host work small: one reused event, one record per activation.
+    The side stream waits for the current one before each batch (the activation must exist), and
+    the current stream waits for the side one only where the states are read (``join``). Every
+    tensor the side stream touches is recorded with it, so the caching allocator does not hand
+    its memory to another stream before the side work is done. CPU tensors, and a stream being
+    captured into a CUDA graph (which cannot fork and join lazily), run on the current stream.
     """
 
     def __init__(self):
-        self.streams: dict = {}  # device -> (side stream, the event it waits on)
+        self.streams: dict = {}
         self.pending: set = set()
 
-    def _get(self, device) -> tuple:
-        entry = self.streams.get(device)
-        if entry is None:
-            entry = self.streams[device] = (torch.cuda.Stream(device), torch.cuda.Event())
-        return entry
-
-    def adopt(self, *tensors: torch.Tensor) -> None:
-        """Record tensors that the side stream will use from now on (states, a batch's labels)."""
-        for t in tensors:
-            if t.is_cuda:
-                t.record_stream(self._get(t.device)[0])
-
-    def run(self, work, act: torch.Tensor) -> None:
-        """``work()`` on the side stream once ``act`` (made on the current stream) exists."""
-        device = act.device
+    def run(self, work, tensors) -> None:
+        device = tensors[0].device
         if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             work()
             return
-        side, ready = self._get(device)
-        # One event, recorded again for each layer: a wait captures the event's state when it is
-        # queued, so reusing it is safe and saves creating one per layer.
-        ready.record(torch.cuda.current_stream(device))
-        side.wait_event(ready)
+        side = self.streams.get(device)
+        if side is None:
+            side = self.streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             work()
-        act.record_stream(side)
+        for t in tensors:
+            t.record_stream(side)
         self.pending.add(device)
 
     def join(self) -> None:
         for device in self.pending:
-            torch.cuda.current_stream(device).wait_stream(self.streams[device][0])
+            torch.cuda.current_stream(device).wait_stream(self.streams[device])
         self.pending.clear()
 
 
@@ -169,15 +153,12 @@ class _LayerStates:
     @states.setter
     def states(self, value) -> None:
         self.side.join()
-        for sums, counts in value.values():
-            self.side.adopt(sums, counts)
         self._states = value
 
     def get(self, name: str, act: torch.Tensor) -> tuple:
         """The layer's (sums, counts), made on the current stream if this is its first batch."""
         if name not in self._states:
             self._states[name] = ops.new_state(self.num_classes, act.shape[1], act.device)
-            self.side.adopt(*self._states[name])
         return self._states[name]
 
     def reset(self) -> None:
@@ -258,7 +239,7 @@ class SelectivityTracker:
         def work():
             for (sums, counts), (_, labels) in zip(states, pairs):
                 ops.accumulate(act, labels, sums, counts)
-        self._side.run(work, act)
+        self._side.run(work, [act, *(labels for _, labels in pairs), *sum(states, ())])
 
     def _set_batch(self, labels: torch.Tensor, indices) -> None:
         if self._null_table is not None:
@@ -271,8 +252,6 @@ class SelectivityTracker:
                                  f"{list(labels.shape)}")
             null = self._null_table[:, idx].to(labels.device, non_blocking=True)
             self._null_labels = list(null.unbind(0))
-            self._side.adopt(null)
-        self._side.adopt(labels)
         self._labels = labels
 
     def begin(self, labels: torch.Tensor, indices=None) -> None:
