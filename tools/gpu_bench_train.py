@@ -62,6 +62,19 @@ def tracker_matches_reference(model, num_classes, images, labels, dtype) -> dict
     return {"layers": len(result), "max_rel_err": worst, "pass": same_layers and worst <= REL_TOL}
 
 
+def amp_step(model, opt, scaler, tracker, images, labels, dtype) -> torch.Tensor:
+    """One training step under autocast, the forward inside ``tracker.track`` when there is one."""
+    with torch.autocast(images.device.type, dtype=dtype):
+        with tracker.track(labels) if tracker is not None else contextlib.nullcontext():
+            logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
 def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
     dev, K, B, S = bench.device, cfg["classes"], cfg["batch"], cfg["size"]
     dtype = AMPS[amp]
@@ -90,14 +103,7 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
 
     def step(variant):
         model, opt, scaler, trk, si = setup[variant]
-        with torch.autocast(dev.type, dtype=dtype):
-            with trk.track(labels) if trk is not None else contextlib.nullcontext():
-                logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss = amp_step(model, opt, scaler, trk, images, labels, dtype)
         if si:
             last["si"] = trk.compute()  # what a run reading SI every step pays
         last["loss"] = loss.detach()

@@ -27,9 +27,9 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from gpu_bench_common import Bench
+from gpu_bench_train import amp_step
 from selectivity import SelectivityTracker
 from selectivity.models import build_model
 
@@ -65,18 +65,7 @@ def probe_loop(bench: Bench, cfg: dict, loop: str) -> dict:
         setups[variant] = (model, opt, scaler, tracker if variant == "on" else None)
 
     def step(variant):
-        model, opt, scaler, trk = setups[variant]
-        with torch.autocast(dev.type, dtype=dtype):
-            if trk is not None:
-                with trk.track(y):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        amp_step(*setups[variant], x, y, dtype)
         if sync:
             bench.sync()
 
