@@ -26,9 +26,10 @@ import torch
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-CPU_SOURCES = ["csrc/module.cpp", "csrc/checks.cpp", "csrc/cpu_accumulate.cpp", "csrc/cpu_index.cpp"]
-CUDA_SOURCES = ["csrc/cuda_kernels.cu"]
-HEADERS = ["csrc/selectivity.h", "csrc/cpu_clones.h"]
+# Every C++ and CUDA file under csrc/ is compiled: adding an op is adding its folder.
+CPU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h"))
 
 
 def find_cuda_home():

@@ -23,7 +23,7 @@ endif
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 EXT_SO := selectivity/_C.abi3.so
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) setup.py
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 # The settings that change what gets built; the .so is rebuilt when they change (build/ext-config.txt).
 EXT_CONFIG := cuda_home=$(CUDA_HOME) arch=$(TORCH_CUDA_ARCH_LIST) no_cuda=$(SELECTIVITY_NO_CUDA)
 EXT_STAMP := build/ext-config.txt
