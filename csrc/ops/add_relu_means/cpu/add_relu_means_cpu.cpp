@@ -1,0 +1,184 @@
+// CPU kernels of the fused epilogue (add_relu_means.h has the definitions). One pass over the
+// block output: read out and identity, write y, and sum y into the means while it is in registers.
+//
+// channels_last (the hot case): per image, P rows of U contiguous units. The units are the vector
+// lanes; each thread keeps a private row of U running sums: runs of kRun rows are summed in the
+// accumulation dtype and each run is added into a float64 row, so the means' error stays at a few
+// float32 ulps whatever P is. NCHW: per (image, unit), a contiguous plane, summed the same way.
+// Threads split images (channels_last) or planes (NCHW); nothing is shared, so no reduction and no
+// atomics, and results do not depend on the thread count.
+#include "../add_relu_means.h"
+#include "../../../cpu_clones.h"
+#include "elements.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace selectivity {
+namespace {
+
+using epilogue_cpu::Elem;
+constexpr int64_t kRun = 8;  // rows (or pixels) summed in Acc before a float64 add
+
+template <typename T, typename M>
+SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
+                                         int64_t U, int64_t P) {
+  using E = Elem<T>;
+  using Bits = typename E::Bits;
+  using Acc = typename E::Acc;
+  std::vector<Acc> run(U);
+  std::vector<double> total(U);
+  Acc* __restrict r = run.data();
+  double* __restrict t = total.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const Bits* __restrict o = reinterpret_cast<const Bits*>(out_) + b * P * U;
+    const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + b * P * U;
+    Bits* __restrict y = reinterpret_cast<Bits*>(y_) + b * P * U;
+    for (int64_t p0 = 0; p0 < P; p0 += kRun) {
+      const int64_t p1 = std::min(P, p0 + kRun);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t at = p * U;
+        const bool first = p == p0;
+#pragma omp simd
+        for (int64_t u = 0; u < U; ++u) {
+          const Bits v = E::relu(E::load(o[at + u]) + E::load(i[at + u]));
+          y[at + u] = v;
+          const Acc f = E::value(v);
+          r[u] = first ? f : r[u] + f;
+        }
+      }
+      const bool first_run = p0 == 0;
+#pragma omp simd
+      for (int64_t u = 0; u < U; ++u) t[u] = first_run ? double(r[u]) : t[u] + double(r[u]);
+    }
+    const double inv_P = 1.0 / static_cast<double>(P);
+#pragma omp simd
+    for (int64_t u = 0; u < U; ++u) means[b * U + u] = static_cast<M>(t[u] * inv_P);
+  }
+}
+
+template <typename T, typename M>
+SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
+                                    int64_t P) {
+  using E = Elem<T>;
+  using Bits = typename E::Bits;
+  using Acc = typename E::Acc;
+  const double inv_P = 1.0 / static_cast<double>(P);
+  for (int64_t q = q0; q < q1; ++q) {  // q = b * U + u: one plane
+    const Bits* __restrict o = reinterpret_cast<const Bits*>(out_) + q * P;
+    const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + q * P;
+    Bits* __restrict y = reinterpret_cast<Bits*>(y_) + q * P;
+    double total = 0.0;
+    // Chunks of 8 * kRun pixels: the simd reduction gives each of up to 8 lanes at most kRun addends.
+    for (int64_t p0 = 0; p0 < P; p0 += 8 * kRun) {
+      const int64_t p1 = std::min(P, p0 + 8 * kRun);
+      Acc s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = p0; p < p1; ++p) {
+        const Bits v = E::relu(E::load(o[p]) + E::load(i[p]));
+        y[p] = v;
+        s += E::value(v);
+      }
+      total += double(s);
+    }
+    means[q] = static_cast<M>(total * inv_P);
+  }
+}
+
+// grad = y <= 0 ? 0 : grad_y + grad_means / P; a missing grad_y or grad_means counts as 0. The
+// grad_y-only case is a select, like stock threshold_backward; it reads y and grad_y, writes grad.
+template <typename T, typename M>
+SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1,
+                                   int64_t n, int64_t U, int64_t P, bool units_inner) {
+  using E = Elem<T>;
+  using Bits = typename E::Bits;
+  using Acc = typename E::Acc;
+  const Bits* __restrict gy = reinterpret_cast<const Bits*>(gy_);
+  const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
+  Bits* __restrict g = reinterpret_cast<Bits*>(g_);
+  const Bits zero = E::relu(Acc(0));
+  for (int64_t row = r0; row < r1; ++row) {  // a row of n contiguous elements
+    const int64_t at = row * n;
+    if (gm == nullptr) {
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : gy[at + k];
+      continue;
+    }
+    if (units_inner) {  // row = b * P + p; gm[b, :] over the row
+      const M* __restrict m = gm + (row / P) * U;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const Acc add = Acc(m[k] / M(P)) + (gy ? E::load(gy[at + k]) : Acc(0));
+        g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : E::round(add);
+      }
+    } else {  // row = b * U + u; one gm value for the plane
+      const Acc add_m = Acc(gm[row] / M(P));
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const Acc add = add_m + (gy ? E::load(gy[at + k]) : Acc(0));
+        g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : E::round(add);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, const at::Tensor& identity) {
+  EpilogueForward f = prepare_add_relu_means(out, identity);
+  const auto [B, U, P, units_inner] = f.shape;
+  if (B * U * P == 0) return {f.y, f.means.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.out.scalar_type(), "add_relu_means_cpu", [&] {
+    using M = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* o = f.out.const_data_ptr<scalar_t>();
+    const scalar_t* i = f.identity.const_data_ptr<scalar_t>();
+    scalar_t* y = f.y.mutable_data_ptr<scalar_t>();
+    M* m = f.means.mutable_data_ptr<M>();
+    if (units_inner) {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { forward_units_inner(o, i, y, m, b0, b1, U, P); });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, 32768 / P);
+      at::parallel_for(0, B * U, grain, [&](int64_t q0, int64_t q1) { forward_planes(o, i, y, m, q0, q1, P); });
+    }
+  });
+  return {f.y, f.means};
+}
+
+at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
+                                       const c10::optional<at::Tensor>& grad_means, const at::Tensor& y) {
+  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
+  const auto [B, U, P, units_inner] = bw.shape;
+  if (B * U * P == 0) return bw.grad;
+  // Rows of contiguous elements: a pixel's U units, or a (image, unit) plane of P pixels.
+  const int64_t n = units_inner ? U : P, rows = B * U * P / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.y.scalar_type(), "add_relu_means_backward_cpu", [&] {
+    using M = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gy = bw.grad_y.defined() ? bw.grad_y.const_data_ptr<scalar_t>() : nullptr;
+    const M* gm = bw.grad_means.defined() ? bw.grad_means.const_data_ptr<M>() : nullptr;
+    const scalar_t* yp = bw.y.const_data_ptr<scalar_t>();
+    scalar_t* g = bw.grad.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / n);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      if (gy == nullptr && gm == nullptr) {
+        std::fill_n(g + r0 * n, (r1 - r0) * n, scalar_t(0));
+      } else if (gy != nullptr && gm == nullptr) {
+        backward_rows<scalar_t, M>(gy, nullptr, yp, g, r0, r1, n, U, P, units_inner);
+      } else {
+        backward_rows<scalar_t, M>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
+      }
+    });
+  });
+  return bw.grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
+  m.impl("add_relu_means", &add_relu_means_cpu);
+  m.impl("add_relu_means_backward", &add_relu_means_backward_cpu);
+}
+
+}  // namespace selectivity
