@@ -21,12 +21,22 @@ through ``UnitHooks``; nothing else registers forward hooks.
 
 Resolving to nothing, or naming a module that does not exist, is a ``UnitsError`` whose one line
 says what was asked and what the model has.
+
+Two ways to see a layer: ``UnitHooks(fn=...)`` hands ``fn`` each layer's output (it may replace it);
+``UnitHooks(means_fn=...)`` hands ``means_fn`` only the per-image unit means ``[B, U]``. In the means
+mode, the residual blocks whose forward is known here (torchvision ``BasicBlock`` / ``Bottleneck``,
+this package's CIFAR ``BasicBlock``) compute them inside their own epilogue (``epilogue.add_relu_means``:
+the add of the shortcut, the final ReLU and the means in one pass) instead of a hook reading the
+output again; every other layer, and a block whose stock forward is needed (see ``_FusedBlock``), is
+seen by a forward hook taking ``unit_means`` of its output. The numbers are the same either way.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 import re
+import sys
 from collections import OrderedDict
 from typing import Callable, Mapping
 
@@ -126,38 +136,76 @@ def unit_means(act: torch.Tensor) -> torch.Tensor:
 
 
 class UnitHooks:
-    """Forward hooks on the resolved layers: ``fn(layer, output)`` while enabled.
+    """The resolved layers, seen while enabled: ``fn(layer, output)`` or ``means_fn(layer, means)``.
 
-    ``fn`` may return a tensor to replace the layer's output (ablation masks do), or None. A module
-    called k times in one forward pass reports layers ``name``, ``name#1``, … ``name#k-1`` (the
-    call counter restarts with each forward of the model; ``on_forward()``, when given, is called
-    then too). Disabled hooks cost one attribute test. Use ``with UnitHooks(...) as h:`` or
+    ``fn`` may return a tensor to replace the layer's output (ablation masks do), or None.
+    ``means_fn`` (instead of ``fn``) receives the per-image unit means ``[B, U]`` (``unit_means`` of
+    the output: float32, float64 for float64 outputs, taken from the output as rounded under AMP),
+    carrying the autograd graph when grad is on (a consumer that keeps no graph detaches them); its
+    return value is ignored. Residual blocks are then run fused (see the module doc) unless
+    ``fused=False`` or the environment has ``SELECTIVITY_NO_FUSED=1``.
+
+    A module called k times in one forward pass reports layers ``name``, ``name#1``, … ``name#k-1``
+    (the call counter restarts with each forward of the model; ``on_forward()``, when given, is
+    called then too). Disabled hooks cost one attribute test. Use ``with UnitHooks(...) as h:`` or
     ``remove()``; ``enabled`` switches them, ``active()`` is a context manager that does.
     """
 
     def __init__(self, model: nn.Module, units="blocks",
                  fn: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
-                 on_forward: Callable[[], None] | None = None, enabled: bool = True):
+                 on_forward: Callable[[], None] | None = None, enabled: bool = True, *,
+                 means_fn: Callable[[str, torch.Tensor], None] | None = None,
+                 fused: bool | None = None):
+        if fn is not None and means_fn is not None:
+            raise UnitsError("UnitHooks: give fn (the layer outputs) or means_fn (the per-image unit "
+                             "means), not both; use two UnitHooks for both")
         self.layers = resolve_units(model, units)
-        self.fn, self.on_forward, self.enabled = fn, on_forward, enabled
+        self.fn, self.means_fn, self.on_forward, self.enabled = fn, means_fn, on_forward, enabled
+        if fused is None:
+            fused = os.environ.get("SELECTIVITY_NO_FUSED") != "1"
+        self.fused = means_fn is not None and fused
         self._calls: dict[str, int] = {}
+        self._delivered: set[str] = set()  # layers whose fused forward already called means_fn
         root = unwrap(model)
         self.handles = [root.register_forward_pre_hook(self._start)]
         for name, module in self.layers.items():
             self.handles.append(module.register_forward_hook(self._hook(name)))
+            if self.fused and _FusedBlock.supports(module):
+                self.handles.append(_FusedBlock.attach(module, self, name))
 
     def _start(self, module, args):
         self._calls.clear()
+        self._delivered.clear()
         if self.enabled and self.on_forward is not None:
             self.on_forward()
 
+    def _layer_name(self, name: str) -> str:
+        k = self._calls.get(name, 0)
+        self._calls[name] = k + 1
+        return name if k == 0 else f"{name}#{k}"
+
+    def _deliver(self, name: str, means: torch.Tensor) -> None:
+        """From a fused block's forward: the means of this call, which its hook then skips."""
+        self._delivered.add(name)
+        self.means_fn(self._layer_name(name), means)
+
     def _hook(self, name):
         def hook(module, args, output):
-            if not self.enabled or self.fn is None:
+            if not self.enabled:
                 return None
-            k = self._calls.get(name, 0)
-            self._calls[name] = k + 1
-            return self.fn(name if k == 0 else f"{name}#{k}", output)
+            if self.means_fn is not None:
+                if name in self._delivered:
+                    self._delivered.discard(name)
+                    return None
+                with torch.autocast(output.device.type, enabled=False):
+                    means = unit_means(output)
+                self.means_fn(self._layer_name(name), means)
+                return None
+            if self.fn is None:
+                return None
+            return self.fn(self._layer_name(name), output)
+        # The fused forward may run with this hook on the block: it does not need the output.
+        hook._selectivity_means = self.means_fn is not None
         return hook
 
     @contextlib.contextmanager
@@ -178,6 +226,116 @@ class UnitHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+# ----- fused residual blocks ----------------------------------------------------------------------
+
+
+def _torchvision_basic(b, x):
+    out = b.relu(b.bn1(b.conv1(x)))
+    out = b.bn2(b.conv2(out))
+    return out, (x if b.downsample is None else b.downsample(x))
+
+
+def _torchvision_bottleneck(b, x):
+    out = b.relu(b.bn1(b.conv1(x)))
+    out = b.relu(b.bn2(b.conv2(out)))
+    out = b.bn3(b.conv3(out))
+    return out, (x if b.downsample is None else b.downsample(x))
+
+
+def _cifar_basic(b, x):
+    out = b.relu1(b.bn1(b.conv1(x)))
+    out = b.bn2(b.conv2(out))
+    return out, b.shortcut(x)
+
+
+def _known_blocks() -> dict:
+    """{block class: (its forward up to the last BN and the shortcut → (out, identity), the name of
+    the ReLU module its stock forward calls last)} for the block classes whose forward is known."""
+    known = {}
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None:
+        known[tv.BasicBlock] = (_torchvision_basic, "relu")
+        known[tv.Bottleneck] = (_torchvision_bottleneck, "relu")
+    from . import models  # here, not at the top: models may import this module
+    known[models.BasicBlock] = (_cifar_basic, "relu2")
+    return known
+
+
+class _FusedBlock:
+    """A residual block whose forward is replaced (on the instance, while any means-mode UnitHooks
+    captures it) by: its own computation up to the last BN and the shortcut, then
+    ``epilogue.add_relu_means`` instead of ``out + identity → ReLU``; the means go to every enabled
+    consumer. Each call falls back to the stock forward (the consumers' hooks then take the means
+    from the output) when
+
+    - no consumer is enabled (an untracked step runs exactly the stock forward);
+    - the ReLU module the stock forward calls last has hooks (the fused forward would not call it;
+      torchvision's Bottleneck calls its one ``relu`` three times, so a ``relu``-preset UnitHooks
+      sees all three calls only through the stock forward);
+    - the block has a forward hook of anyone other than a means consumer (e.g. an ablation mask
+      that replaces the output: the means must describe the output it leaves).
+    """
+
+    @staticmethod
+    def of(block: nn.Module) -> "_FusedBlock | None":
+        """The fused forward installed on ``block``, if any (it is the instance's ``forward``)."""
+        owner = getattr(vars(block).get("forward"), "__self__", None)
+        return owner if isinstance(owner, _FusedBlock) else None
+
+    @staticmethod
+    def supports(block: nn.Module) -> bool:
+        # Not a block whose forward someone else replaced on the instance.
+        installed = "forward" in vars(block)
+        return _FusedBlock.of(block) is not None or (not installed and type(block) in _known_blocks())
+
+    @classmethod
+    def attach(cls, block: nn.Module, hooks: UnitHooks, name: str):
+        fused = cls.of(block) or cls(block)
+        fused.consumers.append((hooks, name))
+        return _Detach(fused, (hooks, name))
+
+    def __init__(self, block: nn.Module):
+        self.body, relu_name = _known_blocks()[type(block)]
+        self.final_relu = getattr(block, relu_name)
+        self.block = block
+        self.consumers: list[tuple[UnitHooks, str]] = []
+        block.forward = self.forward  # an instance attribute shadows the class's forward
+
+    def _stock_needed(self, block: nn.Module) -> bool:
+        relu = self.final_relu
+        if relu._forward_hooks or relu._forward_pre_hooks:
+            return True
+        return not all(getattr(h, "_selectivity_means", False) for h in block._forward_hooks.values())
+
+    def forward(self, x):
+        block = self.block
+        live = [(h, n) for h, n in self.consumers if h.enabled]
+        if not live or self._stock_needed(block):
+            return type(block).forward(block, x)
+        from .epilogue import add_relu_means  # here: epilogue imports this module
+        y, means = add_relu_means(*self.body(block, x))
+        for hooks, name in live:
+            hooks._deliver(name, means)
+        return y
+
+    def detach(self, consumer) -> None:
+        self.consumers.remove(consumer)
+        if not self.consumers:
+            del self.block.forward  # the class's forward again
+
+
+class _Detach:
+    """A handle like a hook's: ``remove()`` takes one consumer off a fused block."""
+
+    def __init__(self, fused: _FusedBlock, consumer):
+        self.fused, self.consumer = fused, consumer
+
+    def remove(self) -> None:
+        if self.fused is not None:
+            self.fused.detach(self.consumer)
+            self.fused = None
 
 
 @torch.no_grad()
