@@ -23,7 +23,8 @@ namespace selectivity {
 namespace {
 
 using epilogue_cpu::Elem;
-constexpr int64_t kRun = 8;  // rows (or pixels) summed in Acc before a float64 add
+constexpr int64_t kRun = 8;         // rows (or pixels) summed in Acc before a float64 add
+constexpr int64_t kChunk = 4096;    // NCHW: elements per chunk of planes (a chunk's y stays in L1/L2)
 
 template <typename T, typename M>
 SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
@@ -62,6 +63,7 @@ SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* 
   }
 }
 
+// NCHW, one pass per plane: y and the plane's sum while it is in registers.
 template <typename T, typename M>
 SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
                                     int64_t P) {
@@ -90,9 +92,44 @@ SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means
   }
 }
 
-// grad = y <= 0 ? 0 : grad_y + grad_means / P; a missing grad_y or grad_means counts as 0. The
-// grad_y-only case is a select, like stock threshold_backward; it reads y and grad_y, writes grad.
+// NCHW with small planes (kP <= 16 pixels: per-plane loops would be mostly overhead). Planes
+// q0..q1 are one contiguous range: pass 1 computes y over it as one flat vector loop, pass 2 sums
+// each plane of y, still in cache, vectorized across planes (kP is a compile-time constant, so
+// the loads are interleaved groups, not gathers). At most 15 float additions of non-negative values
+// per mean: relative error <= 15 * 2^-24.
+template <int kP, typename T, typename M>
+SELECTIVITY_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1) {
+  using E = Elem<T>;
+  using Bits = typename E::Bits;
+  using Acc = typename E::Acc;
+  const Bits* __restrict o = reinterpret_cast<const Bits*>(out_);
+  const Bits* __restrict i = reinterpret_cast<const Bits*>(id_);
+  Bits* __restrict y = reinterpret_cast<Bits*>(y_);
+#pragma omp simd
+  for (int64_t k = q0 * kP; k < q1 * kP; ++k) y[k] = E::relu(E::load(o[k]) + E::load(i[k]));
+#pragma omp simd
+  for (int64_t q = q0; q < q1; ++q) {
+    Acc s = 0;
+    for (int p = 0; p < kP; ++p) s += E::value(y[q * kP + p]);
+    means[q] = static_cast<M>(s / Acc(kP));
+  }
+}
+
 template <typename T, typename M>
+void forward_nchw(const T* o, const T* i, T* y, M* m, int64_t q0, int64_t q1, int64_t P) {
+  switch (P) {
+    case 2: return forward_small_planes<2>(o, i, y, m, q0, q1);
+    case 4: return forward_small_planes<4>(o, i, y, m, q0, q1);
+    case 8: return forward_small_planes<8>(o, i, y, m, q0, q1);
+    case 16: return forward_small_planes<16>(o, i, y, m, q0, q1);
+    default: return forward_planes(o, i, y, m, q0, q1, P);
+  }
+}
+
+// grad = y <= 0 ? 0 : grad_y + grad_means / P, over rows of n contiguous elements (a pixel's U
+// units, or an (image, unit) plane of P pixels). kGy / kGm: which gradients are present (at least
+// one). Without grad_means it is a select, like stock threshold_backward: read y and grad_y, write grad.
+template <bool kGy, bool kGm, typename T, typename M>
 SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1,
                                    int64_t n, int64_t U, int64_t P, bool units_inner) {
   using E = Elem<T>;
@@ -102,27 +139,22 @@ SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_
   const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
   Bits* __restrict g = reinterpret_cast<Bits*>(g_);
   const Bits zero = E::relu(Acc(0));
-  for (int64_t row = r0; row < r1; ++row) {  // a row of n contiguous elements
+  for (int64_t row = r0; row < r1; ++row) {
     const int64_t at = row * n;
-    if (gm == nullptr) {
+    // grad_means' share: a row of U values (units_inner) or one value for the plane.
+    const M* __restrict m = kGm ? gm + (units_inner ? (row / P) * U : row) : nullptr;
+    const int64_t m_step = units_inner ? 1 : 0;
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : gy[at + k];
-      continue;
-    }
-    if (units_inner) {  // row = b * P + p; gm[b, :] over the row
-      const M* __restrict m = gm + (row / P) * U;
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const Acc add = Acc(m[k] / M(P)) + (gy ? E::load(gy[at + k]) : Acc(0));
-        g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : E::round(add);
+    for (int64_t k = 0; k < n; ++k) {
+      Bits v;
+      if constexpr (kGm) {
+        Acc add = Acc(m[k * m_step] / M(P));
+        if constexpr (kGy) add += E::load(gy[at + k]);
+        v = E::round(add);
+      } else {
+        v = gy[at + k];
       }
-    } else {  // row = b * U + u; one gm value for the plane
-      const Acc add_m = Acc(gm[row] / M(P));
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const Acc add = add_m + (gy ? E::load(gy[at + k]) : Acc(0));
-        g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : E::round(add);
-      }
+      g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : v;
     }
   }
 }
@@ -140,8 +172,11 @@ std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, con
     if (units_inner) {
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { forward_units_inner(o, i, y, m, b0, b1, U, P); });
     } else {
-      const int64_t grain = std::max<int64_t>(1, 32768 / P);
-      at::parallel_for(0, B * U, grain, [&](int64_t q0, int64_t q1) { forward_planes(o, i, y, m, q0, q1, P); });
+      // Chunks of whole planes, ~kChunk elements each (forward_small_planes' pass 2 reads y from cache).
+      const int64_t per_chunk = std::max<int64_t>(1, kChunk / P);
+      at::parallel_for(0, B * U, per_chunk, [&](int64_t q0, int64_t q1) {
+        for (int64_t c0 = q0; c0 < q1; c0 += per_chunk) forward_nchw(o, i, y, m, c0, std::min(q1, c0 + per_chunk), P);
+      });
     }
   });
   return {f.y, f.means};
@@ -152,7 +187,6 @@ at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
   EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
   const auto [B, U, P, units_inner] = bw.shape;
   if (B * U * P == 0) return bw.grad;
-  // Rows of contiguous elements: a pixel's U units, or a (image, unit) plane of P pixels.
   const int64_t n = units_inner ? U : P, rows = B * U * P / n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.y.scalar_type(), "add_relu_means_backward_cpu", [&] {
     using M = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -162,12 +196,14 @@ at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
     scalar_t* g = bw.grad.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / n);
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      if (gy == nullptr && gm == nullptr) {
+      if (gm == nullptr && gy == nullptr) {
         std::fill_n(g + r0 * n, (r1 - r0) * n, scalar_t(0));
-      } else if (gy != nullptr && gm == nullptr) {
-        backward_rows<scalar_t, M>(gy, nullptr, yp, g, r0, r1, n, U, P, units_inner);
+      } else if (gm == nullptr) {  // elementwise: the rows of n are irrelevant, one flat range
+        backward_rows<true, false>(gy + r0 * n, gm, yp + r0 * n, g + r0 * n, 0, 1, (r1 - r0) * n, U, P, units_inner);
+      } else if (gy == nullptr) {
+        backward_rows<false, true>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
       } else {
-        backward_rows<scalar_t, M>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
+        backward_rows<true, true>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
       }
     });
   });
