@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _use_extension, has_extension
-from .units import unit_means
+from selectivity.ops import _use_extension, has_extension
+from selectivity.units import unit_means
 
 OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HAS_OP = has_extension() and hasattr(torch.ops.selectivity, "add_relu_means")

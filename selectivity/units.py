@@ -253,13 +253,16 @@ def _cifar_basic(b, x):
 def _known_blocks() -> dict:
     """{block class: (its forward up to the last BN and the shortcut → (out, identity), the name of
     the ReLU module its stock forward calls last)} for the block classes whose forward is known."""
+    # Looked up among the loaded modules, not imported: the core imports nothing above it, and a
+    # block's class is loaded whenever one of its instances exists.
     known = {}
     tv = sys.modules.get("torchvision.models.resnet")
     if tv is not None:
         known[tv.BasicBlock] = (_torchvision_basic, "relu")
         known[tv.Bottleneck] = (_torchvision_bottleneck, "relu")
-    from . import models  # here, not at the top: models may import this module
-    known[models.BasicBlock] = (_cifar_basic, "relu2")
+    cifar = sys.modules.get("selectivity.train.models")
+    if cifar is not None:
+        known[cifar.BasicBlock] = (_cifar_basic, "relu2")
     return known
 
 
@@ -314,7 +317,7 @@ class _FusedBlock:
         live = [(h, n) for h, n in self.consumers if h.enabled]
         if not live or self._stock_needed(block):
             return type(block).forward(block, x)
-        from .epilogue import add_relu_means  # here: epilogue imports this module
+        from selectivity.epilogue import add_relu_means  # here: epilogue imports this module
         y, means = add_relu_means(*self.body(block, x))
         for hooks, name in live:
             hooks._deliver(name, means)

@@ -6,7 +6,7 @@ import torchvision
 
 from selectivity import epilogue, ops
 from selectivity.errors import UnitsError
-from selectivity.models import BasicBlock, build_model
+from selectivity.train.models import BasicBlock, build_model
 from selectivity.regularizer import SelectivityRegularizer
 from selectivity.units import UnitHooks, _FusedBlock, unit_means
 

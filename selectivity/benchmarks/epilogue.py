@@ -1,7 +1,6 @@
 """The fused residual epilogue against stock add + ReLU, forward + backward, on the CPU.
 
-    .venv/bin/python -m selectivity.benchmarks.epilogue [--rounds 7] [--threads N]
-    .venv/bin/python -m tools.bench_epilogue             (the same)
+    python tools/bench_epilogue.py [--rounds 7] [--threads N]     (prints the table)
 
 For every ResNet-50 block-output shape at 64 px input and B = 64 ([64, 256, 16, 16], [64, 512, 8, 8],
 [64, 1024, 4, 4], [64, 2048, 2, 2]), float32, channels_last and NCHW:
@@ -96,41 +95,21 @@ def summarize(times):
             statistics.median(per_round), min(per_round), max(per_round), statistics.median(loss_round))
 
 
-def run(rounds: int = 7, threads: int = 0, print_fn=print) -> list[dict]:
-    """Measure and print the table; returns one row per (layout, shape)."""
+def measure_all(rounds: int = 7, threads: int = 0, on_row=None) -> list[dict]:
+    """One row per (layout, shape): medians (ms), the median fused ÷ stock ratio with its min and max
+    over rounds, the ratio with the means in the loss, and whether the target is met. ``on_row(row)``
+    is called as each row is done (the tool prints it)."""
+    if rounds < 5:
+        raise ValueError(f"rounds must be >= 5 for a median with its spread, got {rounds}")
     if threads:
         torch.set_num_threads(threads)
-    backend = "compiled op" if epilogue._HAS_OP else "reference (extension not built: make build)"
-    print_fn(f"fused epilogue bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"B = {B}, float32, {rounds} interleaved rounds, {backend}")
-    print_fn(f"  {'layout':<14}{'shape':<20}{'stock ms':>9}{'fused ms':>9}  fused/stock [min-max]   "
-             f"means in loss/stock  verdict")
     rows = []
     for layout, fmt in LAYOUTS.items():
         for U, side in SHAPES:
             s_ms, f_ms, r, lo, hi, r_loss = summarize(measure(U, side, fmt, rounds))
-            ok = r <= TARGET
-            shape = f"[{B}, {U}, {side}, {side}]"
-            print_fn(f"  {layout:<14}{shape:<20}{s_ms:9.2f}{f_ms:9.2f}  {r:5.2f} [{lo:4.2f}-{hi:4.2f}]"
-                     f"{r_loss:17.2f}        {'PASS' if ok else 'FAIL'}")
             rows.append(dict(layout=layout, shape=(B, U, side, side), stock_ms=s_ms, fused_ms=f_ms,
-                             ratio=r, ratio_min=lo, ratio_max=hi, ratio_means_loss=r_loss, ok=ok))
+                             ratio=r, ratio_min=lo, ratio_max=hi, ratio_means_loss=r_loss,
+                             ok=r <= TARGET))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
-
-
-def main(argv=None) -> int:
-    """Command line: ``--rounds`` (>= 5), ``--threads``. Informational: exits 0 whatever the ratios."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="bench_epilogue", description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (>= 5)")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.rounds < 5:
-        parser.exit(2, f"bench_epilogue: --rounds must be >= 5 for a median with its spread, got {args.rounds}\n")
-    run(args.rounds, args.threads)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
