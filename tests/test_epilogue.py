@@ -52,6 +52,15 @@ def test_forward_is_stock_bit_for_bit_and_means_are_unit_means(dtype, layout):
 
 
 @needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (4, 4), (3, 5), (8, 8)])
+def test_forward_small_planes(hw, layout):
+    """The NCHW kernel has its own paths for planes of 2, 4, 8 and 16 pixels."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_forward(*pair(dtype, layout, B=2, U=9, H=hw[0], W=hw[1]))
+
+
+@needs_op
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_backward_without_means_grad_is_stock_relu_backward(dtype, layout):

@@ -8,7 +8,6 @@
 // Threads split images (channels_last) or planes (NCHW); nothing is shared, so no reduction and no
 // atomics, and results do not depend on the thread count.
 #include "../add_relu_means.h"
-#include "../../../cpu_clones.h"
 #include "elements.h"
 
 #include <ATen/Dispatch.h>
@@ -23,11 +22,21 @@ namespace selectivity {
 namespace {
 
 using epilogue_cpu::Elem;
+
+// The loops are compiled for baseline x86-64, x86-64-v3 (AVX2) and x86-64-v4 (AVX-512), picked at
+// load time (GNU ifunc), like csrc/cpu_clones.h plus the AVX-512 clone: an epilogue's operands are
+// mostly cache-resident (a block output is read again at once by the next block), where the stock
+// add and relu kernels run at AVX-512 width.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define EPILOGUE_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define EPILOGUE_HOT
+#endif
 constexpr int64_t kRun = 8;         // rows (or pixels) summed in Acc before a float64 add
 constexpr int64_t kChunk = 4096;    // NCHW: elements per chunk of planes (a chunk's y stays in L1/L2)
 
 template <typename T, typename M>
-SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
+EPILOGUE_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
                                          int64_t U, int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
@@ -65,7 +74,7 @@ SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* 
 
 // NCHW, one pass per plane: y and the plane's sum while it is in registers.
 template <typename T, typename M>
-SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
+EPILOGUE_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
                                     int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
@@ -98,7 +107,7 @@ SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means
 // the loads are interleaved groups, not gathers). At most 15 float additions of non-negative values
 // per mean: relative error <= 15 * 2^-24.
 template <int kP, typename T, typename M>
-SELECTIVITY_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1) {
+EPILOGUE_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
@@ -129,9 +138,9 @@ void forward_nchw(const T* o, const T* i, T* y, M* m, int64_t q0, int64_t q1, in
 // grad = y <= 0 ? 0 : grad_y + grad_means / P, over rows of n contiguous elements (a pixel's U
 // units, or an (image, unit) plane of P pixels). kGy / kGm: which gradients are present (at least
 // one). Without grad_means it is a select, like stock threshold_backward: read y and grad_y, write grad.
-template <bool kGy, bool kGm, typename T, typename M>
-SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1,
-                                   int64_t n, int64_t U, int64_t P, bool units_inner) {
+template <bool kGy, bool kGm, bool kUnitsInner, typename T, typename M>
+EPILOGUE_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1, int64_t n,
+                                int64_t U, int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
@@ -139,16 +148,16 @@ SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_
   const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
   Bits* __restrict g = reinterpret_cast<Bits*>(g_);
   const Bits zero = E::relu(Acc(0));
+  const M inv_P = M(1) / M(P);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t at = row * n;
-    // grad_means' share: a row of U values (units_inner) or one value for the plane.
-    const M* __restrict m = kGm ? gm + (units_inner ? (row / P) * U : row) : nullptr;
-    const int64_t m_step = units_inner ? 1 : 0;
+    // grad_means' share: a row of U values (units_inner: row = b * P + p) or one per plane (row = b * U + u).
+    const M* __restrict m = kGm ? gm + (kUnitsInner ? (row / P) * U : row) : nullptr;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
       Bits v;
       if constexpr (kGm) {
-        Acc add = Acc(m[k * m_step] / M(P));
+        Acc add = Acc((kUnitsInner ? m[k] : m[0]) * inv_P);
         if constexpr (kGy) add += E::load(gy[at + k]);
         v = E::round(add);
       } else {
@@ -157,6 +166,13 @@ SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_
       g[at + k] = E::value(y[at + k]) <= Acc(0) ? zero : v;
     }
   }
+}
+
+template <bool kGy, typename T, typename M>
+void backward_with_means(const T* gy, const M* gm, const T* y, T* g, int64_t r0, int64_t r1, int64_t n, int64_t U,
+                         int64_t P, bool units_inner) {
+  if (units_inner) return backward_rows<kGy, true, true>(gy, gm, y, g, r0, r1, n, U, P);
+  backward_rows<kGy, true, false>(gy, gm, y, g, r0, r1, n, U, P);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, const at::Tensor& identity) {
@@ -199,11 +215,11 @@ at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
       if (gm == nullptr && gy == nullptr) {
         std::fill_n(g + r0 * n, (r1 - r0) * n, scalar_t(0));
       } else if (gm == nullptr) {  // elementwise: the rows of n are irrelevant, one flat range
-        backward_rows<true, false>(gy + r0 * n, gm, yp + r0 * n, g + r0 * n, 0, 1, (r1 - r0) * n, U, P, units_inner);
+        backward_rows<true, false, true>(gy + r0 * n, gm, yp + r0 * n, g + r0 * n, 0, 1, (r1 - r0) * n, U, P);
       } else if (gy == nullptr) {
-        backward_rows<false, true>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
+        backward_with_means<false>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
       } else {
-        backward_rows<true, true>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
+        backward_with_means<true>(gy, gm, yp, g, r0, r1, n, U, P, units_inner);
       }
     });
   });
