@@ -17,6 +17,8 @@ Contract (tests/test_epilogue.py):
 * autograd for both outputs: ``grad = (grad_y + grad_means[b, u] / (H*W)) * (y > 0)`` (exactly
   ``threshold_backward(grad, y, 0)`` plus the means' share), the same tensor for ``out`` and
   ``identity``; a missing ``grad_means`` (means not used by the loss) costs nothing extra;
+* ``add_relu_means_(out, identity)``: the same, y written into ``out`` where it can be (what the
+  fused block forwards use; stock torchvision blocks also overwrite ``out``);
 * fake implementations for ``torch.compile``: the op is one opaque node to inductor, so inductor
   cannot fuse the add + ReLU into the BatchNorm before it (it can in an untracked compiled model).
 
@@ -62,6 +64,23 @@ def add_relu_means(out: torch.Tensor, identity: torch.Tensor):
     return add_relu_means_reference(out, identity)
 
 
+def add_relu_means_(out: torch.Tensor, identity: torch.Tensor):
+    """``add_relu_means`` that may write y into ``out`` (returned as y), as torchvision's blocks do
+    with ``out += identity; relu_(out)``; for a block's forward, where ``out`` (the last BN's
+    output) is dead after the epilogue. Writing into a buffer that was just written is faster on
+    the CPU than filling a new one (docs/extension.md). Where writing in place is not possible
+    (not a dense layout, a leaf requiring grad, ``identity`` sharing ``out``'s memory, under
+    ``torch.compile``, which takes the functional op) it is ``add_relu_means``."""
+    if (_fusable(out, identity) and _use_extension() and _layout_dense(out)
+            and not (out.requires_grad and out.is_leaf) and not out._is_view()
+            and identity.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+            and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (out.requires_grad or identity.requires_grad):
+            return _AddReluMeansInplace.apply(out, identity)
+        return out, torch.ops.selectivity.add_relu_means_(out, identity)
+    return add_relu_means(out, identity)
+
+
 # ----- the op's fake implementations and autograd formula ---------------------------------------
 
 
@@ -73,7 +92,43 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _layout_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=_layout(t))
+
+
+def _backward_both(ctx, grad_y, grad_means):
+    """The gradient of out and of identity (one tensor), or None when no output gradient came."""
+    if grad_y is None and grad_means is None:
+        return None, None
+    (y,) = ctx.saved_tensors
+    grad = torch.ops.selectivity.add_relu_means_backward(grad_y, grad_means, y)
+    return (grad if ctx.needs_input_grad[0] else None,
+            grad if ctx.needs_input_grad[1] else None)
+
+
+class _AddReluMeansInplace(torch.autograd.Function):
+    """Autograd of ``add_relu_means_``: out is marked dirty (it now holds y), the backward is the
+    functional op's. (A mutating op cannot take ``torch.library.register_autograd``.)"""
+
+    @staticmethod
+    def forward(ctx, out, identity):
+        means = torch.ops.selectivity.add_relu_means_(out, identity)
+        ctx.mark_dirty(out)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(out)
+        return out, means
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_means):
+        return _backward_both(ctx, grad_y, grad_means)
+
+
 if _HAS_OP:
+
+    @torch.library.register_fake("selectivity::add_relu_means_")
+    def _add_relu_means_inplace_fake(out, identity):
+        return out.new_empty((out.shape[0], out.shape[1]),
+                             dtype=torch.promote_types(out.dtype, torch.float32))
 
     @torch.library.register_fake("selectivity::add_relu_means")
     def _add_relu_means_fake(out, identity):
@@ -94,13 +149,5 @@ if _HAS_OP:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[0])
 
-    def _backward(ctx, grad_y, grad_means):
-        if grad_y is None and grad_means is None:
-            return None, None
-        (y,) = ctx.saved_tensors
-        grad = torch.ops.selectivity.add_relu_means_backward(grad_y, grad_means, y)
-        return (grad if ctx.needs_input_grad[0] else None,
-                grad if ctx.needs_input_grad[1] else None)
-
-    torch.library.register_autograd("selectivity::add_relu_means", _backward,
+    torch.library.register_autograd("selectivity::add_relu_means", _backward_both,
                                     setup_context=_setup_context)

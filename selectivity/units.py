@@ -269,7 +269,7 @@ def _known_blocks() -> dict:
 class _FusedBlock:
     """A residual block whose forward is replaced (on the instance, while any means-mode UnitHooks
     captures it) by: its own computation up to the last BN and the shortcut, then
-    ``epilogue.add_relu_means`` instead of ``out + identity → ReLU``; the means go to every enabled
+    ``epilogue.add_relu_means_`` instead of ``out + identity → ReLU``; the means go to every enabled
     consumer. Each call falls back to the stock forward (the consumers' hooks then take the means
     from the output) when
 
@@ -317,8 +317,10 @@ class _FusedBlock:
         live = [(h, n) for h, n in self.consumers if h.enabled]
         if not live or self._stock_needed(block):
             return type(block).forward(block, x)
-        from selectivity.epilogue import add_relu_means  # here: epilogue imports this module
-        y, means = add_relu_means(*self.body(block, x))
+        from selectivity.epilogue import add_relu_means_  # here: epilogue imports this module
+        # In place into the last BN's output, which nothing reads afterwards (torchvision's own
+        # forward overwrites it too).
+        y, means = add_relu_means_(*self.body(block, x))
         for hooks, name in live:
             hooks._deliver(name, means)
         return y

@@ -102,6 +102,23 @@ def _loss(outputs, g, use_y, use_m):
 
 
 @needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inplace_variant_equals_the_functional_op(layout):
+    out, identity = pair(torch.float32, layout)
+    y, means = torch.ops.selectivity.add_relu_means(out, identity)
+    a, b = (t.clone().requires_grad_() for t in (out, identity))
+    pre_a, pre_b = a * 1, b * 1  # non-leaf, as a block's BN output
+    y2, means2 = epilogue.add_relu_means_(pre_a, pre_b)
+    assert y2 is pre_a and torch.equal(y2, y) and torch.equal(means2, means)
+    (y2.sum() + means2.sum()).backward()
+    c, d = (t.clone().requires_grad_() for t in (out, identity))
+    y3, m3 = torch.ops.selectivity.add_relu_means(c, d)
+    (y3.sum() + m3.sum()).backward()
+    assert torch.equal(a.grad, c.grad) and torch.equal(b.grad, d.grad)
+    torch.library.opcheck(torch.ops.selectivity.add_relu_means_, (out.clone(), identity))
+
+
+@needs_op
 def test_opcheck():
     for layout in LAYOUTS:
         out, identity = pair(torch.float32, layout, B=2, U=5, H=3, W=3)
@@ -160,8 +177,8 @@ def test_models_output_unchanged_and_means_equal_hooks(name, channels_last, monk
     model = model.to(memory_format=fmt)
     x = torch.randn(2, 3, size, size).contiguous(memory_format=fmt)
     calls = []
-    real = epilogue.add_relu_means
-    monkeypatch.setattr(epilogue, "add_relu_means", lambda o, i: calls.append(1) or real(o, i))
+    real = epilogue.add_relu_means_
+    monkeypatch.setattr(epilogue, "add_relu_means_", lambda o, i: calls.append(1) or real(o, i))
     with torch.no_grad():
         stock = model(x)
         y_fused, fused, n_fused = capture(model, x, True)
@@ -193,8 +210,8 @@ def test_training_step_bit_identical_with_capture():
 @needs_op
 def test_stock_forward_when_the_final_relu_or_an_output_hook_needs_it(monkeypatch):
     calls = []
-    real = epilogue.add_relu_means
-    monkeypatch.setattr(epilogue, "add_relu_means", lambda o, i: calls.append(1) or real(o, i))
+    real = epilogue.add_relu_means_
+    monkeypatch.setattr(epilogue, "add_relu_means_", lambda o, i: calls.append(1) or real(o, i))
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -38,7 +38,7 @@ EpilogueShape shape_and_layout(const at::Tensor& like, c10::MemoryFormat* format
 
 }  // namespace
 
-EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& identity) {
+EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& identity, bool inplace) {
   TORCH_CHECK_TYPE(epilogue_dtype(out.scalar_type()),
                    "add_relu_means: out must be float32, float16, bfloat16 or float64, got ",
                    c10::toString(out.scalar_type()));
@@ -54,9 +54,11 @@ EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& 
   c10::MemoryFormat format;
   EpilogueForward f;
   f.shape = shape_and_layout(out, &format);
+  TORCH_CHECK_VALUE(!inplace || out.is_contiguous(format), "add_relu_means_: out must be dense (NCHW, channels_last "
+                    "or [B, U]) to be written in place; use add_relu_means");
   f.out = out.contiguous(format);
   f.identity = identity.contiguous(format);
-  f.y = at::empty_like(f.out, f.out.options(), format);
+  f.y = inplace ? out : at::empty_like(f.out, f.out.options(), format);
   f.means = at::empty({f.shape.B, f.shape.U}, out.options().dtype(c10::promoteTypes(out.scalar_type(), at::kFloat)));
   return f;
 }
@@ -93,6 +95,8 @@ TORCH_LIBRARY_FRAGMENT(selectivity, m) {
   m.set_python_module("selectivity.epilogue");
   m.def("add_relu_means(Tensor out, Tensor identity) -> (Tensor y, Tensor means)");
   m.def("add_relu_means_backward(Tensor? grad_y, Tensor? grad_means, Tensor y) -> Tensor");
+  // The same, y written into out; returns the means.
+  m.def("add_relu_means_(Tensor(a!) out, Tensor identity) -> Tensor means");
 }
 
 }  // namespace selectivity

@@ -6,6 +6,8 @@
 //                                                            once to the dtype, then relu of that value,
 //                                                            exactly as stock `relu(out + identity)`)
 //             means[b,u] = (1/P) * sum_p y[b,u,p]           (y as rounded; float32, float64 for float64)
+//   add_relu_means_ (in place): the same, y written into out (what torchvision's `out += identity;
+//             relu_(out)` does): no new buffer whose first write has to fetch its cache lines.
 //   backward: grad[b,u,p] = y <= 0 ? 0 : grad_y[b,u,p] + grad_means[b,u] / P
 //             (either grad may be absent; the same tensor is the gradient of out and of identity)
 #pragma once
@@ -37,7 +39,8 @@ struct EpilogueBackward {
 };
 
 // Argument checks (one-line ValueError/TypeError) and the layout both backends run in.
-EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& identity);
+// inplace: y is out itself (add_relu_means_), which must then be dense in its layout.
+EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& identity, bool inplace = false);
 EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>& grad_y,
                                                  const c10::optional<at::Tensor>& grad_means,
                                                  const at::Tensor& y);

@@ -46,9 +46,9 @@ EPILOGUE_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* mea
   Acc* __restrict r = run.data();
   double* __restrict t = total.data();
   for (int64_t b = b0; b < b1; ++b) {
-    const Bits* __restrict o = reinterpret_cast<const Bits*>(out_) + b * P * U;
+    const Bits* o = reinterpret_cast<const Bits*>(out_) + b * P * U;  // may be y (in place)
     const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + b * P * U;
-    Bits* __restrict y = reinterpret_cast<Bits*>(y_) + b * P * U;
+    Bits* y = reinterpret_cast<Bits*>(y_) + b * P * U;
     for (int64_t p0 = 0; p0 < P; p0 += kRun) {
       const int64_t p1 = std::min(P, p0 + kRun);
       for (int64_t p = p0; p < p1; ++p) {
@@ -81,9 +81,9 @@ EPILOGUE_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, i
   using Acc = typename E::Acc;
   const double inv_P = 1.0 / static_cast<double>(P);
   for (int64_t q = q0; q < q1; ++q) {  // q = b * U + u: one plane
-    const Bits* __restrict o = reinterpret_cast<const Bits*>(out_) + q * P;
+    const Bits* o = reinterpret_cast<const Bits*>(out_) + q * P;  // may be y (in place)
     const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + q * P;
-    Bits* __restrict y = reinterpret_cast<Bits*>(y_) + q * P;
+    Bits* y = reinterpret_cast<Bits*>(y_) + q * P;
     double total = 0.0;
     // Chunks of 8 * kRun pixels: the simd reduction gives each of up to 8 lanes at most kRun addends.
     for (int64_t p0 = 0; p0 < P; p0 += 8 * kRun) {
@@ -111,9 +111,9 @@ EPILOGUE_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* me
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
-  const Bits* __restrict o = reinterpret_cast<const Bits*>(out_);
+  const Bits* o = reinterpret_cast<const Bits*>(out_);  // may be y (in place)
   const Bits* __restrict i = reinterpret_cast<const Bits*>(id_);
-  Bits* __restrict y = reinterpret_cast<Bits*>(y_);
+  Bits* y = reinterpret_cast<Bits*>(y_);
 #pragma omp simd
   for (int64_t k = q0 * kP; k < q1 * kP; ++k) y[k] = E::relu(E::load(o[k]) + E::load(i[k]));
 #pragma omp simd
@@ -175,10 +175,12 @@ void backward_with_means(const T* gy, const M* gm, const T* y, T* g, int64_t r0,
   backward_rows<kGy, true, false>(gy, gm, y, g, r0, r1, n, U, P);
 }
 
-std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, const at::Tensor& identity) {
-  EpilogueForward f = prepare_add_relu_means(out, identity);
+void run_forward(EpilogueForward& f) {
   const auto [B, U, P, units_inner] = f.shape;
-  if (B * U * P == 0) return {f.y, f.means.zero_()};
+  if (B * U * P == 0) {
+    f.means.zero_();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.out.scalar_type(), "add_relu_means_cpu", [&] {
     using M = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* o = f.out.const_data_ptr<scalar_t>();
@@ -195,7 +197,18 @@ std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, con
       });
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_relu_means_cpu(const at::Tensor& out, const at::Tensor& identity) {
+  EpilogueForward f = prepare_add_relu_means(out, identity);
+  run_forward(f);
   return {f.y, f.means};
+}
+
+at::Tensor add_relu_means_inplace_cpu(at::Tensor& out, const at::Tensor& identity) {
+  EpilogueForward f = prepare_add_relu_means(out, identity, /*inplace=*/true);
+  run_forward(f);
+  return f.means;
 }
 
 at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
@@ -231,6 +244,7 @@ at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
 TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
   m.impl("add_relu_means", &add_relu_means_cpu);
   m.impl("add_relu_means_backward", &add_relu_means_backward_cpu);
+  m.impl("add_relu_means_", &add_relu_means_inplace_cpu);
 }
 
 }  // namespace selectivity

@@ -33,7 +33,7 @@ __device__ __forceinline__ T relu_rounded(acc_t<T> s) {
 constexpr int kUnits = 32, kRows = 8;
 
 template <typename T>
-__global__ void forward_units_inner(const T* __restrict__ o, const T* __restrict__ id, T* __restrict__ y,
+__global__ void forward_units_inner(const T* o, const T* __restrict__ id, T* y,  // o may be y (in place)
                                     acc_t<T>* __restrict__ means, int64_t U, int64_t P) {
   using A = acc_t<T>;
   __shared__ A partial[kRows][kUnits];
@@ -57,7 +57,7 @@ __global__ void forward_units_inner(const T* __restrict__ o, const T* __restrict
 // NCHW: a group of G lanes (a power of two <= 32, about the plane size) per (image, unit) plane;
 // each lane walks every G-th pixel, then the group reduces with warp shuffles.
 template <typename T, int G>
-__global__ void forward_planes(const T* __restrict__ o, const T* __restrict__ id, T* __restrict__ y,
+__global__ void forward_planes(const T* o, const T* __restrict__ id, T* y,  // o may be y (in place)
                                acc_t<T>* __restrict__ means, int64_t planes, int64_t P) {
   using A = acc_t<T>;
   const int64_t q = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / G;
@@ -106,11 +106,13 @@ __global__ void backward_kernel(const T* __restrict__ gy, const acc_t<T>* __rest
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> add_relu_means_cuda(const at::Tensor& out, const at::Tensor& identity) {
-  EpilogueForward f = prepare_add_relu_means(out, identity);
+void run_forward(EpilogueForward& f) {
   const auto [B, U, P, units_inner] = f.shape;
-  if (B * U * P == 0) return {f.y, f.means.zero_()};
-  const c10::cuda::CUDAGuard guard(out.device());
+  if (B * U * P == 0) {
+    f.means.zero_();
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(f.out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.out.scalar_type(), "add_relu_means_cuda", [&] {
     using A = acc_t<scalar_t>;
@@ -132,7 +134,18 @@ std::tuple<at::Tensor, at::Tensor> add_relu_means_cuda(const at::Tensor& out, co
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> add_relu_means_cuda(const at::Tensor& out, const at::Tensor& identity) {
+  EpilogueForward f = prepare_add_relu_means(out, identity);
+  run_forward(f);
   return {f.y, f.means};
+}
+
+at::Tensor add_relu_means_inplace_cuda(at::Tensor& out, const at::Tensor& identity) {
+  EpilogueForward f = prepare_add_relu_means(out, identity, /*inplace=*/true);
+  run_forward(f);
+  return f.means;
 }
 
 at::Tensor add_relu_means_backward_cuda(const c10::optional<at::Tensor>& grad_y,
@@ -160,6 +173,7 @@ at::Tensor add_relu_means_backward_cuda(const c10::optional<at::Tensor>& grad_y,
 TORCH_LIBRARY_IMPL(selectivity, CUDA, m) {
   m.impl("add_relu_means", &add_relu_means_cuda);
   m.impl("add_relu_means_backward", &add_relu_means_backward_cuda);
+  m.impl("add_relu_means_", &add_relu_means_inplace_cuda);
 }
 
 }  // namespace selectivity
