@@ -5,7 +5,7 @@ side in one run (interleaved rounds; each ratio a median over rounds, with its m
     python tools/bench_epilogue.py [--rounds 7] [--threads N]
 
 For every ResNet-50 block-output shape at 64 px, B = 64, float32, channels_last and NCHW: stock
-(`out += identity; relu_(out)` + its backward) and fused (`add_relu_means` + its backward, the
+(`out += identity; relu_(out)` + its backward) and fused (`add_relu_means_` + its backward, the
 means unused by the loss, as the tracker reads them; target fused ÷ stock <= 1.00), and the fused
 op with the means in the loss (as the regularizer uses them; informational). Exits 0 whatever the
 ratios. The measurement: selectivity/benchmarks/epilogue.py.

@@ -7,8 +7,9 @@ For every ResNet-50 block-output shape at 64 px input and B = 64 ([64, 256, 16, 
 
 - stock: what torchvision's blocks do, ``out += identity; out = relu_(out)``, then the backward of
   that (``threshold_backward``; the add's backward passes the gradient through);
-- fused: ``epilogue.add_relu_means(out, identity)`` (y and the per-image unit means in one pass),
-  then its backward with the means unused by the loss (as when the tracker reads them);
+- fused: ``epilogue.add_relu_means_(out, identity)`` (y, written into out as stock does, and the
+  per-image unit means in one pass: what the fused block forwards run), then its backward with the
+  means unused by the loss (as when the tracker reads them);
 - fused + means in the loss (as the regularizer uses them): informational.
 
 ``out`` and ``identity`` are fresh non-leaf copies of the same data for every call, made outside the
@@ -55,7 +56,7 @@ def _fused(leaves, grad_y, means_in_loss: bool):
     out, identity = (t.clone() for t in leaves)
 
     def run():
-        y, means = epilogue.add_relu_means(out, identity)
+        y, means = epilogue.add_relu_means_(out, identity)
         if means_in_loss:
             torch.autograd.grad((y, means), leaves, (grad_y, torch.ones_like(means)))
         else:
