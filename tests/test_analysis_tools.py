@@ -1,6 +1,6 @@
 """The analysis tools end to end (tools/cka.py, tools/orientation.py, tools/plot_selectivity.py)
-on a tiny run, and the library pieces under them (selectivity/cka_run.py, orientation_run.py,
-analysis.py: ReLU activity, channel zeroing, gOSI halves, centred shift invariance, the shuffled
+on a tiny run, and the library pieces under them (selectivity/analyses/: cka, orientation, curves,
+common: ReLU activity, channel zeroing, gOSI halves, centred shift invariance, the shuffled
 val order, the random-init baseline, BatchNorm modes)."""
 import json
 import math
@@ -182,6 +182,7 @@ def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_nam
     cases = {"run directory not found": [str(tmp_path / "nope")],
              "no module named 'layer9'": [run, "--layers", "layer9"],
              "no module named 'layer3.7'": [run, "--layers", "layer1", "layer3.7"],
+             "'logits' is always included": [run, "--layers", "layer1", "logits"],
              "--bn-mode: invalid choice": [run, "--bn-mode", "train"],
              "--device: invalid choice": [run, "--device", "tpu"]}
     empty = tmp_path / "empty"
@@ -287,9 +288,8 @@ def test_loss_and_shift_invariance_sees_the_ablation_hook():
 
 
 def test_epochs_can_be_named_as_the_tools_print_them():
-    import importlib
     from selectivity.train.checkpoint import CheckpointError
-    nearest = importlib.import_module("selectivity.tools.cka").nearest_epoch
+    from selectivity.train.runs import nearest_epoch as nearest
     epochs = [0.0, 5 / 22, 10 / 22, 1.0, 12.0]
     assert nearest(0.227, epochs, "r") == nearest(0.227273, epochs, "r") == 5 / 22
     assert nearest(12, epochs, "r") == 12.0 and nearest(0.3, epochs, "r") is None
@@ -372,6 +372,7 @@ def fake_run(root, name, p=12, seed=0):
 
 def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys):
     import importlib
+    from selectivity.analyses.curves.run import load_evals, stage_series
     plot = importlib.import_module("selectivity.tools.plot_selectivity")
     a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", seed=1)
     plot.main([str(a), str(b)])
@@ -382,8 +383,8 @@ def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys)
     assert (a / "figures" / "si_by_stage.png").exists()
     # The null: the stage's mean SI under each permutation (blocks weighted equally), reported
     # as the mean and the 95 % quantile of those P values.
-    evals = plot.load_evals(str(a))
-    series = plot.stage_series(evals)["layer1"]
+    evals = load_evals(str(a))
+    series = stage_series(evals)["layer1"]
     nulls = [evals[-1]["layers"][n]["si_null"] for n in ("layer1.0", "layer1.1")]
     per_perm = (nulls[0].mean(1) + nulls[1].mean(1)) / 2
     assert series["null"][-1] == pytest.approx(float(per_perm.mean()))

@@ -1,4 +1,4 @@
-"""Orientation selectivity (selectivity/orientation.py) on units whose tuning is known by design."""
+"""Orientation selectivity (selectivity/analyses/orientation/) on units whose tuning is known by design."""
 import math
 from collections import OrderedDict
 

@@ -32,7 +32,8 @@ from selectivity.io import read_jsonl, write_jsonl
 from selectivity.train.models import unit_registry
 from selectivity.train.splits import ranking_loader
 from selectivity.train.runs import choose_checkpoints, load_model, run_config, val_records
-from selectivity.unit_ranking import rank_units, resolve_layers
+from selectivity.unit_ranking import rank_units
+from selectivity.units import resolve_units
 
 
 @dataclasses.dataclass
@@ -196,7 +197,7 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
         t0 = time.perf_counter()
         model = load_model(cfg, ckpt, device)
         with measuring(model, req.bn_mode, calib):
-            hooked = resolve_layers(model, layers)
+            hooked = resolve_units(model, layers)
             rankings = rank_units(model, rank, layers=hooked, num_classes=num_classes)
             results = A.evaluate_ablations(model, val, conds, rankings, layers=layers,
                                            mode=req.mode, seed=req.seed,
