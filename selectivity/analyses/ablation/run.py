@@ -182,8 +182,9 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
     conds = conditions_for(scopes, req, note)
     from selectivity.pipelines import build_loader
     ecfg = dataclasses.replace(cfg, eval_batch_size=req.batch_size)
-    val_ld = build_loader(data_spec(ecfg), "val", device)
-    rank_ld = ranking_loader(data_spec(ecfg), device, req.rank_fraction, req.seed, req.rank_max_images,
+    data = data_spec(ecfg)
+    val_ld = build_loader(data, "val", device)
+    rank_ld = ranking_loader(data, device, req.rank_fraction, req.seed, req.rank_max_images,
                              req.batch_size)
     num_classes, n_val, n_rank = val_ld.num_classes, len(val_ld.labels), len(rank_ld.labels)
     val, rank = keep_or_replay(val_ld, cfg.image_size), keep_or_replay(rank_ld, cfg.image_size)
