@@ -16,8 +16,9 @@ from conftest import run_tool
 from selectivity.analyses.cka.cka import LOGITS, count_relu_activity, cka_over_loader
 from selectivity.errors import run_cli
 from selectivity.train.models import build_model
-from selectivity.analyses.orientation.orientation import (OrientationIndices, ablation_groups,
-                                     loss_and_shift_invariance, shift_correlation, zero_channels)
+from selectivity.analyses.orientation.orientation import (
+    OrientationIndices, ablation_groups, loss_and_shift_invariance, shift_correlation,
+    zero_channels)
 
 EPS = 1e-6
 # ResNet-20 on 200 synthetic 32×32 images (val: 40), 3 steps of 64; a step_2.pt inside epoch 1.
@@ -316,9 +317,9 @@ def write_image_folder(root, classes=4, per_class=24, size=16, seed=0):
 
 
 def test_cka_on_a_class_sorted_image_folder_equals_shuffled_within_noise(tmp_path):
-    # The analyses draw val batches in a fixed shuffled order (analysis.val_loader). The noise of
-    # the minibatch estimator is measured, not guessed: the spread of CKA over 8 other shuffles.
-    # Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
+    # The analyses draw val batches in a fixed shuffled order (analyses.common.val_loader). The
+    # noise of the minibatch estimator is measured, not guessed: the spread of CKA over 8 other
+    # shuffles. Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
     # class) must sit far outside it, or this test would not show that the shuffle matters.
     import numpy as np
     from selectivity.analyses.common import random_init_model

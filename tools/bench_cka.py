@@ -1,4 +1,4 @@
-"""Benchmark: selectivity.analyses.cka.cka (ours) vs torch_cka on the same models, layers and images.
+"""Benchmark: selectivity.analyses.cka (ours) vs torch_cka on the same models, layers and images.
 
     python tools/bench_cka.py [--model resnet20] [--batch-size 64] [--batches 4] [--repeats 5]
                               [--within] [--threads 1]

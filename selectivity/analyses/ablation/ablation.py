@@ -28,8 +28,8 @@ everywhere; k = U in every layer) are evaluated once.
 Random draws are a pure function of ``(seed, draw, layer name, batch index)`` — not of the order
 of evaluation, nor of the other layers or conditions evaluated alongside — so they are
 reproducible, and the batched and one-pass-per-condition evaluations
-(``evaluate_ablations(batched=False)``) see exactly the same masks (``units_to_ablate``). For one (draw, layer, batch)
-the units are a random permutation's first k, so the random sets are nested in k, as the selective
+(``evaluate_ablations(batched=False)``) see exactly the same masks (``units_to_ablate``). For one
+(draw, layer, batch) the units are a random permutation's first k, so the random sets are nested in k, as the selective
 and least-selective sets are.
 """
 from __future__ import annotations

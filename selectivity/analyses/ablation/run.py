@@ -3,7 +3,7 @@
 
 For each chosen checkpoint ``ablation_rows`` (1) ranks every residual block's units by class
 selectivity on the ranking split — a fixed stratified fraction of the *training* split, without
-augmentation (selectivity/ranking_split.py) — and (2) ablates k units per block in all blocks of
+augmentation (selectivity/train/splits.py) — and (2) ablates k units per block in all blocks of
 a stage at once (or of the whole network), for each condition (selective | random | least) and
 each k of the grid, measuring top-1 accuracy and loss on the *validation* split. Both steps run
 inside ``evaluation.bn_statistics(model, bn_mode, calibration)`` (default recalibrate: the

@@ -59,8 +59,8 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     exactly invariant to that (it changes K by a1ᵀ + 1aᵀ + c·11ᵀ, which the estimator cancels),
     but it removes the large shared mean of post-ReLU features, which would otherwise dominate
     every Gram entry and cancel only in the HSIC sums, in fp32 (tools/bench_cka.py measures both
-    against an all-fp64 run; docs/analyses.md has the figures). The Gram is fp32 (fp16/bf16 inputs are upcast; fp64 stays fp64) so the
-    dominant n²·p product runs at full speed on GPUs whose fp64 rate is a small fraction of fp32;
+    against an all-fp64 run; docs/analyses.md has the figures). The Gram is fp32 (fp16/bf16
+    inputs are upcast; fp64 stays fp64) so the dominant n²·p product runs at full speed on GPUs whose fp64 rate is a small fraction of fp32;
     the HSIC terms are then formed in fp64, where their remaining cancellation is harmless.
     """
     if features.dim() < 2:

@@ -253,8 +253,8 @@ def zero_channels(model: nn.Module, layer_name: str, channels: Sequence[int] | t
     """Set the given channels of a named module's output to 0 for the duration (a forward hook).
 
     A deliberately small local mask for the orientation ablation; the project's general ablation
-    masks on residual-block outputs live in selectivity/analyses/ablation/. Works for [B, U, ...] outputs
-    in any memory format; the output is replaced (not modified in place), so hooks registered
+    masks on residual-block outputs live in selectivity/analyses/ablation/. Works for [B, U, ...]
+    outputs in any memory format; the output is replaced (not modified in place), so hooks registered
     after this one, and the next layer, see the zeroed tensor.
     """
     layer = resolve_units(model, [layer_name], order="given", names_first=True)
