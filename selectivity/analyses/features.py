@@ -2,7 +2,7 @@
 one batch at a time (``collect_features``), the model's stages, and the names they use.
 
 - ``LOGITS``: the name of the model's output among the layers (always the last; a model module
-  cannot take it).
+  cannot take it, and ``refuse_logits`` turns a user's list naming it into a one-line error).
 - ``STAGES``: the stage outputs ``layer1..layerN`` as a units glob (``*`` stays inside one name
   segment); ``stage_names(model)`` resolves it.
 - ``base_name``: ``UnitHooks`` reports a module's k-th call in one forward as ``name#k``.
