@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from selectivity.analyses.ablation import ablation as A
-from selectivity.errors import UnitsError, run_cli
+from selectivity.cli import run_cli
+from selectivity.errors import UnitsError
 from selectivity.train.models import build_model, unit_registry
 from selectivity.train.splits import stratified_subset
 from selectivity.unit_ranking import AblationError, rank_units

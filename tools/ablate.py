@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 from selectivity.analyses.ablation import ablation as A
 from selectivity.analyses.ablation.report import HELP, report
 from selectivity.analyses.ablation.run import AblationRequest
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.toolargs import Parser, add_common, echo, positive
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 from selectivity.benchmarks.ablation import bench
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.toolargs import echo
 from selectivity.train.models import MODELS
 

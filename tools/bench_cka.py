@@ -21,7 +21,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: torch_cka draws bars
 
 from selectivity.benchmarks.cka import bench
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.toolargs import echo
 from selectivity.train.models import MODELS
 

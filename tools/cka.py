@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 
 from selectivity.analyses.cka.cka import MIN_BATCH
 from selectivity.analyses.cka.report import HELP, report
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.toolargs import Parser, add_common, echo, positive
 
 

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from selectivity.analyses.orientation.report import HELP, report
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.toolargs import Parser, add_common, echo, positive
 
 

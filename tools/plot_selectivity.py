@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from selectivity.analyses.curves.report import report
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 
 
 def main(argv=None):

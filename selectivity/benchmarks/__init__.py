@@ -1,3 +1,4 @@
-"""Benchmarks: measured side by side in one run (interleaved rounds), what the tools/bench_*.py
-and the GPU check print. They may import the core library, pipelines, train and the analyses they
-time; nothing imports them."""
+"""Benchmarks behind tools/bench_*.py: each measures variants side by side in one run
+(interleaved rounds, medians with their spread) and returns numbers; the tools print them.
+May import anything below the tools (core, pipelines, train, analyses); nothing imports it.
+"""
