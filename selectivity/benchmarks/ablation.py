@@ -110,9 +110,11 @@ def bench(model_name: str = "resnet20", image_size: int = 32, images: int = 360,
           batch_size: int = 360, conditions: Sequence[int] = (8,),
           stages: Sequence[str] | None = None, max_images: int = 256, repeats: int = 3,
           threads: int = 1, plain_batched: bool = True, checkpoint: str | None = None,
-          tool_workload: bool = False, echo: Callable[[str], None] = print) -> None:
-    """Time the ways side by side (module doc) and hand the table to ``echo``, a row as it is
-    measured. ``stages``: scopes, stage names and/or 'whole' (None: every stage, then whole)."""
+          tool_workload: bool = False, echo: Callable[[str], None] = print) -> list[dict]:
+    """Time the ways side by side (module doc), hand the table to ``echo`` a row as it is
+    measured, and return the rows ({scope, conditions, seconds: {way: s}, ratio, identical,
+    max_dloss}). ``stages``: scopes, stage names and/or 'whole' (None: every stage, then
+    whole)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, batches, rankings = _setup(model_name, image_size, images, batch_size, checkpoint)
@@ -125,7 +127,7 @@ def bench(model_name: str = "resnet20", image_size: int = 32, images: int = 360,
     cols = ["one-by-one"] + (["batched"] if plain_batched else []) + ["batched+pre"]
     echo(f"{'scope':>7} {'N':>4} " + " ".join(f"{c:>12}" for c in cols)
          + f" {'ratio':>6} {'ms/cond/img':>11}  identical")
-    totals = {c: 0.0 for c in cols}
+    totals, rows = {c: 0.0 for c in cols}, []
     for scope in scopes:
         units = _scope_units(scope, registry, by_stage)
         for n in conditions:
@@ -136,6 +138,8 @@ def bench(model_name: str = "resnet20", image_size: int = 32, images: int = 360,
                 totals[c] += best[c]
             ratio = best["one-by-one"] / best["batched+pre"]
             per = best["batched+pre"] / (n * images) * 1e3
+            rows.append({"scope": scope, "conditions": n, "seconds": best, "ratio": ratio,
+                         "identical": same, "max_dloss": dloss})
             echo(f"{scope:>7} {n:>4} " + " ".join(f"{best[c]:12.2f}" for c in cols)
                  + f" {ratio:5.2f}x {per:11.2f}  {'yes' if same else 'NO'} "
                  f"(max |dloss| {dloss:.1e})")
@@ -145,3 +149,4 @@ def bench(model_name: str = "resnet20", image_size: int = 32, images: int = 360,
              + f" {ratio:5.2f}x")
     if tool_workload:
         echo(_tool_workload(model, batches, rankings, registry, by_stage, max_images, repeats))
+    return rows

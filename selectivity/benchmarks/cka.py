@@ -154,10 +154,11 @@ def timed(ref_cls, models, layers, loader, repeats):
 
 def bench(model_name: str = "resnet20", layers: Sequence[str] | None = None,
           batch_size: int = 64, batches: int = 4, repeats: int = 5, within: bool = False,
-          threads: int = 1, echo: Callable[[str], None] = print) -> None:
+          threads: int = 1, echo: Callable[[str], None] = print) -> dict:
     """Two freshly initialised networks (seeds 0 and 1; ``within``: the first with itself) on
     random 32×32 images: the CKA work alone and end to end, ours vs the reference, and both
-    against an all-fp64 run; the lines go to ``echo``."""
+    against an all-fp64 run. The lines go to ``echo``; returns {"work", "end_to_end": {"ours",
+    "theirs": (min, max) seconds}, "max_abs_diff": {...}}."""
     torch.set_num_threads(threads)
     layers = layers or DEFAULT_LAYERS.get(model_name, ["layer1", "layer2", "layer3", "fc"])
     models = []
@@ -193,11 +194,16 @@ def bench(model_name: str = "resnet20", layers: Sequence[str] | None = None,
         (o, o_max), (r, r_max) = t["ours"], t["theirs"]
         echo(f"  {label}: ours {o:.3f} s, torch_cka {r:.3f} s, ours ÷ torch_cka = "
              f"{o / r:.3f}   (slowest repeats {o_max:.3f} s, {r_max:.3f} s)")
-    diff = lambda a, b: f"{(a - b).abs().max().item():.2e}"  # noqa: E731
-    echo(f"  max |ours − torch_cka|                     = {diff(cka['ours'], cka['theirs'])}")
-    echo(f"  max |ours − fp64 reference|                = {diff(cka['ours'], exact)}")
-    echo(f"  max |torch_cka − fp64 reference|           = {diff(cka['theirs'], exact)}")
-    echo(f"  max |torch_cka algorithm in fp64 − fp64 ref| = {diff(pair_loop64, exact)}")
+    diffs = {name: (a - b).abs().max().item() for name, (a, b) in {
+        "ours_vs_torch_cka": (cka["ours"], cka["theirs"]), "ours_vs_fp64": (cka["ours"], exact),
+        "torch_cka_vs_fp64": (cka["theirs"], exact),
+        "torch_cka_algorithm_fp64_vs_fp64": (pair_loop64, exact)}.items()}
+    echo(f"  max |ours − torch_cka|                     = {diffs['ours_vs_torch_cka']:.2e}")
+    echo(f"  max |ours − fp64 reference|                = {diffs['ours_vs_fp64']:.2e}")
+    echo(f"  max |torch_cka − fp64 reference|           = {diffs['torch_cka_vs_fp64']:.2e}")
+    echo(f"  max |torch_cka algorithm in fp64 − fp64 ref| = "
+         f"{diffs['torch_cka_algorithm_fp64_vs_fp64']:.2e}")
     echo("  fp64 reference: our estimator on float64 copies of the models and images.")
     echo("  torch_cka forms uncentred fp32 Grams: their large shared mean cancels only inside")
     echo("  its HSIC sums, in fp32.")
+    return {"work": work, "end_to_end": total, "max_abs_diff": diffs}
