@@ -199,6 +199,25 @@ def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_nam
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("tool_name", ["ablate", "cka", "orientation"])
+def test_a_config_naming_another_model_than_the_checkpoints_is_one_line(run, tmp_path, capsys,
+                                                                         tool_name):
+    """config.yaml names resnet32, the checkpoints hold a resnet20: one line, exit 2 (not
+    load_state_dict's traceback)."""
+    wrong = tmp_path / "wrong"
+    shutil.copytree(run, wrong)
+    with open(wrong / "config.yaml") as f:
+        text = f.read()
+    (wrong / "config.yaml").write_text(text.replace("model: resnet20", "model: resnet32"))
+    with pytest.raises(SystemExit) as exc:
+        run_cli(tool_main(tool_name), [str(wrong), "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: checkpoint ") and "does not fit model resnet32 with 10 " \
+        "classes (the run's config.yaml): layer1.3" in err, err
+
+
 # ---------------------------------------------------------------- library pieces
 
 def test_relu_activity_counts_every_relu_call_inside_a_layer():
