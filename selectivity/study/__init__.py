@@ -4,9 +4,9 @@ report it. The command lines in tools/ (study, sweep, reproduce, plot_regulariza
 call into this package.
 
 It may import the core (``selectivity.*`` modules at the top), ``selectivity.pipelines``,
-``selectivity.train`` and ``selectivity.analyses``; no other part of the package imports it. Training
-and the analyses run as subprocesses through their command lines (what a user would type), so a
-study reads only what they write.
+``selectivity.train`` and ``selectivity.analyses``; no other part of the package imports it.
+Training and the analyses run as subprocesses through their command lines (what a user would
+type); the study reads the files they write (the analyses' records through their readers).
 
   launch         where a run stands (done / resume / new) and the checkout's training command
   conditions     a condition's config; configs and α grids as conditions
@@ -14,7 +14,7 @@ study reads only what they write.
   sweep          a list of configs one after another (tools/sweep.py)
   aggregate      runs → conditions, means with intervals, curves, tables
   design         the small-scale study's conditions and its tiny mode
-  verdicts       the interval rule every claim uses
+  verdicts       the interval rule most verdicts use
   training_claims, analysis_runs, checkpoint_claims   the claims of the findings
   findings, figures, reproduce   docs/findings.md and its figures (tools/reproduce.py)
   regularization_report   figures and table of regularizer runs (tools/plot_regularization.py)

@@ -1,6 +1,6 @@
 """Conditions × seeds, resumably (tools/study.py): every condition trains once per seed into
-``<out>/<condition>/s<seed>``, from the merged config written to ``<out>/<condition>/condition.yaml``.
-A finished run is skipped, an unfinished one resumed; a condition whose saved config differs from
+``<out>/<condition>/s<seed>``, from the merged config written to
+``<out>/<condition>/condition.yaml``. A finished run is skipped, an unfinished one resumed; a condition whose saved config differs from
 the new one is refused; a failed run does not stop the others."""
 from __future__ import annotations
 
