@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import run_tool
 from selectivity.analyses.cka.cka import LOGITS, count_relu_activity, cka_over_loader
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.train.models import build_model
 from selectivity.analyses.orientation.orientation import (OrientationIndices, ablation_groups,
                                      loss_and_shift_invariance, shift_correlation, zero_channels)

@@ -47,7 +47,7 @@ from selectivity.analyses.ablation import ablation as A
 from selectivity.analyses.ablation.run import AblationRequest, ablation_rows, read_rows
 from selectivity.analyses.common import set_threads
 from selectivity.train.distributed import choose_device
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.train.runs import run_config
 from selectivity.toolargs import Parser, add_common
 

@@ -41,7 +41,7 @@ from selectivity.analyses.common import run_label, set_threads
 from selectivity.analyses.cka.cka import LOGITS, MIN_BATCH
 from selectivity.analyses.cka.run import cka_records, default_outputs, entry
 from selectivity.train.distributed import choose_device
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.train.runs import nearest_epoch, open_run  # noqa: F401  (nearest_epoch: tests)
 from selectivity.toolargs import Parser, add_common, positive
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from selectivity.analyses.common import set_threads
 from selectivity.train.distributed import choose_device
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.analyses.orientation.run import CENTRED, Plan, orientation_records
 from selectivity.toolargs import Parser, add_common, positive
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.study.regularization_report import report
 
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from selectivity.train.checkpoint import makedirs
-from selectivity.errors import CheckpointError, run_cli
+from selectivity.cli import run_cli
+from selectivity.errors import CheckpointError
 from selectivity.io import save_figure
 from selectivity.train.models import stage_of
 

@@ -29,7 +29,7 @@ import argparse
 import os
 import sys
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.study.reproduce import DEFAULT_OUT, reproduce
 
 

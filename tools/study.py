@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.study.runner import study_from_files
 
 

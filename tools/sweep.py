@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.study.sweep import run_sweep
 
 
