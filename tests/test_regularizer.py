@@ -412,8 +412,10 @@ def fake_run(run_dir, alpha_spec, final_epoch, si, acc, ckpt=True):
 
 
 def test_sweep_plan_skips_finished_and_resumes_unfinished(tmp_path, capsys):
+    import importlib
     from selectivity.study import launch, sweep
-    from selectivity.tools import sweep as sweep_tool
+    # the tool's module (selectivity.tools.sweep is also the name of its console-script runner)
+    sweep_tool = importlib.import_module("selectivity.tools.sweep")
     out = tmp_path / "sweep"
     fake_run(str(out / "done"), [{"alpha": -1.0}], 2, 0.1, 0.9)
     fake_run(str(out / "half"), [{"alpha": -1.0}], 1, 0.1, 0.9)
@@ -439,7 +441,8 @@ def test_sweep_plan_skips_finished_and_resumes_unfinished(tmp_path, capsys):
 
 
 def test_plot_regularization_figures_and_table(tmp_path, capsys):
-    from selectivity.tools import plot_regularization as plot
+    import importlib
+    plot = importlib.import_module("selectivity.tools.plot_regularization")
     runs = []
     for name, spec, si, acc in [("a0", [], 0.2, 0.95), ("am1", [{"alpha": -1.0}], 0.08, 0.96),
                                 ("ap1", [{"alpha": 1.0}], 0.3, 0.9),
