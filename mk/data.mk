@@ -37,7 +37,7 @@ data-syslibs:
 	  exit 1; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DATA_APT) >/dev/null && \
+	apt-get update -qq && apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $(DATA_APT) >/dev/null && \
 	pkg-config --exists opencv4 libturbojpeg && echo "mk/data.mk: system libraries installed"
 
 # pillow is listed explicitly: FFCV imports it without declaring it. FFCV's build needs no numpy
