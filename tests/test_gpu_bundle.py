@@ -50,7 +50,11 @@ out = (ctypes.c_uint8 * (h * w * 3))()
 u32, ptr = ctypes.c_uint32, ctypes.c_void_p
 lib.imdecode.argtypes = [ptr, ctypes.c_uint64, u32, u32, ptr] + 6 * [u32] + 2 * [ctypes.c_bool]
 rc = lib.imdecode(data, len(data), h, w, out, h, w, 0, 0, 1, 1, False, False)
-print(json.dumps({"loaded": loaded, "resized": list(dst), "decode_rc": rc, "decoded": bytes(out).hex()}))
+import assertpy, fastargs, terminaltables  # FFCV's pure-Python needs, from the bundle's site/
+pure = [m.__file__ for m in (assertpy, fastargs, terminaltables)]
+ppe = importlib.util.find_spec("pytorch_pfn_extras").origin  # it imports torch: found, not imported
+print(json.dumps({"loaded": loaded, "resized": list(dst), "decode_rc": rc, "decoded": bytes(out).hex(),
+                  "pure": pure + [ppe]}))
 """
 
 
@@ -100,10 +104,11 @@ def test_contents_and_size(built):
 def test_every_dependency_resolves_in_the_bundle_or_the_system_set(built):
     assert bundle.verify(OUT) == []
     ext = os.path.join(OUT, "site", "ffcv", "_libffcv.cpython-312-x86_64-linux-gnu.so")
-    deps, complaints = bundle.ldd(ext, os.path.abspath(os.path.join(OUT, "lib")))
+    lib_dir = os.path.abspath(os.path.join(OUT, "lib"))
+    deps, complaints = bundle.ldd(ext, lib_dir)
     assert not complaints
     for name, path in deps.items():
-        assert name in bundle.SYSTEM_LIBS or os.path.dirname(path) == os.path.abspath(os.path.join(OUT, "lib")), name
+        assert name in bundle.SYSTEM_LIBS or os.path.dirname(path) == lib_dir, name
     assert deps["libopencv_core.so.406"].startswith(os.path.abspath(OUT))
 
 
@@ -122,10 +127,10 @@ def test_verify_names_what_is_wrong(built, tmp_path):
     assert bundle.main(["verify", "--out", str(tmp_path / "none")]) == 1
 
 
-def _probe(cmd, jpeg, env_extra=None):
+def _probe(cmd, jpeg):
+    """PROBE run by `cmd` (ending in gpu_bundle/run python3.12, which sets both paths)."""
     path, ref = jpeg
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LD_LIBRARY_PATH")}
-    env.update(LD_LIBRARY_PATH=os.path.abspath(os.path.join(OUT, "lib")), **(env_extra or {}))
     ext = os.path.join(OUT, "site", "ffcv", "_libffcv.cpython-312-x86_64-linux-gnu.so")
     proc = subprocess.run([*cmd, "-c", PROBE, ext, path, str(ref.shape[0]), str(ref.shape[1])],
                           capture_output=True, text=True, env=env, timeout=120)
@@ -149,10 +154,12 @@ def _check_probe(res, jpeg):
         assert os.path.realpath(os.path.dirname(f)) == real or any(base == s or base.startswith(s + ".")
                                                  for s in bundle.SYSTEM_LIBS), f
     assert any(os.path.basename(f) == "libopencv_core.so.406" for f in res["loaded"])
+    site = os.path.realpath(os.path.join(OUT, "site"))
+    assert len(res["pure"]) == 4 and all(os.path.realpath(f).startswith(site + os.sep) for f in res["pure"])
 
 
 def test_extension_works_under_python312_from_the_bundle(built, python312, jpeg):
-    _check_probe(_probe([python312], jpeg), jpeg)
+    _check_probe(_probe([os.path.join(OUT, "run"), python312], jpeg), jpeg)
 
 
 def test_extension_works_with_every_other_system_library_hidden(built, python312, jpeg, tmp_path):
@@ -176,7 +183,7 @@ def test_extension_works_with_every_other_system_library_hidden(built, python312
             shutil.copy2(os.path.realpath(os.path.join(libdir, name)), visible / name)
     interp_only = {p.name for p in visible.iterdir()} - bundle.SYSTEM_LIBS  # e.g. libffi
     script = f'mount --bind "{visible}" "{libdir}" && exec "$@"'
-    res = _probe(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", python312],
-                 jpeg)
+    unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    res = _probe([*unshare, os.path.join(OUT, "run"), python312], jpeg)
     _check_probe(res, jpeg)
     assert not {os.path.basename(f) for f in res["loaded"]} & interp_only
