@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 import selectivity
-from selectivity.config import Config
-from selectivity.data import build_loader
+from selectivity.train.config import Config
+from selectivity.pipelines import build_loader
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--steps", type=int, default=40)

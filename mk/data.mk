@@ -1,4 +1,4 @@
-# The data-loading backends (selectivity/data/ffcv.py + ffcv_write.py, selectivity/data/dali.py). Included by
+# The data-loading backends (selectivity/pipelines/ffcv.py + ffcv_write.py, selectivity/pipelines/dali.py). Included by
 # the top-level Makefile, which defines VENV, PY, PIP and the `venv` target.
 #
 #   make data-deps      system libraries FFCV compiles against (apt-get, only when missing), then

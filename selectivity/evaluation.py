@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .units import unwrap
+from selectivity.units import unwrap
 
 BN_MODES = ("recalibrate", "running", "batch")
 
@@ -114,7 +114,7 @@ def calibration_batches(cfg, device, images: int | None = None) -> list:
     """The recalibration set of a run's config: a fixed stratified subset of the training split
     (``bn_images`` images, seeded by the run's seed), as evaluation sees images (no augmentation),
     decoded once and kept in memory on ``device``."""
-    from .ranking_split import ranking_loader
+    from selectivity.train.splits import ranking_loader
     n = cfg.bn_images if images is None else images
     loader = ranking_loader(cfg, device, fraction=1.0, seed=cfg.seed + 104729, max_images=n,
                             batch_size=cfg.eval_batch_size)

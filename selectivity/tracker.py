@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
-from .reduce import all_reduce_states, is_distributed
-from .units import UnitHooks, unit_means, unwrap
+from selectivity import ops
+from selectivity.reduce import all_reduce_states, is_distributed
+from selectivity.units import UnitHooks, unit_means, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from selectivity.data import build_loader
-from selectivity.config import Config
+from selectivity.pipelines import build_loader
+from selectivity.train.config import Config
 from test_ffcv import make_image_folder
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def test_validation_images_agree_across_backends(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_backend_is_one_line_error():
-    from selectivity.data.datasets import DataError
+    from selectivity.pipelines.datasets import DataError
     cfg = Config()
     cfg.data_backend = "tf.data"
     with pytest.raises(DataError, match="unknown data_backend"):

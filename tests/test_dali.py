@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from selectivity.data import build_loader
-from selectivity.data.dali import DALILoader
-from selectivity.config import Config
+from selectivity.pipelines import build_loader
+from selectivity.pipelines.dali import DALILoader
+from selectivity.train.config import Config
 
 CPU = torch.device("cpu")
 
@@ -171,8 +171,8 @@ def test_torchrun_two_processes_dali(tmp_path):
 BAD_IMAGES_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from selectivity.config import Config
-from selectivity.data import build_loader
+from selectivity.train.config import Config
+from selectivity.pipelines import build_loader
 cfg = Config(dataset="imagefolder", data_dir={data!r}, data_backend="dali", cache_dir={cache!r},
              workers=1, batch_size=4, eval_batch_size=4, image_size=16, augment="crop_flip")
 for split in ("train", "val"):

@@ -10,8 +10,8 @@ SCRIPT = textwrap.dedent('''
     import sys
     import torch, torchvision
     import selectivity
-    from selectivity.config import Config
-    from selectivity.data import build_loader
+    from selectivity.train.config import Config
+    from selectivity.pipelines import build_loader
 
     site, run = sys.argv[1], sys.argv[2]
     assert selectivity.__file__.startswith(site), selectivity.__file__

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from selectivity.callbacks import Tracking
+from selectivity.train.callbacks import Tracking
 from selectivity.errors import UnitsError
 from selectivity.tracker import SelectivityTracker, summarize
 from selectivity.units import UnitHooks
@@ -177,10 +177,10 @@ def demo_run(tmp_path_factory):
 def test_tracker_equals_independent_recomputation(demo_run):
     """Per-unit SI in selectivity/epoch_2.pt == SI recomputed from stored activations of the
     epoch-2 checkpoint on the same val data (numpy, class means, no selectivity.ops)."""
-    from selectivity.data.datasets import build_dataset
-    from selectivity.data.torch_loader import TorchLoader
-    from selectivity.models import residual_blocks
-    from selectivity.runs import load_model, run_config
+    from selectivity.pipelines.datasets import build_dataset
+    from selectivity.pipelines.torch_loader import TorchLoader
+    from selectivity.train.models import residual_blocks
+    from selectivity.train.runs import load_model, run_config
 
     from selectivity.evaluation import bn_statistics, calibration_batches
 
@@ -244,7 +244,7 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
 
 def test_tracker_state_is_o_k_times_u():
     """State per layer is sums [K, U] fp64 + counts [K] int64, whatever the batches seen."""
-    from selectivity.models import build_model, unit_registry
+    from selectivity.train.models import build_model, unit_registry
 
     model = build_model("resnet20", 10).eval()
     tracker = SelectivityTracker(model, 1000)

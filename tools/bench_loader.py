@@ -6,7 +6,7 @@
 Two workloads, generated into a temporary directory (nothing is downloaded):
   (1) ImageNet-like JPEGs (~500×375, q90), random-resized-crop to 224 + flip, batch 64;
   (2) 32×32 JPEGs, random-resized-crop to 32 + flip, batch 256.
-Each backend is the project's own loader (selectivity/data/): torch = TorchLoader over ImageFolder with
+Each backend is the project's own loader (selectivity/pipelines/): torch = TorchLoader over ImageFolder with
 ``--workers`` DataLoader processes; ffcv = FFCVLoader over a .beton converted from the same files
 (JPEG q90 for (1); 'smart' mode, i.e. raw pixels, for (2)) with ``--workers`` threads; dali =
 DALILoader over the same files with ``--workers`` threads. Every loader yields normalized float32
@@ -24,10 +24,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 TARGETS = {"large": {"ffcv": 1.4, "dali": 1.4}, "small": {"ffcv": 5.0, "dali": 3.0}}
 
@@ -69,11 +68,11 @@ def throughput(loader, seconds: float, max_epochs: int = 50) -> float:
 
 def run_workload(name: str, root: str, size: int, batch: int, workers: int, seconds: float,
                  ffcv_mode: str) -> dict:
-    from selectivity.data.dali import DALILoader
-    from selectivity.data.datasets import ImageFolderDataset
-    from selectivity.data.ffcv import FFCVLoader
-    from selectivity.data.ffcv_write import write_beton
-    from selectivity.data.torch_loader import TorchLoader
+    from selectivity.pipelines.dali import DALILoader
+    from selectivity.pipelines.datasets import ImageFolderDataset
+    from selectivity.pipelines.ffcv import FFCVLoader
+    from selectivity.pipelines.ffcv_write import write_beton
+    from selectivity.pipelines.torch_loader import TorchLoader
 
     cpu = torch.device("cpu")
     ds = ImageFolderDataset(root, "train")

@@ -14,14 +14,13 @@ import resource
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def one_run(track: bool, batch: int, size: int, steps: int) -> dict:
     """Train `steps` steps of ResNet-50 in this process; report peak RSS and tracker bytes."""
     import torch
     import torch.nn.functional as F
-    from selectivity.models import build_model
+    from selectivity.train.models import build_model
     from selectivity.tracker import SelectivityTracker
 
     torch.manual_seed(0)

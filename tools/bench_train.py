@@ -21,15 +21,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from selectivity.config import load_config  # noqa: E402
-from selectivity.distributed import DistInfo  # noqa: E402
-from selectivity.models import build_model  # noqa: E402
-from selectivity.trainer import Trainer  # noqa: E402
+from selectivity.train.config import load_config
+from selectivity.train.distributed import DistInfo
+from selectivity.train.models import build_model
+from selectivity.train.trainer import Trainer
 
 
 def bare_loop(cfg, loader, steps: int, channels_last: bool) -> float:
@@ -100,12 +99,12 @@ def variants(cfg) -> dict:
     """name → list of callbacks. Optional experiment callbacks join when the code exists."""
     out = {"trainer": []}
     try:
-        from selectivity.callbacks import tracking_callbacks
+        from selectivity.train.callbacks import tracking_callbacks
         out["trainer+tracking"] = tracking_callbacks(cfg)
     except ImportError:
         pass
     try:
-        from selectivity.callbacks import regularizer_callbacks
+        from selectivity.train.callbacks import regularizer_callbacks
         out["trainer+tracking+regularizer"] = tracking_callbacks(cfg) + regularizer_callbacks(
             cfg, alpha=-1.0)
     except ImportError:
@@ -120,7 +119,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     cfg = load_config(args.config, {"tensorboard": False})
-    from selectivity.data import build_loader
+    from selectivity.pipelines import build_loader
     loader = build_loader(cfg, "train", torch.device("cpu"))
     names = ["bare", "bare_nchw"] + list(variants(cfg))
     results = {n: [] for n in names}

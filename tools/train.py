@@ -15,11 +15,10 @@ import os
 import sys
 import typing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from selectivity.config import (FIELDS, RESUMABLE, Config, check_machine, help_of,  # noqa: E402
+from selectivity.train.config import (FIELDS, RESUMABLE, Config, check_machine, help_of,
                                 load_config, parse_override)
-from selectivity.errors import run_cli  # noqa: E402
+from selectivity.errors import run_cli
 
 
 def _default(key: str):
@@ -47,9 +46,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from selectivity import distributed
-    from selectivity.callbacks import default_callbacks
-    from selectivity.trainer import Trainer
+    from selectivity.train import distributed
+    from selectivity.train.callbacks import default_callbacks
+    from selectivity.train.trainer import Trainer
 
     args = parse_args(argv)
     overrides = {k: parse_override(k, v) for k, v in vars(args).items()
