@@ -12,8 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_check  # noqa: E402
+from selectivity.gpucheck import stages as gpu_check
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
@@ -199,10 +198,10 @@ def test_find_cuda_home_order_and_wrappers(tmp_path):
 
 
 def test_host_sync_probe_dry_run_times_every_loop(tmp_path):
-    """tools/gpu_probe_sync.py (docs/gpu.md) on the CPU at tiny sizes, every GPU hidden: each of
+    """selectivity.gpucheck.probe_sync (docs/gpu.md) on the CPU at tiny sizes, every GPU hidden: each of
     its four loops is timed with tracking off and on, and the tracker's hooks ran."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_probe_sync.py"),
+    proc = subprocess.run([sys.executable, "-m", "selectivity.gpucheck.probe_sync",
                            "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -67,7 +67,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # The probe first, before anything is built or written: no GPU means one line and exit 2.
-timeout -k 5 "$L_ENV" "$PYTHON" tools/gpu_check.py env "${ARGS[@]}" --limit "$L_ENV" >"$WORK/env.log" 2>&1
+timeout -k 5 "$L_ENV" "$PYTHON" -m selectivity.gpucheck.stages env "${ARGS[@]}" --limit "$L_ENV" >"$WORK/env.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
   if [ -s "$WORK/fatal" ]; then head -n 1 "$WORK/fatal" >&2
@@ -85,7 +85,7 @@ stage() {  # name limit: one stage under its own limit; the report reads NAME.rc
   local name=$1 limit=$2 start rc
   start=$(date +%s)
   echo "== $name (limit ${limit}s)" >>"$LOG"
-  timeout -k 10 "$limit" "$PYTHON" tools/gpu_check.py "$name" "${ARGS[@]}" --limit "$limit" >>"$LOG" 2>&1
+  timeout -k 10 "$limit" "$PYTHON" -m selectivity.gpucheck.stages "$name" "${ARGS[@]}" --limit "$limit" >>"$LOG" 2>&1
   rc=$?
   echo "$rc" >"$WORK/$name.rc"
   echo $(( $(date +%s) - start )) >"$WORK/$name.sec"
@@ -100,7 +100,7 @@ for s in build tests train ops; do
 done
 
 echo "== report" >>"$LOG"
-timeout -k 5 20 "$PYTHON" tools/gpu_check.py report "${ARGS[@]}" --limit 20 >>"$LOG" 2>&1
+timeout -k 5 20 "$PYTHON" -m selectivity.gpucheck.stages report "${ARGS[@]}" --limit 20 >>"$LOG" 2>&1
 rc=$?
 if [ -f "$OUT/gpu_check.md" ]; then cat "$OUT/gpu_check.md"
 else

@@ -1,7 +1,7 @@
-"""The GPU check's verdicts and its readable report, $OUT/gpu_check.md (tools/gpu_check.py report)."""
+"""The GPU check's verdicts and its readable report, $OUT/gpu_check.md (selectivity.gpucheck.stages report)."""
 from __future__ import annotations
 
-from gpu_bench_common import finite
+from selectivity.gpucheck.common import finite
 
 TRACKED_BLOCKS = 16  # ResNet-50's residual blocks: what units="blocks" must hook
 
