@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from selectivity.pipelines.contract import Batch
-from selectivity.pipelines.datasets import DataError, ImageFolderDataset, build_dataset
+from selectivity.pipelines.datasets import DataError, ImageFolderDataset
 from selectivity.pipelines.export import (MAX_SIDE, cache_name, check_images, file_lock, image_files, note,
                      resolve_cache_dir)
 
@@ -278,18 +278,18 @@ def _format_problem(path: str) -> str | None:
     return None
 
 
-def threads_for(cfg, world_size: int) -> int:
-    return cfg.workers if cfg.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
+def threads_for(spec, world_size: int) -> int:
+    return spec.workers if spec.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
 
 
-def unreadable_images(cfg, split: str, dataset, threads: int = 1) -> list:
+def unreadable_images(spec, split: str, dataset, threads: int = 1) -> list:
     """[(path, reason)] of an ImageFolder's images that PIL cannot fully decode, checked once and
     cached (see the module docstring); [] for the PNG exports of in-memory datasets."""
     if not isinstance(dataset, ImageFolderDataset):
         return []
-    from selectivity.train.checkpoint import atomic_write_text
-    path = os.path.join(resolve_cache_dir(cfg),
-                        cache_name(cfg, split, dataset, {"check": "decode"}) + ".bad.json")
+    from selectivity.io import atomic_write_text
+    path = os.path.join(resolve_cache_dir(spec),
+                        cache_name(spec, split, dataset, {"check": "decode"}) + ".bad.json")
     with file_lock(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -308,13 +308,12 @@ def unreadable_images(cfg, split: str, dataset, threads: int = 1) -> list:
     return bad
 
 
-def build_dali_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1) -> DALILoader:
+def build_dali_loader(spec, split: str, device, rank: int = 0, world_size: int = 1) -> DALILoader:
     _dali()
     train = split == "train"
-    ds = build_dataset(cfg.dataset, split, cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
-                       cfg.synthetic_size, cfg.seed)
-    files, labels = image_files(cfg, split, ds, resolve_cache_dir(cfg))
-    bad = unreadable_images(cfg, split, ds, threads_for(cfg, world_size))
+    ds = spec.open(split)
+    files, labels = image_files(spec, split, ds, resolve_cache_dir(spec))
+    bad = unreadable_images(spec, split, ds, threads_for(spec, world_size))
     if bad:
         for p, reason in bad:
             note(f"dali: skipped unreadable image {p}: {reason}")
@@ -325,7 +324,7 @@ def build_dali_loader(cfg, split: str, device, rank: int = 0, world_size: int = 
                             f"first: {bad[0][0]}: {bad[0][1]})")
         files, labels = [f for f, _ in kept], [y for _, y in kept]
     return DALILoader(files, labels, classes=ds.classes, mean=ds.mean, std=ds.std,
-                      batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train,
-                      augment=cfg.augment, image_size=cfg.image_size, device=device, rank=rank,
-                      world_size=world_size, seed=cfg.seed, threads=threads_for(cfg, world_size),
-                      channels_last=cfg.channels_last)
+                      batch_size=spec.batch_size if train else spec.eval_batch_size, train=train,
+                      augment=spec.augment, image_size=spec.image_size, device=device, rank=rank,
+                      world_size=world_size, seed=spec.seed, threads=threads_for(spec, world_size),
+                      channels_last=spec.channels_last)

@@ -38,8 +38,8 @@ def default_cache_dir() -> str:
     return os.path.join(base, "selectivity")
 
 
-def resolve_cache_dir(cfg) -> str:
-    return os.path.abspath(os.path.expanduser(getattr(cfg, "cache_dir", "") or
+def resolve_cache_dir(spec) -> str:
+    return os.path.abspath(os.path.expanduser(getattr(spec, "cache_dir", "") or
                                               default_cache_dir()))
 
 
@@ -55,29 +55,29 @@ def _files_digest(paths) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(cfg, split: str, dataset) -> dict:
+def dataset_fingerprint(spec, split: str, dataset) -> dict:
     """Everything a derived file depends on, as a JSON-able dict."""
-    fp = {"format": CACHE_FORMAT, "dataset": cfg.dataset, "split": split,
-          "image_size": cfg.image_size, "n": len(dataset)}
-    if cfg.dataset == "synthetic":
-        fp.update(classes=cfg.synthetic_classes, size=cfg.synthetic_size, seed=cfg.seed)
+    fp = {"format": CACHE_FORMAT, "dataset": spec.dataset, "split": split,
+          "image_size": spec.image_size, "n": len(dataset)}
+    if spec.dataset == "synthetic":
+        fp.update(classes=spec.synthetic_classes, size=spec.synthetic_size, seed=spec.seed)
     if isinstance(dataset, ImageFolderDataset):
         fp["files"] = _files_digest(p for p, _ in dataset.samples)
         fp["classes"] = dataset.classes
-    elif cfg.dataset == "cifar10":
-        root = os.path.abspath(cfg.data_dir)
+    elif spec.dataset == "cifar10":
+        root = os.path.abspath(spec.data_dir)
         names = [os.path.join(d, f) for d in (root, os.path.join(root, "cifar-10-batches-py"))
                  if os.path.isdir(d) for f in sorted(os.listdir(d)) if "batch" in f]
         fp["files"] = _files_digest(names)
     return fp
 
 
-def cache_name(cfg, split: str, dataset, extra: dict) -> str:
+def cache_name(spec, split: str, dataset, extra: dict) -> str:
     """``<dataset>-<split>-<size>-<key>``: the key hashes the fingerprint plus ``extra``."""
-    blob = json.dumps([dataset_fingerprint(cfg, split, dataset), extra], sort_keys=True,
+    blob = json.dumps([dataset_fingerprint(spec, split, dataset), extra], sort_keys=True,
                       default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:10]
-    return f"{cfg.dataset}-{split}-{cfg.image_size}-{key}"
+    return f"{spec.dataset}-{split}-{spec.image_size}-{key}"
 
 
 @contextlib.contextmanager
@@ -135,7 +135,7 @@ def check_images(dataset, workers: int = 1, progress: bool = True,
 
 
 # ---- PNG export (dali over in-memory datasets) -------------------------------------------------
-def image_files(cfg, split: str, dataset, cache_dir: str) -> tuple[list, list]:
+def image_files(spec, split: str, dataset, cache_dir: str) -> tuple[list, list]:
     """(paths, labels) of encoded image files holding ``dataset``'s images, in dataset order.
 
     An ImageFolder is its own files. In-memory datasets are exported once, losslessly, to
@@ -144,7 +144,7 @@ def image_files(cfg, split: str, dataset, cache_dir: str) -> tuple[list, list]:
     """
     if isinstance(dataset, ImageFolderDataset):
         return [p for p, _ in dataset.samples], [int(y) for y in dataset.labels]
-    name = cache_name(cfg, split, dataset, {"export": "png"})
+    name = cache_name(spec, split, dataset, {"export": "png"})
     root = os.path.join(cache_dir, name)
     index = os.path.join(root, "index.json")
     with file_lock(root):

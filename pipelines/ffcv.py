@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from selectivity.pipelines.contract import Batch, shard_indices
-from selectivity.pipelines.datasets import DataError, build_dataset
+from selectivity.pipelines.datasets import DataError
 from selectivity.pipelines.ffcv_write import _column, _ffcv, ensure_beton, threads_for
 
 ORDERS = ("random", "quasi_random")
@@ -338,15 +338,14 @@ def _loader_class():
     return _Loader
 
 
-def build_ffcv_loader(cfg, split: str, device, rank: int = 0, world_size: int = 1) -> FFCVLoader:
+def build_ffcv_loader(spec, split: str, device, rank: int = 0, world_size: int = 1) -> FFCVLoader:
     _ffcv()
     train = split == "train"
-    ds = build_dataset(cfg.dataset, split, cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
-                       cfg.synthetic_size, cfg.seed)
-    path = ensure_beton(cfg, split, ds, world_size)
+    ds = spec.open(split)
+    path = ensure_beton(spec, split, ds, world_size)
     return FFCVLoader(path, classes=ds.classes, mean=ds.mean, std=ds.std,
-                      batch_size=cfg.batch_size if train else cfg.eval_batch_size, train=train,
-                      augment=cfg.augment, image_size=cfg.image_size, device=device, rank=rank,
-                      world_size=world_size, seed=cfg.seed, threads=threads_for(cfg, world_size),
-                      channels_last=cfg.channels_last, order=cfg.ffcv_order,
-                      os_cache=cfg.os_cache)
+                      batch_size=spec.batch_size if train else spec.eval_batch_size, train=train,
+                      augment=spec.augment, image_size=spec.image_size, device=device, rank=rank,
+                      world_size=world_size, seed=spec.seed, threads=threads_for(spec, world_size),
+                      channels_last=spec.channels_last, order=spec.ffcv_order,
+                      os_cache=spec.os_cache)

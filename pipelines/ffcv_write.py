@@ -268,37 +268,37 @@ def write_beton(dataset, path: str, *, mode: str = "smart", max_resolution: int 
             "max_side": int(max(written["width"].max(), written["height"].max()))}
 
 
-def auto_write_settings(cfg, dataset) -> dict:
+def auto_write_settings(spec, dataset) -> dict:
     """How the backend builds a missing .beton: in-memory images raw (lossless, fastest to
     decode); an ImageFolder 'smart' (raw up to 64×64 px, else JPEG q90), downscaled to at most
     max(512, 2 × image_size) px a side — most ImageNet-like photos are kept at full size, so
     validation crops match the torch backend's up to JPEG loss."""
     if hasattr(dataset, "samples"):
-        return {"mode": "smart", "max_resolution": max(512, 2 * cfg.image_size),
+        return {"mode": "smart", "max_resolution": max(512, 2 * spec.image_size),
                 "jpeg_quality": 90}
     return {"mode": "raw", "max_resolution": None, "jpeg_quality": 90}
 
 
-def threads_for(cfg, world_size: int) -> int:
-    return cfg.workers if cfg.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
+def threads_for(spec, world_size: int) -> int:
+    return spec.workers if spec.workers > 0 else max(1, (os.cpu_count() or 1) // max(world_size, 1))
 
 
-def ensure_beton(cfg, split: str, dataset, world_size: int = 1) -> str:
-    """The .beton for (cfg, split): ``cfg.ffcv_train``/``ffcv_val`` if set, else the cache entry,
+def ensure_beton(spec, split: str, dataset, world_size: int = 1) -> str:
+    """The .beton for (spec, split): ``spec.ffcv_train``/``ffcv_val`` if set, else the cache entry,
     built on first use (one process builds under a lock; the others wait and reuse it)."""
-    explicit = cfg.ffcv_train if split == "train" else cfg.ffcv_val
+    explicit = spec.ffcv_train if split == "train" else spec.ffcv_val
     if explicit:
         if not os.path.isfile(explicit):
             raise DataError(f"ffcv_{split} file not found: {explicit} (build it with "
                             f"tools/build_ffcv.py, or unset ffcv_{split} to build it in the cache)")
         return explicit
-    settings = auto_write_settings(cfg, dataset)
-    name = cache_name(cfg, split, dataset, settings) + ".beton"
-    path = os.path.join(resolve_cache_dir(cfg), name)
+    settings = auto_write_settings(spec, dataset)
+    name = cache_name(spec, split, dataset, settings) + ".beton"
+    path = os.path.join(resolve_cache_dir(spec), name)
     with file_lock(path):
         if not os.path.isfile(path):
             note(f"ffcv: building {path} ({len(dataset)} images, {settings['mode']}); once")
-            s = write_beton(dataset, path, workers=threads_for(cfg, world_size), progress=False,
+            s = write_beton(dataset, path, workers=threads_for(spec, world_size), progress=False,
                             **settings)
             skipped = f", skipped {len(s['skipped'])}" if s["skipped"] else ""
             note(f"ffcv: wrote {s['images']} images, {s['bytes'] / 2**20:.1f} MiB in "

@@ -2,7 +2,7 @@
 
 Every file is written to a temporary name in the same directory, flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX), so a killed writer leaves either the old file or
-the new one, never a torn one. Every write of the project goes through ``_atomic_write``
+the new one, never a torn one. Every write of the project goes through ``atomic_write``
 (checkpoints, config, metrics rewrites, selectivity records, JSON lines, figures), so any failure
 to write — whatever the library underneath raised — is the one ``WriteError``:
 ``cannot write <path>: <reason>``.
@@ -60,7 +60,7 @@ def write_error(path: str, e: BaseException) -> WriteError:
                       f"{os.path.dirname(os.path.abspath(path))} (earlier files are intact)")
 
 
-def _atomic_write(path: str, write_fn) -> None:
+def atomic_write(path: str, write_fn) -> None:
     """Write via ``write_fn(file)`` to a temp file in the same directory, fsync, rename over
     ``path``. On any failure the temp file is removed, ``path`` is untouched, and the failure is
     a ``WriteError`` naming ``path`` and the reason, whatever exception type the writer raised
@@ -84,15 +84,15 @@ def _atomic_write(path: str, write_fn) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(path: str, obj) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def makedirs(path: str) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from selectivity.pipelines import build_loader
 from selectivity.pipelines.datasets import ArrayDataset, DataError, build_dataset
-from selectivity.train.config import Config
+from selectivity.train.config import Config, data_spec
 
 CPU = torch.device("cpu")
 
@@ -178,8 +178,8 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     cfg = ffcv_cfg(tmp_path)
-    train = build_loader(cfg, "train", CPU)
-    val = build_loader(cfg, "val", CPU)
+    train = build_loader(data_spec(cfg), "train", CPU)
+    val = build_loader(data_spec(cfg), "val", CPU)
     try:
         # the .beton was built automatically into the cache dir, named by dataset/split/size
         names = sorted(f for f in os.listdir(tmp_path / "cache") if f.endswith(".beton"))
@@ -206,7 +206,7 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
         assert torch.equal(y_skip, y[5 * 64:]) and len(train) == 22 - 5
         # validation: the torch backend's pixels exactly (digits are 32×32 raw: pass-through)
         xv, yv = epoch(val, 0)
-        tv = build_loader(Config(eval_batch_size=100), "val", CPU)
+        tv = build_loader(data_spec(Config(eval_batch_size=100)), "val", CPU)
         tv.set_epoch(0)
         xt, yt = zip(*list(tv))
         assert torch.equal(yv, torch.cat(yt))
@@ -260,7 +260,7 @@ def test_ffcv_rrc_flip_and_quasi_random_on_imagefolder(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
     cfg = ffcv_cfg(tmp_path, dataset="imagefolder", data_dir=root, image_size=24,
                    augment="rrc_flip", batch_size=8, ffcv_order="quasi_random", os_cache=False)
-    ld = build_loader(cfg, "train", CPU)
+    ld = build_loader(data_spec(cfg), "train", CPU)
     try:
         assert len(ld) == 24 // 8
         for e in range(2):
@@ -274,7 +274,7 @@ def test_ffcv_rrc_flip_and_quasi_random_on_imagefolder(tmp_path):
     finally:
         ld.close()
     with pytest.raises(DataError, match="unknown ffcv_order"):
-        build_loader(ffcv_cfg(tmp_path, ffcv_order="sorted"), "val", CPU)
+        build_loader(data_spec(ffcv_cfg(tmp_path, ffcv_order="sorted")), "val", CPU)
 
 
 @pytest.mark.timeout(180)

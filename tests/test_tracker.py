@@ -182,7 +182,9 @@ def test_tracker_equals_independent_recomputation(demo_run):
     from selectivity.train.models import residual_blocks
     from selectivity.train.runs import load_model, run_config
 
-    from selectivity.evaluation import bn_statistics, calibration_batches
+    from selectivity.evaluation import bn_statistics
+    from selectivity.train.config import data_spec
+    from selectivity.train.splits import calibration_batches
 
     cfg = run_config(demo_run)
     model = load_model(cfg, os.path.join(demo_run, "checkpoints", "epoch_2.pt"))
@@ -196,7 +198,7 @@ def test_tracker_equals_independent_recomputation(demo_run):
     acts = {n: [] for n in residual_blocks(model)}
     for n, b in residual_blocks(model).items():
         b.register_forward_hook(lambda m, i, o, n=n: acts[n].append(o.mean((2, 3)).double()))
-    calibration = calibration_batches(cfg, "cpu")
+    calibration = calibration_batches(data_spec(cfg), "cpu", cfg.bn_images)
     with pytest.raises(ValueError, match="empty"):
         with bn_statistics(model, "recalibrate", []):
             pass

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from selectivity.train.config import load_config
+from selectivity.train.config import data_spec, load_config
 from selectivity.train.distributed import DistInfo
 from selectivity.train.models import build_model
 from selectivity.train.trainer import Trainer
@@ -120,7 +120,7 @@ def main():
     args = p.parse_args()
     cfg = load_config(args.config, {"tensorboard": False})
     from selectivity.pipelines import build_loader
-    loader = build_loader(cfg, "train", torch.device("cpu"))
+    loader = build_loader(data_spec(cfg), "train", torch.device("cpu"))
     names = ["bare", "bare_nchw"] + list(variants(cfg))
     results = {n: [] for n in names}
     for r in range(args.rounds):

@@ -61,7 +61,7 @@ def bn_uses_batch_statistics(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def measuring(model: nn.Module, bn_mode: str, calibration: list | None = None):
     """``model`` in eval mode under no_grad with the BatchNorm statistics of ``bn_mode``
-    (``recalibrate`` needs ``calibration``: ``evaluation.calibration_batches(cfg, device)``);
+    (``recalibrate`` needs ``calibration``: ``train.splits.calibration_batches``);
     buffers, flags and the torch RNG as before on exit."""
     from selectivity.evaluation import BN_MODES, bn_statistics
     if bn_mode not in BN_MODES:
@@ -74,8 +74,9 @@ def calibration_for(cfg, device, bn_mode: str):
     """The recalibration images of a run (None unless ``bn_mode`` is recalibrate)."""
     if bn_mode != "recalibrate":
         return None
-    from selectivity.evaluation import calibration_batches
-    return calibration_batches(cfg, device)
+    from selectivity.train.config import data_spec
+    from selectivity.train.splits import calibration_batches
+    return calibration_batches(data_spec(cfg), device, cfg.bn_images)
 
 
 def run_label(run_dir: str) -> str:

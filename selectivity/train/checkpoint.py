@@ -1,13 +1,9 @@
-"""Checkpoints: RNG state, saving, and finding the last good checkpoint (atomic: selectivity/io.py).
+"""Checkpoints: RNG state, saving, and finding the last good checkpoint.
 
-Every file is written to a temporary name in the same directory, flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX), so a killed run leaves either the old file or the
-new one, never a torn one. ``last.pt`` is a hard link to the newest ``epoch_*.pt`` /
+Every checkpoint is written with ``selectivity.io.atomic_write`` (a temp file renamed over the
+target), so a killed run leaves either the old file or the new one, never a torn one, and a failed
+write is the one ``WriteError``. ``last.pt`` is a hard link to the newest ``epoch_*.pt`` /
 ``step_*.pt`` (no second copy on disk). Loading falls back past any file that does not load.
-
-Every write of the project goes through ``_atomic_write`` (checkpoints, config, metrics rewrites,
-selectivity records; figures via selectivity/io.py), so any failure to write — whatever the
-library underneath raised — is the one ``WriteError``: ``cannot write <path>: <reason>``.
 """
 from __future__ import annotations
 
@@ -23,7 +19,8 @@ import torch
 
 from selectivity.train import faults
 from selectivity.errors import CheckpointError, WriteError  # noqa: F401  (importable from here too)
-from selectivity.io import atomic_torch_save, atomic_write_bytes, atomic_write_text, makedirs, write_error  # noqa: F401
+from selectivity.io import (atomic_torch_save, atomic_write, atomic_write_bytes,  # noqa: F401
+                            atomic_write_text, makedirs, write_error)
 
 
 def rng_state() -> dict:
@@ -52,7 +49,7 @@ def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
         faults.maybe_fault("checkpoint_write")  # tests: killed with the file half-done
         faults.maybe_fault("disk_full")  # tests: the write fails
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     last = os.path.join(ckpt_dir, "last.pt")
     tmp_link = os.path.join(ckpt_dir, ".tmp-last.pt")
     try:
@@ -63,7 +60,7 @@ def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
     except OSError:  # filesystems without hard links: a second atomic copy
         if os.path.lexists(tmp_link):
             os.unlink(tmp_link)
-        _atomic_write(last, lambda f: torch.save(state, f))
+        atomic_write(last, lambda f: torch.save(state, f))
     return path
 
 

@@ -1,7 +1,9 @@
-"""The run configuration: one flat, typed schema; YAML file plus command-line overrides.
+"""The run configuration: one flat, typed schema in sections; YAML file plus command-line overrides.
 
-``Config`` lists every option with its type, default and a one-line meaning (the field's
-``metadata["help"]``: the one list, which ``tools/train.py --help`` prints). ``load_config(path,
+``Config`` lists every option with its section (run, data, model, optimization, tracking,
+regularizer, evaluation), type, default and a one-line meaning (the field's ``metadata``: the one
+list, which ``tools/train.py --help`` prints by section). A run hands the rest of the package
+parts of it, not the whole: ``data_spec(cfg)`` is all that loaders see. ``load_config(path,
 overrides)`` reads a YAML file and applies ``--key value`` overrides; an unknown key, a value of
 the wrong type or out of range, a duplicated YAML key or an unreadable file is a ``ConfigError``
 whose one line names the key, the problem and the fix, raised before anything is written. Like
@@ -21,110 +23,120 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from selectivity.io import atomic_write_text
 from selectivity.errors import ConfigError  # noqa: F401  (importable from here too)
+from selectivity.pipelines.spec import FIELDS as DATA_FIELDS, DataSpec
 
 
-def _opt(default, help: str):
-    """A schema field: its default and its one-line meaning."""
+SECTIONS = ("run", "data", "model", "optimization", "tracking", "regularizer", "evaluation")
+
+
+def _opt(section: str, default, help: str):
+    """A schema field: its section (``--help`` groups by it), default and one-line meaning."""
+    meta = {"help": help, "section": section}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # run
-    name: str = _opt("run", "run directory name: the run lives in <out_dir>/<name>")
-    out_dir: str = _opt("runs", "parent directory of the run directories")
-    seed: int = _opt(0, "seed of the initialisation, the data order and every augmentation")
-    deterministic: bool = _opt(False,
+    name: str = _opt("run", "run", "run directory name: the run lives in <out_dir>/<name>")
+    out_dir: str = _opt("run", "runs", "parent directory of the run directories")
+    seed: int = _opt("run", 0, "seed of the initialisation, the data order and every augmentation")
+    deterministic: bool = _opt("run", False,
         "deterministic kernels (bit-exact reruns and resumes; slower on CUDA)")
-    device: str = _opt("auto", "auto (CUDA when visible) | cpu | cuda")
-    threads: int = _opt(0, "torch.set_num_threads; 0 = torch's default")
+    device: str = _opt("run", "auto", "auto (CUDA when visible) | cpu | cuda")
+    threads: int = _opt("run", 0, "torch.set_num_threads; 0 = torch's default")
     # data
-    dataset: str = _opt("digits", "digits | digits_hard | synthetic | imagefolder | cifar10")
-    data_dir: str = _opt("",
+    dataset: str = _opt("data", "digits", "digits | digits_hard | synthetic | imagefolder | cifar10")
+    data_dir: str = _opt("data", "",
         "imagefolder: <dir>/train/<class>/*, <dir>/val/<class>/*; cifar10: its python batches")
-    data_backend: str = _opt("torch",
-        "torch (DataLoader) | ffcv (.beton, built on first use) | dali")
-    image_size: int = _opt(32, "side in pixels of the images the model sees")
-    augment: str = _opt("crop", "training augmentation: none | crop | crop_flip | rrc_flip")
-    batch_size: int = _opt(128, "training images per step, per process")
-    eval_batch_size: int = _opt(256, "validation images per batch, per process")
-    workers: int = _opt(0,
+    data_backend: str = _opt("data", "torch",
+        "torch (DataLoader) | ffcv (.beton, built on first use) | dali | device (synthetic "
+        "batches made on the device: benchmarks)")
+    image_size: int = _opt("data", 32, "side in pixels of the images the model sees")
+    augment: str = _opt("data", "crop", "training augmentation: none | crop | crop_flip | rrc_flip")
+    batch_size: int = _opt("data", 128, "training images per step, per process")
+    eval_batch_size: int = _opt("data", 256, "validation images per batch, per process")
+    workers: int = _opt("data", 0,
         "torch: DataLoader worker processes (0 = in the main process); ffcv, dali: threads (0 = "
         "one per CPU core)")
-    synthetic_classes: int = _opt(10, "synthetic: number of classes")
-    synthetic_size: int = _opt(1000, "synthetic: training images (val gets a fifth)")
-    cache_dir: str = _opt("",
+    synthetic_classes: int = _opt("data", 10, "synthetic: number of classes")
+    synthetic_size: int = _opt("data", 1000, "synthetic: training images (val gets a fifth)")
+    cache_dir: str = _opt("data", "",
         "ffcv/dali derived files (.beton, PNG exports, image checks); empty = $SELECTIVITY_CACHE "
         "or ~/.cache/selectivity")
-    ffcv_order: str = _opt("random", "ffcv training order: random | quasi_random")
-    os_cache: bool = _opt(True, "ffcv: read the .beton through the OS page cache (mmap)")
-    ffcv_train: str = _opt("",
+    ffcv_order: str = _opt("data", "random", "ffcv training order: random | quasi_random")
+    os_cache: bool = _opt("data", True, "ffcv: read the .beton through the OS page cache (mmap)")
+    ffcv_train: str = _opt("data", "",
         "ffcv: a .beton for the train split (empty = build one in cache_dir)")
-    ffcv_val: str = _opt("", "ffcv: a .beton for the val split (empty = build one in cache_dir)")
+    ffcv_val: str = _opt("data", "", "ffcv: a .beton for the val split (empty = build one in cache_dir)")
     # model
-    model: str = _opt("resnet20",
+    model: str = _opt("model", "resnet20",
         "resnet20 | resnet32 | resnet56 (CIFAR-style) | resnet18 | resnet50 (torchvision)")
-    small_stem: bool = _opt(False,
+    small_stem: bool = _opt("model", False,
         "torchvision ResNets: 3x3 stride-1 stem, no max-pool (for 32-64 px images)")
-    channels_last: bool = _opt(True, "channels_last memory format for the model and the images")
-    amp: bool = _opt(False, "mixed precision: bf16 autocast on CPU; fp16 + GradScaler on CUDA")
-    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt("model", True, "channels_last memory format for the model and the images")
+    amp: bool = _opt("model", False, "mixed precision (native torch.amp autocast), dtype amp_dtype")
+    amp_dtype: str = _opt("model", "auto",
+        "auto (bf16 on CPU, fp16 on CUDA) | fp16 (with GradScaler) | bf16 (no scaler)")
+    compile: bool = _opt("model", False, "torch.compile the model")
     # optimisation
-    epochs: int = _opt(10, "training epochs")
-    lr: float = _opt(0.1,
+    epochs: int = _opt("optimization", 10, "training epochs")
+    lr: float = _opt("optimization", 0.1,
         "SGD learning rate after warmup (used as given: not scaled with batch size)")
-    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
-    nesterov: bool = _opt(False, "Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = _opt(5e-4, "SGD weight decay (L2), >= 0")
-    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine | step | constant")
-    warmup_epochs: float = _opt(0.0, "linear learning-rate warmup, per step, over this many epochs")
-    step_epochs: list = _opt([30, 60],
+    momentum: float = _opt("optimization", 0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = _opt("optimization", False, "Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = _opt("optimization", 5e-4, "SGD weight decay (L2), >= 0")
+    schedule: str = _opt("optimization", "cosine", "learning-rate schedule after warmup: cosine | step | constant")
+    warmup_epochs: float = _opt("optimization", 0.0, "linear learning-rate warmup, per step, over this many epochs")
+    step_epochs: list = _opt("optimization", [30, 60],
         "schedule step: the epochs at which the learning rate is multiplied by step_gamma")
-    step_gamma: float = _opt(0.1,
+    step_gamma: float = _opt("optimization", 0.1,
         "schedule step: the learning-rate factor at each of step_epochs, > 0")
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing, in [0, 1)")
-    nan_policy: str = _opt("stop",
+    label_smoothing: float = _opt("optimization", 0.0, "cross-entropy label smoothing, in [0, 1)")
+    nan_policy: str = _opt("optimization", "stop",
         "a non-finite loss: stop (the last good checkpoint is kept) | skip (the step is skipped "
         "and counted)")
     # selectivity tracking (selectivity/tracker.py)
-    track: bool = _opt(True,
+    track: bool = _opt("tracking", True,
         "selectivity tracking: per-class unit statistics every step and at every evaluation")
-    track_units: str = _opt("blocks",
+    track_units: str = _opt("tracking", "blocks",
         "the units tracked: blocks (residual block outputs) | relu | bn")
-    null_permutations: int = _opt(10,
+    null_permutations: int = _opt("tracking", 10,
         "label permutations of the val null, accumulated in the same pass")
-    bn_mode: str = _opt("recalibrate",
+    bn_mode: str = _opt("tracking", "recalibrate",
         "recalibrate | running | batch: BatchNorm statistics at every measurement")
-    bn_images: int = _opt(1024, "training images (fixed, seeded) the statistics are recomputed on")
-    eval_running_bn: bool = _opt(True,
+    bn_images: int = _opt("tracking", 1024, "training images (fixed, seeded) the statistics are recomputed on")
+    eval_running_bn: bool = _opt("tracking", True,
         "recalibrate: also report acc1/loss with the running statistics")
     # regularizer (selectivity/regularizer.py): loss = CE − α · minibatch SI, α by epoch window,
     # e.g. [{alpha: -1.0, start: 0, end: 5}] (start inclusive, end exclusive/absent = forever)
-    selectivity_reg: list = _opt([],
+    selectivity_reg: list = _opt("regularizer", [],
         "selectivity regularizer, loss = CE - alpha * minibatch SI, by epoch window: [{alpha: A, "
         "start: E0, end: E1}]")
     # evaluation, logging, checkpoints
-    eval_every_epochs: int = _opt(1, "evaluate every N epochs (and after the last)")
-    eval_every_steps: int = _opt(0,
+    eval_every_epochs: int = _opt("evaluation", 1, "evaluate every N epochs (and after the last)")
+    eval_every_steps: int = _opt("evaluation", 0,
         "also evaluate every N steps during the first eval_steps_epochs epochs; 0 = never")
-    eval_steps_epochs: int = _opt(1, "the number of first epochs in which eval_every_steps applies")
-    log_every_steps: int = _opt(20, "a train record (loss, acc1, lr, img/s) every N steps")
-    tensorboard: bool = _opt(True, "write TensorBoard events to <run>/tb")
-    progress: bool = _opt(True, "a progress bar and a line per epoch on rank 0")
-    save_every_epochs: int = _opt(1, "checkpoint every N epochs (and after the last)")
-    save_every_steps: int = _opt(0,
+    eval_steps_epochs: int = _opt("evaluation", 1, "the number of first epochs in which eval_every_steps applies")
+    log_every_steps: int = _opt("evaluation", 20, "a train record (loss, acc1, lr, img/s) every N steps")
+    tensorboard: bool = _opt("evaluation", True, "write TensorBoard events to <run>/tb")
+    progress: bool = _opt("evaluation", True, "a progress bar and a line per epoch on rank 0")
+    save_every_epochs: int = _opt("evaluation", 1, "checkpoint every N epochs (and after the last)")
+    save_every_steps: int = _opt("evaluation", 0,
         "also checkpoint every N steps during the first save_steps_epochs epochs (step_<S>.pt); 0"
         " = never")
-    save_steps_epochs: int = _opt(1, "the number of first epochs in which save_every_steps applies")
+    save_steps_epochs: int = _opt("evaluation", 1, "the number of first epochs in which save_every_steps applies")
 
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dataset": ("digits", "digits_hard", "synthetic", "imagefolder", "cifar10"),
-    "data_backend": ("torch", "ffcv", "dali"),
+    "data_backend": ("torch", "ffcv", "dali", "device"),
+    "amp_dtype": ("auto", "fp16", "bf16"),
     "augment": ("none", "crop", "crop_flip", "rrc_flip"),
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
@@ -161,6 +173,24 @@ LOCATION = ("name", "out_dir")
 
 def help_of(key: str) -> str:
     return FIELDS[key].metadata["help"]
+
+
+def keys_of(section: str) -> list[str]:
+    """The config keys of a section, in schema order."""
+    return [k for k, f in FIELDS.items() if f.metadata["section"] == section]
+
+
+def data_spec(cfg: Config) -> DataSpec:
+    """The run's ``DataSpec``: what every loader, analysis and study step is given."""
+    return DataSpec(**{k: getattr(cfg, k) for k in DATA_FIELDS})
+
+
+def amp_dtype(cfg: Config, device_type: str):
+    """The autocast dtype of a run on ``device_type``: ``amp_dtype``, or for ``auto`` bf16 on the
+    CPU and fp16 on CUDA. fp16 is the dtype that needs a GradScaler."""
+    import torch
+    name = cfg.amp_dtype if cfg.amp_dtype != "auto" else ("fp16" if device_type == "cuda" else "bf16")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 # ---- YAML --------------------------------------------------------------------------------------
@@ -235,7 +265,7 @@ def _check_key(key: str) -> None:
         near = difflib.get_close_matches(key, FIELDS, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"unknown config key {key!r}{hint}; valid keys are listed in "
-                          f"selectivity/config.py")
+                          f"selectivity/train/config.py (tools/train.py --help lists them)")
 
 
 def validate(cfg: Config) -> Config:
@@ -357,5 +387,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from selectivity.train.checkpoint import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

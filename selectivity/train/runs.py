@@ -113,7 +113,10 @@ def load_model(cfg: Config, ckpt: str | CheckpointInfo, device="cpu", num_classe
     """The model of a checkpoint, in eval mode, channels_last as trained."""
     path = ckpt.path if isinstance(ckpt, CheckpointInfo) else ckpt
     state = load_state(path, map_location=device)
-    n = num_classes or state["model"]["fc.weight"].shape[0]
+    n = num_classes or state.get("num_classes")  # the trainer's, from the dataset
+    if n is None:
+        raise CheckpointError(f"checkpoint {path} does not record num_classes (written by an "
+                              f"older version); pass num_classes, or retrain")
     model = build_model(cfg.model, n, cfg.small_stem).to(device)
     model.load_state_dict(state["model"])
     if cfg.channels_last:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from selectivity.evaluation import no_rng_advance
+from selectivity.pipelines.spec import DataSpec
+from selectivity.pipelines.torch_loader import TorchLoader
 from selectivity.unit_ranking import AblationError
 
 
@@ -49,18 +52,25 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int,
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
-def ranking_loader(cfg, device, fraction: float = 0.2, seed: int = 0,
+def ranking_loader(data: DataSpec, device, fraction: float = 0.2, seed: int = 0,
                    max_images: int | None = 50_000, batch_size: int | None = None):
-    """The ranking split of a run's config: a fixed stratified ``fraction`` of the *training*
+    """The ranking split of a run's data: a fixed stratified ``fraction`` of the *training*
     split, seen as evaluation sees images (no augmentation), via the torch backend.
 
     These images were trained on; what matters is that accuracy is measured on other images (val).
     """
-    from selectivity.pipelines.datasets import build_dataset
-    from selectivity.pipelines.torch_loader import TorchLoader
-    ds = build_dataset(cfg.dataset, "train", cfg.data_dir, cfg.image_size, cfg.synthetic_classes,
-                       cfg.synthetic_size, cfg.seed)
+    ds = data.open("train")
     view = SubsetView(ds, stratified_subset(ds.labels, fraction, seed, max_images))
-    return TorchLoader(view, batch_size=batch_size or cfg.eval_batch_size, train=False,
-                       augment="none", image_size=cfg.image_size, device=torch.device(device),
-                       seed=cfg.seed, workers=cfg.workers, channels_last=cfg.channels_last)
+    return TorchLoader(view, batch_size=batch_size or data.eval_batch_size, train=False,
+                       augment="none", image_size=data.image_size, device=torch.device(device),
+                       seed=data.seed, workers=data.workers, channels_last=data.channels_last)
+
+
+def calibration_batches(data: DataSpec, device, images: int) -> list:
+    """The BatchNorm recalibration set of a run: a fixed stratified subset of the training split
+    (``images`` images, seeded by the run's seed), as evaluation sees images (no augmentation),
+    decoded once and kept in memory on ``device``."""
+    loader = ranking_loader(data, device, fraction=1.0, seed=data.seed + 104729, max_images=images)
+    loader.set_epoch(0)
+    with no_rng_advance(torch.device(device)):  # iterating a DataLoader draws from torch's RNG
+        return [batch for batch, _ in loader]

@@ -23,14 +23,16 @@ from selectivity.train import faults
 from selectivity.train.callbacks import Callback  # noqa: F401  (re-exported: the extension points)
 from selectivity.train.checkpoint import (load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
-from selectivity.train.config import LOCATION, RESUMABLE, Config, save_config, to_dict, yaml_load
+from selectivity.train.config import (LOCATION, RESUMABLE, Config, amp_dtype, data_spec, save_config,
+                                      to_dict, yaml_load)
 from selectivity.train.distributed import DistInfo, all_reduce_sum, broadcast_object
-from selectivity.evaluation import bn_statistics, calibration_batches
+from selectivity.evaluation import bn_statistics
 from selectivity.errors import (CheckpointError, ConfigError, Interrupted, TrainingError,  # noqa: F401
                      WriteError)
 from selectivity.train.models import build_model
 from selectivity.train.runlog import RunLog, run_paths
 from selectivity.train.runlock import RunLock
+from selectivity.train.splits import calibration_batches
 
 
 def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -72,9 +74,10 @@ class Trainer:
         self.paths = run_paths(self.run_dir)
         self._refuse_existing_run(resume)
         # Data and model first: bad input fails before the run directory is touched.
-        self.train_loader = build_loader(cfg, "train", self.device, dist.rank, dist.world_size)
-        self.val_loader = build_loader(cfg, "val", self.device, dist.rank, dist.world_size)
-        self.num_classes = self.train_loader.num_classes
+        self.data = data_spec(cfg)
+        self.train_loader = build_loader(self.data, "train", self.device, dist.rank, dist.world_size)
+        self.val_loader = build_loader(self.data, "val", self.device, dist.rank, dist.world_size)
+        self.num_classes = self.train_loader.num_classes  # the one source: the dataset
         self.model = build_model(cfg.model, self.num_classes, cfg.small_stem).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -92,8 +95,13 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, self.steps_per_epoch))
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and self.device.type == "cuda")
+        self.amp_dtype = amp_dtype(cfg, self.device.type)
+        # Only fp16 needs loss scaling (its range underflows small gradients); bf16 has fp32's.
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.amp and self.amp_dtype == torch.float16)
+        # What the numbers were computed in, in every record: fp32, or the autocast dtype.
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[self.amp_dtype] \
+            if cfg.amp else "fp32"
         self.callbacks = list(callbacks or [])
         self.epoch, self.step, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
         # The first write to the run directory is its lock; the check above is repeated under it,
@@ -170,7 +178,7 @@ class Trainer:
             listed = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused)
             raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was "
                               f"trained with: {listed}; these keys cannot change mid-run "
-                              f"(RESUMABLE in selectivity/config.py lists those that can). Pass "
+                              f"(RESUMABLE in selectivity/train/config.py lists those that can). Pass "
                               f"--accept-config-change to continue anyway (recorded in "
                               f"metrics.jsonl), or start a new run with another --name")
         return changes
@@ -224,7 +232,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "num_classes": self.num_classes,
                 "skipped_steps": self.skipped_steps, "rng": rng_state(),
                 "config": to_dict(self.cfg),
                 "callbacks": [cb.state_dict() for cb in self.callbacks]}
@@ -253,7 +261,7 @@ class Trainer:
         beside it. ``epoch`` is the (fractional) epoch to log."""
         cfg = self.cfg
         if cfg.bn_mode == "recalibrate" and self._calibration is None:
-            self._calibration = calibration_batches(cfg, self.device)
+            self._calibration = calibration_batches(self.data, self.device, cfg.bn_images)
         amp = self.amp_dtype if cfg.amp else None
         with bn_statistics(self.net, cfg.bn_mode, self._calibration, amp):
             record = self._val_pass(track=True)
@@ -262,7 +270,7 @@ class Trainer:
                 running = self._val_pass(track=False)
             record.update(acc1_running=running["acc1"], loss_running=running["loss"])
         record = {"epoch": self.epoch if epoch is None else epoch, "step": self.step,
-                  "split": "val", **record, "bn_mode": cfg.bn_mode,
+                  "split": "val", **record, "bn_mode": cfg.bn_mode, "precision": self.precision,
                   "images_per_sec": train_images_per_sec, "skipped_steps": self.skipped_steps}
         for cb in self.callbacks:
             record.update(cb.eval_end(self, record))
@@ -388,7 +396,8 @@ class Trainer:
                           "step": self.step, "split": "train",
                           "loss": run_loss.item() / max(run_n, 1),
                           "acc1": run_correct.item() / max(run_n, 1), "lr": self.scheduler.get_last_lr()[0],
-                          "images_per_sec": n_images * self.dist.world_size / elapsed}
+                          "images_per_sec": n_images * self.dist.world_size / elapsed,
+                          "precision": self.precision}
                 for cb in self.callbacks:
                     record.update(cb.train_log(self))
                 self.log.write(record)

@@ -29,6 +29,7 @@ from selectivity.analyses.common import calibration_for, keep_or_replay, measuri
 from selectivity.train.checkpoint import makedirs
 from selectivity.errors import AblationError, CheckpointError
 from selectivity.io import read_jsonl, write_jsonl
+from selectivity.train.config import data_spec
 from selectivity.train.models import unit_registry
 from selectivity.train.splits import ranking_loader
 from selectivity.train.runs import choose_checkpoints, load_model, run_config, val_records
@@ -180,8 +181,8 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
     conds = conditions_for(scopes, req, note)
     from selectivity.pipelines import build_loader
     ecfg = dataclasses.replace(cfg, eval_batch_size=req.batch_size)
-    val_ld = build_loader(ecfg, "val", device)
-    rank_ld = ranking_loader(ecfg, device, req.rank_fraction, req.seed, req.rank_max_images,
+    val_ld = build_loader(data_spec(ecfg), "val", device)
+    rank_ld = ranking_loader(data_spec(ecfg), device, req.rank_fraction, req.seed, req.rank_max_images,
                              req.batch_size)
     num_classes, n_val, n_rank = val_ld.num_classes, len(val_ld.labels), len(rank_ld.labels)
     val, rank = keep_or_replay(val_ld, cfg.image_size), keep_or_replay(rank_ld, cfg.image_size)
