@@ -1,8 +1,9 @@
 # The prepared GPU check (tools/gpu_check.sh; docs/gpu.md). Included by the top-level Makefile,
 # which defines PYTHON, PY and the `venv` target.
 #
-#   make gpu-check       on the GPU machine: build for its GPU, CUDA tests, ResNet-50 tracking
-#                        overhead, accumulate vs x.sum(); writes $(GPU_CHECK_OUT)/gpu_check.{json,md}
+#   make gpu-check       on the GPU machine: build for its GPU, CUDA tests, the trainer (fp16,
+#                        bf16) beside a bare loop, FFCV's GPU pipeline (needs gpu_bundle/), ResNet-50
+#                        tracking overhead, accumulate vs x.sum(); writes $(GPU_CHECK_OUT)/gpu_check.{json,md}
 #   make gpu-check-dry   the same script on the CPU at tiny sizes, with the venv's python (also run
 #                        by `make test`, through tests/test_gpu_check.py)
 #   make gpu-bundle      gpu_bundle/ (ignored, <= 40 MiB): FFCV for the GPU machine's CPython 3.12

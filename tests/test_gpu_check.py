@@ -37,7 +37,8 @@ def test_dry_run_end_to_end(dry_run):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     st = report["stages"]
     assert report["dry_run"] and report["exit"] == 0
-    assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(("build", "tests", "train", "ops"), "ok")
+    assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(
+        ("build", "tests", "trainer", "ffcv", "train", "ops"), "ok")
     assert st["build"]["loads"] and st["build"]["cpu_kernels"] and not st["build"]["compiled"]
     # The CUDA tests were found, and skipped for want of a GPU (the dry run hides every GPU).
     cuda = st["tests"]["cuda"]
@@ -52,6 +53,21 @@ def test_dry_run_end_to_end(dry_run):
             assert len(res["variants"][v]["step_ms"]) == st["train"]["config"]["rounds"]
             assert res["variants"][v]["images_per_s"] > 0
         assert res["ratio_on"]["value"] > 0 and res["ratio_si"]["value"] > 0
+    for amp in ("fp16", "bf16"):  # the trainer itself, beside the bare loop
+        res = st["trainer"]["amps"][amp]
+        assert res["status"] == "ok" and set(res["precision"].values()) == {amp}
+        for v in ("bare", "off", "on", "si"):
+            assert len(res["variants"][v]["round_ms"]) == st["trainer"]["config"]["rounds"]
+            assert res["variants"][v]["images_per_s"] > 0
+        assert set(res["ratios"]) == {"trainer ÷ bare loop", "tracking on ÷ off", "SI every step ÷ off"}
+        assert res["evaluation"]["bn_mode"] == "recalibrate" and 0 <= res["evaluation"]["acc1"] <= 1
+        assert 0 <= res["evaluation"]["si_mean"] <= 1 and res["checkpoint"]["mib"] > 1
+        assert res["profile"]["top"] and res["profile"]["top"][0]["ms"] > 0
+    ff = st["ffcv"]  # the bundle checked with a Python 3.12; the pipeline with this one's FFCV
+    assert ff["bundle"]["problems"] == [] and ff["bundle"]["libraries_loaded"] > 3
+    assert ff["images"]["images"] == ff["config"]["train_images"] + ff["config"]["val_images"]
+    assert ff["loader"]["images_per_s"] > 0 and ff["train"]["images_per_s"] > 0
+    assert ff["train"]["precision"] == "fp16"
     cases = st["ops"]["cases"]
     assert len(cases) == 4 * 3 * 2 and all(c["correct"]["pass"] for c in cases)
     assert {(c["dtype"], c["layout"]) for c in cases} == {(d, layout) for d in ("fp16", "bf16", "fp32")
@@ -61,6 +77,9 @@ def test_dry_run_end_to_end(dry_run):
     assert "every CUDA test passes" in names and "accumulate ÷ x.sum(), time, worst case" in names
     md = (tmp_path / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| ops | ok |" in md and "tracking on ÷ off (fp16)" in md
+    assert "trainer ÷ bare loop (trainer, bf16)" in md and "| fp16 | evaluation, BN recalibrate |" in md
+    assert "Profile of one bare bf16 step" in md and "| FFCV loader alone" in md
+    assert "FFCV's extension works from it |" in md and "Data-loading bound:" in md
     assert md in proc.stdout  # the report is what the device tool's output tail shows
 
 
@@ -79,6 +98,8 @@ def test_report_of_a_real_run_renders(dry_run, tmp_path):
     for amp in ("bf16", "fp16"):
         stages["train"]["amps"][amp]["peak_memory_gib"] = 31.5
     stages["train"]["amps"]["fp16"]["grad_scale"] = {"off": 1024.0, "tracked": 512.0}
+    for v in ("bare", "off", "on", "si"):
+        stages["trainer"]["amps"]["bf16"]["variants"][v]["peak_memory_gib"] = 27.25
     for name, rec in stages.items():
         (work / f"{name}.json").write_text(json.dumps(rec))
         (work / f"{name}.rc").write_text("0")
@@ -88,6 +109,7 @@ def test_report_of_a_real_run_renders(dry_run, tmp_path):
     assert rc == 0 and "DRY RUN" not in md and "NVIDIA H200 (sm 9.0, 140 GiB, 132 SMs" in md
     assert "built for sm_90 with CUDA kernels registered | PASS |" in md
     assert "| fp16 | final GradScaler scale | off 1024, tracked 512" in md and "31.5 GiB" in md
+    assert "| bf16 | si |" in md and "| 27.2 |" in md
     assert "(dry run)" not in md
 
 
@@ -131,7 +153,7 @@ def test_a_failing_cuda_test_fails_the_check(tmp_path, tmp_path_factory):
     # junit names a file outside the rootdir by its path: only the tail is the test's own.
     assert len(tests["failed_ids"]) == 1
     assert tests["failed_ids"][0].endswith("test_planted::test_cuda_fails")
-    assert report["stages"]["train"]["status"] == "not run"
+    assert report["stages"]["train"]["status"] == report["stages"]["ffcv"]["status"] == "not run"
     assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
 
 

@@ -28,7 +28,8 @@ import xml.etree.ElementTree as ET
 
 from selectivity.gpucheck.common import ROOT, write_json
 
-STAGES = ("build", "tests", "train", "ops")
+STAGES = ("build", "tests", "trainer", "ffcv", "train", "ops")
+BENCHES = ("trainer", "ffcv", "train", "ops")
 PER_TEST_TIMEOUT_S = 60
 # Leave the stage time to write its record after a hung child is killed; the shell's `timeout`
 # stays the backstop for a hang in the stage itself.
@@ -318,7 +319,7 @@ def stage_report(a) -> int:
     checks = verdicts(stages, a.dry_run)
     report = {"env": env, "dry_run": a.dry_run, "stages": stages, "verdicts": checks}
     correctness_failed = any(v["correctness"] and v["pass"] is False for v in checks)
-    bench_failed = any(stages[s]["status"] not in ("ok", "not run") for s in ("train", "ops"))
+    bench_failed = any(stages[s]["status"] not in ("ok", "not run") for s in BENCHES)
     report["exit"] = 1 if correctness_failed else 3 if bench_failed else 0
     write_json(os.path.join(a.out, "gpu_check.json"), report)
     write_markdown(report, os.path.join(a.out, "gpu_check.md"))
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=float, default=300, help="the stage's time limit (seconds)")
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
-    if a.stage in ("train", "ops"):
+    if a.stage in BENCHES:
         return stage_bench(a, a.stage)
     return globals()[f"stage_{a.stage}"](a)
 
