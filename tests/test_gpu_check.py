@@ -157,6 +157,15 @@ def test_a_failing_cuda_test_fails_the_check(tmp_path, tmp_path_factory):
     assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
 
 
+def test_a_stage_past_the_checks_total_time_is_out_of_time(tmp_path):
+    """GPU_CHECK_TOTAL bounds the whole check: a stage with under 10 s of it left does not start and
+    counts as timed out (the dry run multiplies the total by 4: 28 s, 20 kept for the report)."""
+    proc = run_check("--dry-run", "--only", "ops", out=tmp_path, env={"GPU_CHECK_TOTAL": "7"}, timeout=300)
+    assert "ops: not run, the check's 28 s are spent" in proc.stdout, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["stages"]["ops"]["status"].startswith("timed out") and proc.returncode == report["exit"] == 3
+
+
 def test_junit_counts_and_skips_for_want_of_a_gpu(tmp_path):
     (tmp_path / "j.xml").write_text(
         '<testsuites><testsuite name="pytest">'
