@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from selectivity.gpucheck import bundle, bundle_probe
+from selectivity.gpucheck.bench_trainer import build_trainer
 from selectivity.gpucheck.common import ROOT, Bench, write_json
 
 REAL = dict(batch=256, size=224, classes=1000, train_images=5120, val_images=256, min_side=300,
@@ -86,20 +87,13 @@ def check_bundle(bench: Bench, work: str) -> dict:
 
 
 def _trainer(bench: Bench, cfg: dict, data: str, work: str):
-    from selectivity.train import distributed
-    from selectivity.train.callbacks import default_callbacks
-    from selectivity.train.config import check_machine, load_config
-    from selectivity.train.trainer import Trainer
-    flags = dict(
+    return build_trainer(dict(
         name="ffcv", out_dir=os.path.join(work, "ffcv_runs"), seed=0, device=bench.device.type,
         dataset="imagefolder", data_dir=data, data_backend="ffcv", cache_dir=os.path.join(work, "ffcv_cache"),
         image_size=cfg["size"], augment="rrc_flip", batch_size=cfg["batch"], eval_batch_size=cfg["batch"],
         model="resnet50", channels_last=True, amp=True, amp_dtype=AMP, epochs=1000,
         schedule="constant", lr=0.01, weight_decay=5e-5, track=False,
-        log_every_steps=cfg["train_images"] // cfg["batch"], progress=False)
-    config = load_config(None, flags)
-    check_machine(config)
-    return Trainer(config, distributed.setup(config.device), callbacks=default_callbacks(config))
+        log_every_steps=cfg["train_images"] // cfg["batch"], progress=False))
 
 
 def _loader_epoch(bench: Bench, loader) -> float:

@@ -41,12 +41,19 @@ RATIOS = {"trainer ÷ bare loop": ("off", "bare", 0.97), "tracking on ÷ off": (
 PROFILE_TOP = 15
 
 
-def _trainer(variant: str, amp: str, cfg: dict, bench: Bench, work: str):
+def build_trainer(flags: dict):
+    """A Trainer as tools/train.py builds one from these flags (its config keys)."""
     from selectivity.train import distributed
     from selectivity.train.callbacks import default_callbacks
     from selectivity.train.config import check_machine, load_config
     from selectivity.train.trainer import Trainer
-    flags = dict(
+    config = load_config(None, flags)
+    check_machine(config)
+    return Trainer(config, distributed.setup(config.device), callbacks=default_callbacks(config))
+
+
+def _trainer(variant: str, amp: str, cfg: dict, bench: Bench, work: str):
+    return build_trainer(dict(
         name=f"{amp}-{variant}", out_dir=os.path.join(work, "trainer_runs"), seed=0,
         device=bench.device.type, dataset="synthetic", data_backend="device",
         synthetic_classes=cfg["classes"], synthetic_size=cfg["batch"] * cfg["steps"],
@@ -54,10 +61,7 @@ def _trainer(variant: str, amp: str, cfg: dict, bench: Bench, work: str):
         model="resnet50", channels_last=True, amp=True, amp_dtype=amp,
         epochs=1000, schedule="constant", lr=0.01, weight_decay=5e-5, bn_images=cfg["batch"],
         track=variant != "off", log_every_steps=1 if variant == "si" else cfg["steps"],
-        progress=False)
-    config = load_config(None, flags)
-    check_machine(config)
-    return Trainer(config, distributed.setup(config.device), callbacks=default_callbacks(config))
+        progress=False))
 
 
 def _bare(amp: str, cfg: dict, bench: Bench):
