@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from selectivity.train.config import ConfigError
+from selectivity.errors import ConfigError
 from selectivity.reduce import is_distributed
 from selectivity.tracker import EPS
 from selectivity.units import unit_means, UnitHooks

@@ -169,7 +169,7 @@ def test_windows_from_yaml_and_cli_override(tmp_path):
 def test_train_rejects_overlapping_windows_before_writing(tmp_path, capsys):
     """tools/train.py (in this process: its CLI wrapper, exit status and message) stops with one
     line before anything is written."""
-    from selectivity.errors import run_cli
+    from selectivity.cli import run_cli
     train = load_tool("train")
     with pytest.raises(SystemExit) as e:
         run_cli(train.main, ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--out-dir",

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 
 
 def parse_args(argv=None):

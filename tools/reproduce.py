@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from selectivity.study import aggregate as agg
 from selectivity.train.config import ConfigError, load_config, to_dict
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.study.figures import plot_alpha, plot_si, plot_windows
 from selectivity.regularizer import parse_windows
 

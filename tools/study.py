@@ -39,7 +39,7 @@ import yaml
 
 from selectivity.train.config import (ConfigError, from_dict, load_config, parse_sets,
                                 to_dict)
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.regularizer import parse_windows
 from selectivity.train.runlog import read_metrics, run_paths
 

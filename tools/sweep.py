@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import yaml
 
 from selectivity.train.config import ConfigError, load_config, parse_sets, to_dict
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.regularizer import parse_windows
 from selectivity.train.runlog import read_metrics, run_paths
 
