@@ -69,7 +69,7 @@ fi
 T0=$(date +%s)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
-# An install maps the top-level pipelines/ to selectivity.pipelines (setup.py), and the package
+# An install maps the top-level pipelines/ to selectivity.pipelines (setup.py), and the trainer
 # imports it; the GPU machine runs the checkout uninstalled: a link does the same, for this run.
 LINK=
 if [ ! -e selectivity/pipelines ] && ! "$PYTHON" -c "import selectivity.pipelines" >/dev/null 2>&1; then

@@ -107,7 +107,7 @@ def main() -> int:
     lines = [f"# Host sync probe ({'dry run, CPU' if args.dry_run else torch.cuda.get_device_name()})",
              "", f"ResNet-50, batch {cfg['batch']}, {cfg['size']} px, K = {cfg['classes']}, "
              f"{cfg['rounds']} rounds x {cfg['steps']} steps per variant after {cfg['warmup']} warm-up "
-             "steps; `python3 tools/gpu_probe_sync.py`.", "",
+             "steps; `python3 -m selectivity.gpucheck.probe_sync`.", "",
              "| loop | ms/step off | ms/step on | on ÷ off (images/s) | rounds | host ms in hooks per step |",
              "|---|---|---|---|---|---|"]
     for loop, r in results.items():
