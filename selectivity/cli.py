@@ -14,10 +14,10 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-
 def run_cli(main, argv=None) -> None:
+    """Run a tool's ``main(argv)``; an int it returns is the exit status (0 otherwise)."""
     try:
-        main(argv)
+        status = main(argv)
     except user_errors() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
@@ -27,3 +27,5 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        sys.exit(status)
