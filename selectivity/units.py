@@ -15,7 +15,8 @@ through ``UnitHooks``; nothing else registers forward hooks.
 - a module name (``"layer3.1"``) or a glob over the dotted names, where ``*`` stays inside one
   name segment and ``**`` crosses segments (``"layer3.*"``: the blocks of layer3;
   ``"layer*.*.relu"``; ``"**.bn2"``);
-- a list of any of these (the union, in the model's module order);
+- a list of any of these (the union, in the model's module order; ``order="given"``: in the
+  order listed, as the analyses take their layers);
 - a predicate ``fn(name, module) -> bool``;
 - a ``{name: module}`` mapping, taken as it is.
 
@@ -83,22 +84,48 @@ def _describe(root: nn.Module, names: list[str]) -> str:
             f"{', '.join(PRESETS)} ({blocks} residual blocks)")
 
 
-def _match_one(root: nn.Module, spec: str, modules: "OrderedDict[str, nn.Module]") -> set:
+def _match_one(root: nn.Module, spec: str, modules: "OrderedDict[str, nn.Module]",
+               names_first: bool = False) -> list:
+    """The names ``spec`` selects, in module order."""
+    if names_first and spec in modules:
+        return [spec]
     if spec in _PRESET_TESTS:
-        return {n for n, m in modules.items() if _PRESET_TESTS[spec](m)}
+        return [n for n, m in modules.items() if _PRESET_TESTS[spec](m)]
     if any(c in spec for c in "*?"):
         rx = _glob_regex(spec)
-        return {n for n in modules if rx.match(n)}
+        return [n for n in modules if rx.match(n)]
     if spec not in modules:
         near = difflib.get_close_matches(spec, list(modules), n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
         raise UnitsError(f"units: no module named {spec!r}{hint}; "
                          f"{_describe(root, list(modules))}")
-    return {spec}
+    return [spec]
 
 
-def resolve_units(model: nn.Module, units="blocks") -> "OrderedDict[str, nn.Module]":
-    """``{name: module}`` of the layers ``units`` names (see the module doc), in module order."""
+def _in_given_order(specs, matches: list) -> list:
+    """The names of every spec in turn; a layer two specs select is an error (it would be two
+    rows of a CKA matrix)."""
+    out: list = []
+    for found in matches:
+        for name in found:
+            if name in out:
+                raise UnitsError(f"layer {name!r} is named twice in {list(specs)}")
+            out.append(name)
+    return out
+
+
+def resolve_units(model: nn.Module, units="blocks", *, order: str = "module",
+                  names_first: bool = False) -> "OrderedDict[str, nn.Module]":
+    """``{name: module}`` of the layers ``units`` names (see the module doc).
+
+    ``order="module"``: the model's module order (a list is a set: its union).
+    ``order="given"``: a list's specs in the order given, each glob or preset expanding in
+    module order; a layer selected twice is an error (the analyses' layer lists, whose order
+    is their figures' and matrices'). ``names_first``: a spec that is a module's own name is that
+    module, before a preset of the same name (a ResNet's stem ``relu`` rather than every ReLU).
+    """
+    if order not in ("module", "given"):
+        raise ValueError(f"order must be 'module' or 'given', got {order!r}")
     root = unwrap(model)
     if isinstance(units, Mapping):
         if not units:
@@ -106,18 +133,23 @@ def resolve_units(model: nn.Module, units="blocks") -> "OrderedDict[str, nn.Modu
         return OrderedDict(units)
     modules = OrderedDict((n, m) for n, m in root.named_modules() if n)
     if callable(units):
-        chosen = {n for n, m in modules.items() if units(n, m)}
+        chosen = [n for n, m in modules.items() if units(n, m)]
     elif isinstance(units, str):
-        chosen = _match_one(root, units, modules)
+        chosen = _match_one(root, units, modules, names_first)
     elif isinstance(units, (list, tuple)) and units and all(isinstance(u, str) for u in units):
-        chosen = set().union(*(_match_one(root, u, modules) for u in units))
+        matches = [_match_one(root, u, modules, names_first) for u in units]
+        if order == "given":
+            chosen = _in_given_order(units, matches)
+        else:
+            union = set().union(*matches)
+            chosen = [n for n in modules if n in union]
     else:
         raise UnitsError(f"units must be a preset ({', '.join(PRESETS)}), a module name or glob, "
                          f"a list of them, a predicate or a {{name: module}} mapping; got "
                          f"{units!r}")
     if not chosen:
         raise UnitsError(f"units {units!r} matched no module; {_describe(root, list(modules))}")
-    return OrderedDict((n, m) for n, m in modules.items() if n in chosen)
+    return OrderedDict((n, modules[n]) for n in chosen)
 
 
 def unit_means(act: torch.Tensor) -> torch.Tensor:
