@@ -59,3 +59,7 @@ def test_examples_run(tmp_path):
     assert [l.split()[0] for l in lines] == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
     timm = run_tool("examples/timm_model.py", "--images", "64", env=env, check=True)
     assert "8 residual blocks, 7680 units" in timm.stdout
+    lit = run_tool("examples/lightning_loop.py", "--epochs", "1", "--image-size", "8",
+                   "--out", str(tmp_path / "lightning"), env=env, check=True)
+    assert lit.stdout.strip().splitlines()[-1].startswith(
+        "epoch 0: net.layer1 SI "), lit.stdout
