@@ -329,8 +329,9 @@ class UnitHooks:
                  fn: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
                  on_forward: Callable[[], None] | None = None, enabled: bool = True):
         self.layers = resolve_units(model, units)
-        self._read = _layouts(model, self.layers, units)
-        self.layouts = {n: layout for n, (layout, _) in self._read.items()}
+        self._read = {n: (*read, f"layer {n} ({type(self.layers[n]).__name__})")
+                      for n, read in _layouts(model, self.layers, units).items()}
+        self.layouts = {n: read[0] for n, read in self._read.items()}
         self.tokens = units.tokens if isinstance(units, Units) else "mean"
         self.fn, self.on_forward, self.enabled = fn, on_forward, enabled
         self._calls: dict[str, int] = {}
@@ -351,8 +352,7 @@ class UnitHooks:
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
             layer = name if k == 0 else f"{name}#{k}"
-            layout, count = self._read[name]
-            where = f"layer {layer} ({type(module).__name__})"
+            layout, count, where = self._read[name]
             units = as_units(output, layout, self.tokens, where, count)
             new = self.fn(layer, units)
             return new if new is None or units is output else \
