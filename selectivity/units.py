@@ -10,7 +10,8 @@ Linear, LayerNorm, transformer and Swin blocks); an activation, dropout or ident
 layout of the layers beside it (in a Sequential: the layer before it). A module it cannot decide
 keeps this package's original contract (``[B, U]`` or ``[B, U, H, W]``); any other shape from it is
 a ``UnitsError`` until ``Units(..., layout=)`` says where its units are. Tokens are averaged, or
-only the class token is taken (``Units(..., tokens="cls")``); the choice is ``UnitHooks.tokens``. Everything in this package that looks at units — the tracker, the regularizer,
+only the class token is taken (``Units(..., tokens="cls")``); the choice is ``UnitHooks.tokens``.
+Everything in this package that looks at units — the tracker, the regularizer,
 unit ranking, ablation masks, CKA, orientation — resolves them with ``resolve_units`` and sees them
 through ``UnitHooks``; nothing else registers forward hooks.
 
@@ -353,7 +354,8 @@ class UnitHooks:
             self._calls[name] = k + 1
             layer = name if k == 0 else f"{name}#{k}"
             layout, count, where = self._read[name]
-            units = as_units(output, layout, self.tokens, where, count)
+            units = as_units(output, layout, self.tokens, where, count) \
+                if isinstance(output, torch.Tensor) else output  # fn judges anything else
             new = self.fn(layer, units)
             return new if new is None or units is output else \
                 from_units(new, output, layout, self.tokens, where)

@@ -105,3 +105,25 @@ def test_without_lightning_the_import_names_the_extra():
                          check=True, timeout=120)
     assert out.stdout.strip() == ("selectivity.integrations.lightning needs Lightning: "
                                   "pip install selectivity-tracking[lightning]")
+
+
+def test_the_training_loss_gets_the_regularizer_term_in_its_windows_only(example):
+    from types import SimpleNamespace
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    module = example.DigitsModule()
+    cb = example.callback([], -1.0, 1)
+    cb.setup(None, module, "fit")
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 4
+    batch = (x, y, torch.arange(8))
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=0), module)  # before the window
+    assert not cb.reg.enabled
+    torch.testing.assert_close(module.training_step(batch, 0), F.cross_entropy(module(x), y))
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)  # α = -1 from epoch 1
+    loss = module.training_step(batch, 0)
+    cb.reg.enabled = False
+    ref = sel.SelectivityRegularizer(module, 10)
+    expected = F.cross_entropy(module(x), y) + ref.term(y)  # loss - α * SI_reg, α = -1
+    ref.remove()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert abs(float(loss - F.cross_entropy(module(x), y))) > 1e-4  # the term is there

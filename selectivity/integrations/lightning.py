@@ -97,7 +97,7 @@ class SelectivityCallback(pl.Callback):
         self.fields, self.stage_of = fields, stage_of
         self.tracker: SelectivityTracker | None = None
         self.reg: SelectivityRegularizer | None = None
-        self.history: list[dict] = []  # per validation epoch: {"epoch", "step", metrics}
+        self.history: list[dict] = []  # per validation epoch: {"epoch", "metrics"}
         self._bn = self._tracking = None
         self.alpha = 0.0
 
