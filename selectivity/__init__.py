@@ -10,9 +10,10 @@
         ...
     per_layer = tracker.compute()                                     # {layer: LayerSelectivity}
 
-Which units: ``selectivity.units`` (presets ``blocks``/``relu``/``bn``, names, globs,
-predicates). Measuring the network you mean: ``bn_statistics`` (BatchNorm statistics recomputed
-before a measurement). The compiled kernels: ``accumulate``, ``selectivity_index``.
+Which units: ``selectivity.units`` (presets ``blocks``/``relu``/``bn``/``act``/``mlp``/``tokens``,
+names, globs, predicates; ``Units(..., layout=, tokens=)`` for token and channels-last outputs).
+Measuring the network you mean: ``bn_statistics`` (BatchNorm statistics recomputed before a
+measurement). The compiled kernels: ``accumulate``, ``selectivity_index``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from selectivity.ops import SIResult, accumulate, has_extension, new_state, sele
 from selectivity.regularizer import SelectivityRegularizer, selectivity_reg
 from selectivity.tracker import LayerSelectivity, SelectivityTracker, summarize
 from selectivity.unit_ranking import UnitRanking, rank_units
-from selectivity.units import PRESETS, UnitHooks, count_units, resolve_units, unit_means
+from selectivity.units import (LAYOUTS, PRESETS, UnitHooks, Units, count_units, layout_of,
+                               resolve_units, unit_means)
 
 __version__ = "0.2.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "SelectivityTracker", "LayerSelectivity", "summarize",
     "SelectivityRegularizer", "selectivity_reg",
     "resolve_units", "UnitHooks", "count_units", "unit_means", "PRESETS", "UnitsError",
+    "Units", "layout_of", "LAYOUTS",
     "bn_statistics", "recalibrate_bn", "BN_MODES",
     "rank_units", "UnitRanking",
     "accumulate", "selectivity_index", "new_state", "SIResult", "has_extension",

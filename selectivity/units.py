@@ -1,8 +1,17 @@
 """Which units, and the one way to see them: resolve layers on any ``nn.Module`` and hook them.
 
-A *layer* is a module whose forward output ``[B, U, H, W]`` (any memory format) or ``[B, U]``
-holds U units; a conv unit's activation for an image is the spatial mean of its channel
-(``unit_means``). Everything in this package that looks at units — the tracker, the regularizer,
+A *layer* is a module whose forward output holds U units; a unit's activation for an image is the
+mean of its channel over the other dims (``unit_means``). Where the units are is decided by the
+module, never by the shape (``[B, T, U]`` and ``[B, U, L]``, ``[B, H, W, C]`` and ``[B, C, H, W]``
+look alike): ``layout_of`` gives ``units_first`` (units on dim 1: ``[B, U]``, ``[B, U, L]``,
+``[B, U, H, W]`` in any memory format — convolutions, BatchNorm, pooling, CNN blocks) or
+``units_last`` (units on the last dim: ``[B, U]``, ``[B, T, U]`` tokens, ``[B, H, W, U]`` —
+Linear, LayerNorm, transformer and Swin blocks); an activation, dropout or identity takes the
+layout of the layers beside it (in a Sequential: the layer before it). A module it cannot decide
+keeps this package's original contract (``[B, U]`` or ``[B, U, H, W]``); any other shape from it is
+a ``UnitsError`` until ``Units(..., layout=)`` says where its units are. Tokens are averaged, or
+only the class token is taken (``Units(..., tokens="cls")``); the choice is ``UnitHooks.tokens``.
+Everything in this package that looks at units — the tracker, the regularizer,
 unit ranking, ablation masks, CKA, orientation — resolves them with ``resolve_units`` and sees them
 through ``UnitHooks``; nothing else registers forward hooks.
 
@@ -11,14 +20,20 @@ through ``UnitHooks``; nothing else registers forward hooks.
 - a preset: ``"blocks"`` (every residual block's output, after its final ReLU: the blocks of
   torchvision and timm ResNets and of this package's CIFAR ResNets, recognised by their class
   names ``BasicBlock`` / ``Bottleneck``), ``"relu"`` (every ``nn.ReLU``), ``"bn"`` (every
-  BatchNorm; not non-negative, so its SI leaves [0, 1]);
+  BatchNorm; not non-negative, so its SI leaves [0, 1]), ``"act"`` (every activation module:
+  ReLU, GELU, SiLU, Hardswish, ... — MobileNet, EfficientNet), ``"mlp"`` (the hidden activation
+  of every transformer MLP, after its nonlinearity: timm ``blocks.*.mlp.act``, torchvision ViT
+  ``encoder.layers.*.mlp.1``), ``"tokens"`` (every transformer block's output: timm and
+  torchvision ViT and Swin blocks);
 - a module name (``"layer3.1"``) or a glob over the dotted names, where ``*`` stays inside one
   name segment and ``**`` crosses segments (``"layer3.*"``: the blocks of layer3;
   ``"layer*.*.relu"``; ``"**.bn2"``);
 - a list of any of these (the union, in the model's module order; ``order="given"``: in the
   order listed, as the analyses take their layers);
 - a predicate ``fn(name, module) -> bool``;
-- a ``{name: module}`` mapping, taken as it is.
+- a ``{name: module}`` mapping, taken as it is;
+- ``Units(any of these, layout=..., tokens="mean"|"cls")``: the same layers, with the layout of
+  modules ``layout_of`` cannot decide (one value, or ``{name or glob: layout}``) and the token choice.
 
 Resolving to nothing, or naming a module that does not exist, is a ``UnitsError`` whose one line
 says what was asked and what the model has.
@@ -34,6 +49,7 @@ seen by a forward hook taking ``unit_means`` of its output. The numbers are the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import os
 import re
@@ -46,8 +62,31 @@ import torch.nn as nn
 
 from selectivity.errors import UnitsError
 
-PRESETS = ("blocks", "relu", "bn")
+PRESETS = ("blocks", "relu", "bn", "act", "mlp", "tokens")
 BLOCK_CLASSES = ("BasicBlock", "Bottleneck")
+LAYOUTS = ("units_first", "units_last")
+TOKENS = ("mean", "cls")
+# Activation modules by class name (timm has its own GELU, Swish, HardSwish, ... classes).
+ACTIVATION_CLASSES = {
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "GELUTanh", "QuickGELU",
+    "SiLU", "Swish", "Mish", "Hardswish", "HardSwish", "Hardsigmoid", "HardSigmoid", "Sigmoid",
+    "Tanh", "Softplus", "HardMish", "StarReLU"}
+# Modules that keep their input's layout; an activation is one of them.
+PASS_THROUGH_CLASSES = ACTIVATION_CLASSES | {
+    "Dropout", "Dropout1d", "Dropout2d", "Identity", "DropPath", "StochasticDepth", "LayerScale"}
+MLP_CLASSES = ("Mlp", "GluMlp", "SwiGLU", "MLP", "MLPBlock")  # timm; torchvision ops.MLP, ViT
+# Transformer blocks (the ``tokens`` preset): timm ViT ``Block`` (qualified: the name is common),
+# torchvision ViT ``EncoderBlock``, Swin blocks of both (their outputs are [B, H, W, C]).
+TRANSFORMER_BLOCKS = ("timm.models.vision_transformer.Block", "EncoderBlock",
+                      "SwinTransformerBlock", "SwinTransformerBlockV2")
+# Blocks whose layout their class decides (containers otherwise are undecided, but a Sequential).
+BLOCK_LAYOUTS = {
+    **{name: "units_first" for name in (
+        *BLOCK_CLASSES, "InvertedResidual", "MBConv", "FusedMBConv", "ConvNeXtBlock", "CNBlock",
+        "ConvNeXtStage", "SqueezeExcitation", "SqueezeExcite", "LayerNorm2d")},
+    **{name: "units_last" for name in (
+        *TRANSFORMER_BLOCKS, "SwinTransformerStage", "PatchMerging", "PatchMergingV2")},
+}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,10 +102,25 @@ def _is_block(module: nn.Module) -> bool:
     return type(module).__name__ in BLOCK_CLASSES
 
 
+def _class_names(module: nn.Module) -> tuple[str, str]:
+    cls = type(module)
+    return cls.__name__, f"{cls.__module__}.{cls.__name__}"
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__name__ in ACTIVATION_CLASSES
+
+
 _PRESET_TESTS = {
     "blocks": _is_block,
     "relu": lambda m: isinstance(m, nn.ReLU),
     "bn": lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm),
+    "act": _is_activation,
+    "tokens": lambda m: any(n in TRANSFORMER_BLOCKS for n in _class_names(m)),
+}
+# Presets that look at a module's parent too: ``test(parent, module)``.
+_PRESET_PARENT_TESTS = {
+    "mlp": lambda parent, m: _is_activation(m) and type(parent).__name__ in MLP_CLASSES,
 }
 
 
@@ -91,6 +145,9 @@ def _match_one(root: nn.Module, spec: str, modules: "OrderedDict[str, nn.Module]
         return [spec]
     if spec in _PRESET_TESTS:
         return [n for n, m in modules.items() if _PRESET_TESTS[spec](m)]
+    if spec in _PRESET_PARENT_TESTS:
+        test = _PRESET_PARENT_TESTS[spec]
+        return [n for n, m in modules.items() if test(modules.get(n.rpartition(".")[0], root), m)]
     if any(c in spec for c in "*?"):
         rx = _glob_regex(spec)
         return [n for n in modules if rx.match(n)]
@@ -127,6 +184,8 @@ def resolve_units(model: nn.Module, units="blocks", *, order: str = "module",
     if order not in ("module", "given"):
         raise ValueError(f"order must be 'module' or 'given', got {order!r}")
     root = unwrap(model)
+    if isinstance(units, Units):
+        units = units.what
     if isinstance(units, Mapping):
         if not units:
             raise UnitsError("units: the {name: module} mapping is empty")
@@ -152,24 +211,156 @@ def resolve_units(model: nn.Module, units="blocks", *, order: str = "module",
     return OrderedDict((n, modules[n]) for n in chosen)
 
 
-def unit_means(act: torch.Tensor) -> torch.Tensor:
-    """[B, U, H, W] (any layout) or [B, U] → per-image unit activations [B, U], at least float32.
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """Layers (any ``units`` spec) with where their units are: ``layout`` for modules ``layout_of``
+    cannot decide — one of ``LAYOUTS`` for all of them, or ``{name or glob: layout}`` — and, for
+    token outputs ``[B, T, U]``, ``tokens``: ``"mean"`` over the tokens or ``"cls"`` (token 0)."""
+    what: object = "blocks"
+    layout: object = None
+    tokens: str = "mean"
 
-    The spatial mean is taken in the accumulation dtype, with no full-size float32 copy of a
-    bf16/fp16 map. Differentiable.
+    def __post_init__(self):
+        if self.tokens not in TOKENS:
+            raise UnitsError(f"tokens must be one of {', '.join(TOKENS)}, got {self.tokens!r}")
+        values = self.layout.values() if isinstance(self.layout, Mapping) else [self.layout]
+        for v in values:
+            if v is not None and v not in LAYOUTS:
+                raise UnitsError(f"layout must be one of {', '.join(LAYOUTS)}, got {v!r}")
+
+
+def _own_layout(module: nn.Module) -> tuple[str | None, int | None]:
+    """(layout, units) that the module's own type decides; (None, None) if it does not."""
+    for name in _class_names(module):
+        if name in BLOCK_LAYOUTS:
+            return BLOCK_LAYOUTS[name], None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "units_first", module.out_channels
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "units_first", module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return "units_first", module.num_channels
+    if isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                           nn.modules.pooling._AdaptiveAvgPoolNd,
+                           nn.modules.pooling._AdaptiveMaxPoolNd)):
+        return "units_first", None
+    if isinstance(module, nn.Linear):
+        return "units_last", module.out_features
+    if isinstance(module, nn.LayerNorm):
+        return "units_last", module.normalized_shape[-1]
+    if isinstance(module, nn.Sequential):
+        return _sequence_layout(list(module), len(module)), None
+    return None, None
+
+
+def _sequence_layout(siblings: list, i: int) -> str | None:
+    """The layout of the last layer before ``siblings[i]`` that decides one."""
+    for m in reversed(siblings[:i]):
+        if type(m).__name__ not in PASS_THROUGH_CLASSES:
+            return _own_layout(m)[0]
+    return None
+
+
+def layout_of(model: nn.Module, name: str) -> str | None:
+    """``units_first``, ``units_last`` or None (undecided) for the module ``name`` of ``model``
+    (module doc): by its type; an activation, dropout or identity by its parent — the layer
+    before it in a Sequential, else the layout all its parent's other layers agree on."""
+    root = unwrap(model)
+    module = root.get_submodule(name)
+    if type(module).__name__ not in PASS_THROUGH_CLASSES:
+        return _own_layout(module)[0]
+    parent = root.get_submodule(name.rpartition(".")[0])
+    siblings = list(parent.children())
+    i = next(k for k, m in enumerate(siblings) if m is module)
+    if isinstance(parent, nn.Sequential):
+        return _sequence_layout(siblings, i)
+    found = {_own_layout(m)[0] for m in siblings if type(m).__name__ not in PASS_THROUGH_CLASSES}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
+def _layouts(model: nn.Module, layers: Mapping, units) -> dict:
+    """{layer: (layout or None, expected unit count or None)}; ``Units.layout`` overrides."""
+    override = units.layout if isinstance(units, Units) else None
+    root = unwrap(model)
+    names = {id(m): n for n, m in root.named_modules()}
+    out = {}
+    for name, module in layers.items():
+        own, count = _own_layout(module)
+        path = names.get(id(module))
+        layout = layout_of(root, path) if path else own
+        if isinstance(override, Mapping):
+            for pattern, value in override.items():
+                if _glob_regex(pattern).match(name):
+                    layout, count = value, None
+        elif override is not None:
+            layout, count = override, None
+        out[name] = (layout, count if layout == own else None)
+    return out
+
+
+def _shape_error(where: str, act: torch.Tensor, layout: str | None, why: str) -> UnitsError:
+    return UnitsError(
+        f"{where}: output shape {list(act.shape)} {why} (layout {layout or 'undecided'}); "
+        f"choices: Units(..., layout='units_first') for [B, U], [B, U, L], [B, U, H, W] or "
+        f"layout='units_last' for [B, U], [B, T, U], [B, H, W, U]")
+
+
+def as_units(act: torch.Tensor, layout: str | None = None, tokens: str = "mean",
+             where: str = "a layer", count: int | None = None) -> torch.Tensor:
+    """``act`` as ``[B, U]`` or a ``[B, U, H, W]`` view (no copy: a permuted ``[B, T, U]`` or
+    ``[B, H, W, U]`` is a channels-last view), whose spatial mean is the unit means; ``layout``
+    None: ``act`` must already be one of these (the original contract). ``count``: the number of
+    units the module must have (checked)."""
+    d = act.dim()
+    if layout is None and d in (2, 4):
+        out = act
+    elif layout == "units_first" and d in (2, 3, 4):
+        out = act.unsqueeze(-1) if d == 3 else act
+    elif layout == "units_last" and d in (2, 3, 4):
+        if d == 3:
+            out = act[:, 0] if tokens == "cls" else act.transpose(1, 2).unsqueeze(-1)
+        else:
+            out = act.permute(0, 3, 1, 2) if d == 4 else act
+    else:
+        raise _shape_error(where, act, layout, "has no unit dim this package can decide"
+                           if layout is None else "is not supported")
+    if count is not None and out.shape[1] != count:
+        raise _shape_error(where, act, layout, f"does not hold the module's {count} units")
+    return out
+
+
+def from_units(new: torch.Tensor, act: torch.Tensor, layout: str | None, tokens: str = "mean",
+               where: str = "a layer") -> torch.Tensor:
+    """The inverse of ``as_units`` (where it made a view) for a replacement output (ablation
+    masks): back in ``act``'s layout. A class token alone cannot be replaced."""
+    if layout == "units_first" and act.dim() == 3:
+        return new.squeeze(-1)
+    if layout == "units_last" and act.dim() == 4:
+        return new.permute(0, 2, 3, 1)
+    if layout == "units_last" and act.dim() == 3 and tokens == "mean":
+        return new.squeeze(-1).transpose(1, 2)
+    raise UnitsError(f"{where}: a replacement output for layout {layout} with tokens={tokens!r} "
+                     f"is not supported; use tokens='mean'")
+
+
+def unit_means(act: torch.Tensor, layout: str | None = None, tokens: str = "mean") -> torch.Tensor:
+    """Per-image unit activations [B, U], at least float32, of an output in ``layout`` (see
+    ``as_units``; None: [B, U, H, W] in any memory format or [B, U]).
+
+    The spatial (token) mean is taken in the accumulation dtype, with no full-size float32 copy
+    of a bf16/fp16 map. Differentiable.
     """
+    act = as_units(act, layout, tokens, "a unit activation")
     dtype = torch.promote_types(act.dtype, torch.float32)
-    if act.dim() == 4:
-        return act.mean((2, 3), dtype=dtype)
-    if act.dim() == 2:
-        return act.to(dtype)
-    raise UnitsError(f"a unit activation must be [B, U, H, W] or [B, U], got shape "
-                     f"{list(act.shape)}")
+    return act.mean((2, 3), dtype=dtype) if act.dim() == 4 else act.to(dtype)
 
 
 class UnitHooks:
     """The resolved layers, seen while enabled: ``fn(layer, output)`` or ``means_fn(layer, means)``.
 
+    ``output`` is ``[B, U]`` or ``[B, U, H, W]`` (``as_units``: a view of a token or channels-last
+    output; ``layouts`` and ``tokens`` say how each layer was read).
     ``fn`` may return a tensor to replace the layer's output (ablation masks do), or None.
     ``means_fn`` (instead of ``fn``) receives the per-image unit means ``[B, U]`` (``unit_means`` of
     the output: float32, float64 for float64 outputs, taken from the output as rounded under AMP),
@@ -192,6 +383,10 @@ class UnitHooks:
             raise UnitsError("UnitHooks: give fn (the layer outputs) or means_fn (the per-image unit "
                              "means), not both; use two UnitHooks for both")
         self.layers = resolve_units(model, units)
+        self._read = {n: (*read, f"layer {n} ({type(self.layers[n]).__name__})")
+                      for n, read in _layouts(model, self.layers, units).items()}
+        self.layouts = {n: read[0] for n, read in self._read.items()}
+        self.tokens = units.tokens if isinstance(units, Units) else "mean"
         self.fn, self.means_fn, self.on_forward, self.enabled = fn, means_fn, on_forward, enabled
         if fused is None:
             fused = os.environ.get("SELECTIVITY_NO_FUSED") != "1"
@@ -225,17 +420,22 @@ class UnitHooks:
         def hook(module, args, output):
             if not self.enabled:
                 return None
+            layout, count, where = self._read[name]
             if self.means_fn is not None:
                 if name in self._delivered:
                     self._delivered.discard(name)
                     return None
                 with torch.autocast(output.device.type, enabled=False):
-                    means = unit_means(output)
+                    means = unit_means(as_units(output, layout, self.tokens, where, count))
                 self.means_fn(self._layer_name(name), means)
                 return None
             if self.fn is None:
                 return None
-            return self.fn(self._layer_name(name), output)
+            units = as_units(output, layout, self.tokens, where, count) \
+                if isinstance(output, torch.Tensor) else output  # fn judges anything else
+            new = self.fn(self._layer_name(name), units)
+            return new if new is None or units is output else \
+                from_units(new, output, layout, self.tokens, where)
         # The fused forward may run with this hook on the block: it does not need the output.
         hook._selectivity_means = self.means_fn is not None
         return hook

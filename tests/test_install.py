@@ -50,6 +50,13 @@ def test_installed_package_in_a_plain_loop_gets_the_trainers_si(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-9
+    # the Lightning example, from another directory, on the installed package
+    lit = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "lightning_loop.py"),
+                          "--epochs", "1", "--image-size", "8", "--out", "lightning"],
+                         cwd=script.parent, env=dict(clean, PYTHONPATH=str(site)),
+                         capture_output=True, text=True, timeout=600)
+    assert lit.returncode == 0, lit.stderr
+    assert lit.stdout.strip().splitlines()[-1].startswith("epoch 0: net.layer1 SI "), lit.stdout
 
 
 def test_examples_run(tmp_path):

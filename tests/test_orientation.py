@@ -142,7 +142,8 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match=r"no module named 'nope'.*modules conv, act"):
         orientation_responses(filter_bank([gabor(0.0)]), ["nope"], GRATINGS.images[:1])
     tokens = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3), seq=nn.Flatten(2)))
-    with pytest.raises(ValueError, match=r"layer 'seq': a unit activation must be \[B, U, H, W\] or \[B, U\]"):
+    with pytest.raises(ValueError, match=r"layer seq \(Flatten\): output shape \[48, 2, 900\] has no "
+                                         r"unit dim .*choices: Units\(..., layout='units_first'\)"):
         orientation_responses(tokens, ["seq"], GRATINGS.images[:1])
 
 

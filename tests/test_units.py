@@ -57,7 +57,7 @@ def test_units_that_resolve_to_nothing_are_one_line_errors(units, message):
 def test_no_blocks_in_a_plain_cnn_says_what_exists():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(UnitsError, match=r"'blocks' matched no module; Sequential has modules 0, 1; "
-                                         r"presets: blocks, relu, bn \(0 residual blocks\)"):
+                                         r"presets: blocks, relu, bn, act, mlp, tokens \(0 residual blocks\)"):
         resolve_units(model, "blocks")
 
 
