@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
-from selectivity.gpucheck.common import Bench, write_json
+from selectivity.gpucheck.common import Bench, per_precision
 from selectivity import SelectivityTracker, UnitHooks
 from selectivity.train.models import build_model
 
@@ -75,7 +74,7 @@ def amp_step(model, opt, scaler, tracker, images, labels, dtype) -> torch.Tensor
     return loss
 
 
-def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
+def _bench_amp(bench: Bench, cfg: dict, amp: str, res: dict, save) -> None:
     dev, K, B, S = bench.device, cfg["classes"], cfg["batch"], cfg["size"]
     dtype = AMPS[amp]
     torch.manual_seed(0)
@@ -108,7 +107,7 @@ def _bench_amp(bench: Bench, cfg: dict, amp: str, record: dict, save) -> None:
             last["si"] = trk.compute()  # what a run reading SI every step pays
         last["loss"] = loss.detach()
 
-    res = record["amps"][amp] = {"status": "running", "variants": {v: {"step_ms": []} for v in VARIANTS}}
+    res.update(status="running", variants={v: {"step_ms": []} for v in VARIANTS})
     res["tracker_vs_reference"] = tracker_matches_reference(tracked, K, images, labels, dtype)
     save()
     t0 = time.perf_counter()
@@ -152,18 +151,5 @@ def run(bench: Bench, json_path: str) -> int:
     from selectivity import ops
     config = dict(cfg, model="resnet50", channels_last=True, optimizer="SGD", data="synthetic, device-resident")
     record = {"status": "running", "has_extension": ops.has_extension(), "config": config, "amps": {}}
-    save = lambda: write_json(json_path, record)  # noqa: E731
-    failed = False
-    for amp in AMPS:
-        try:
-            _bench_amp(bench, cfg, amp, record, save)
-        except Exception as e:  # one precision failing (OOM, say) leaves the other's figures
-            traceback.print_exc()
-            record["amps"].setdefault(amp, {})["status"] = f"error: {type(e).__name__}: {e}"
-            failed = True
-        save()
-        if not bench.dry_run:
-            torch.cuda.empty_cache()
-    record["status"] = "error" if failed else "ok"
-    save()
-    return 1 if failed else 0
+    return per_precision(bench, record, json_path, AMPS,
+                         lambda amp, res, save: _bench_amp(bench, cfg, amp, res, save))

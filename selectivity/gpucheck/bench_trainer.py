@@ -28,7 +28,7 @@ import traceback
 import torch
 
 from selectivity.gpucheck.bench_train import amp_step
-from selectivity.gpucheck.common import Bench, write_json
+from selectivity.gpucheck.common import Bench, per_precision
 
 # Warm-up: one round per variant. Dry run: 32 px and batch 8, as bench_train (docs/gpu.md, "The dry run").
 REAL = dict(batch=256, size=224, classes=1000, rounds=4, steps=5)
@@ -172,19 +172,5 @@ def run(bench: Bench, json_path: str) -> int:
     record = {"status": "running", "config": dict(cfg, model="resnet50", channels_last=True,
                                                   data="synthetic, made on the device (--data-backend device)"),
               "amps": {}}
-    save = lambda: write_json(json_path, record)  # noqa: E731
-    failed = False
-    for amp in AMPS:
-        res = record["amps"][amp] = {}
-        try:
-            _bench_amp(bench, cfg, amp, res, save, work)
-        except Exception as e:  # one precision failing (OOM, say) leaves the other's figures
-            traceback.print_exc()
-            res["status"] = f"error: {type(e).__name__}: {e}"
-            failed = True
-        save()
-        if not bench.dry_run:
-            torch.cuda.empty_cache()
-    record["status"] = "error" if failed else "ok"
-    save()
-    return 1 if failed else 0
+    return per_precision(bench, record, json_path, AMPS,
+                         lambda amp, res, save: _bench_amp(bench, cfg, amp, res, save, work))

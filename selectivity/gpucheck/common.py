@@ -96,3 +96,30 @@ def _jsonable(x):
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def per_precision(bench: Bench, record: dict, json_path: str, amps, measure) -> int:
+    """``measure(amp, res, save)`` for each precision, into ``record["amps"][amp]``, the record
+    saved after each; one precision failing (OOM, say) leaves the other's figures. Returns the
+    stage's exit status: 1 if any precision failed."""
+    import traceback
+
+    import torch
+
+    def save():
+        write_json(json_path, record)
+    failed = False
+    for amp in amps:
+        res = record["amps"].setdefault(amp, {})
+        try:
+            measure(amp, res, save)
+        except Exception as e:
+            traceback.print_exc()
+            res["status"] = f"error: {type(e).__name__}: {e}"
+            failed = True
+        save()
+        if not bench.dry_run:
+            torch.cuda.empty_cache()
+    record["status"] = "error" if failed else "ok"
+    save()
+    return 1 if failed else 0
