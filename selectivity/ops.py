@@ -1,6 +1,21 @@
 """The one door to the compiled selectivity ops (csrc/, loaded as ``selectivity._C``).
 
-Two ops, each with a pure-PyTorch reference below that computes the same thing in float64:
+Each op has a pure-PyTorch reference below that computes the same thing in float64.
+
+The tracker's ops work on one flat, **tiled** state for all tracked layers (``new_tiled_state``):
+``sums [R, tiles, K, T]`` float64 (row r of the label matrix, T units per tile, each tile's K x T
+block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
+
+* ``accumulate_means(means, labels, sums, counts, weight, cache, rescans)``: one step of every layer:
+  ``means [B, N]`` float32 (the per-image means of all N tracked units), ``labels [R, B]`` int64 (row 0
+  the real labels, rows 1.. the null's); adds ``weight * means[b]`` into class ``labels[r, b]`` of row
+  r and ``weight`` into its count. With ``cache`` (``new_index_cache``) row 0's per-unit μ_max,
+  preferred class and sum of class means are kept up to date in O(B·N): a tile is rescanned only when
+  a unit's preferred class fell (``rescans[0]`` counts those units, ``rescans[1]`` the tiles).
+* ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
+  ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync.
+
+The per-layer ops, used by the analyses and the regularizer's tests:
 
 * ``accumulate(act, labels, sums, counts)``: for an activation ``[B, U, H, W]`` (NCHW or
   channels_last) or ``[B, U]`` in float32/float16/bfloat16 and int64 labels in ``[0, K)``, add each
@@ -96,6 +111,69 @@ def selectivity_index(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-
     return selectivity_index_reference(sums, counts, eps)
 
 
+# ----- the tiled state of all tracked layers -----
+
+TILE = 8  # units per tile: one 64-byte cache line of float64 per class (docs/extension.md)
+
+
+def new_tiled_state(rows: int, num_classes: int, num_units: int, tile: int = TILE,
+                    device: torch.device | str | None = None):
+    """Zeroed ``(sums [rows, tiles, K, tile], counts [rows, K])`` float64 for ``accumulate_means``."""
+    if rows < 1 or num_classes < 1 or num_units < 1 or not 1 <= tile <= 64:
+        raise ValueError(f"new_tiled_state needs rows, num_classes, num_units >= 1 and 1 <= tile <= 64, "
+                         f"got {rows}, {num_classes}, {num_units}, {tile}")
+    tiles = -(-num_units // tile)
+    sums = torch.zeros(rows, tiles, num_classes, tile, dtype=torch.float64, device=device)
+    return sums, torch.zeros(rows, num_classes, dtype=torch.float64, device=device)
+
+
+def new_index_cache(sums: torch.Tensor) -> torch.Tensor:
+    """The cache of an empty state: ``[3, tiles * T]`` = (μ_max -inf, preferred class -1, sum 0)."""
+    cache = sums.new_zeros(3, sums.shape[-3] * sums.shape[-1])
+    cache[0] = -float("inf")
+    cache[1] = -1
+    return cache
+
+
+def accumulate_means(means: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                     weight: float = 1.0, cache: torch.Tensor | None = None,
+                     rescans: torch.Tensor | None = None) -> None:
+    """One step into the tiled state (module doc). In place; ``means`` is detached."""
+    if _use_extension():
+        torch.ops.selectivity.accumulate_means(means.detach(), labels, float(weight), sums, counts, cache, rescans)
+    else:
+        accumulate_means_reference(means.detach(), labels, sums, counts, weight, cache, rescans)
+
+
+def index_cache(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The per-unit cache of one row (``sums [tiles, K, T]``, ``counts [K]``) from scratch."""
+    cache = new_index_cache(sums)
+    if _use_extension():
+        torch.ops.selectivity.index_cache(sums, counts, cache)
+    else:
+        cache.copy_(index_cache_reference(sums, counts))
+    return cache
+
+
+def si_from_cache(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> SIResult:
+    """``SIResult`` of every unit of a cache (padding included) and its row's ``counts [K]``: the same
+    formulas as ``selectivity_index``, on the cache's device, with no host sync."""
+    present = (counts > 0).sum().to(cache.dtype)
+    any_present = present > 0
+    mu_max = torch.where(any_present, cache[0], 0.0)
+    rest = torch.where(present > 1, (cache[2] - cache[0]) / (present - 1).clamp(min=1), 0.0)
+    rest = torch.where(any_present, rest, 0.0)
+    den = mu_max + rest + eps
+    si = torch.where(den != 0, (mu_max - rest) / torch.where(den != 0, den, 1.0), 0.0)
+    return SIResult(si, cache[1].to(torch.int64), mu_max, rest)
+
+
+def tiled_to_dense(sums: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Units ``[start, stop)`` of one row ``sums [tiles, K, T]`` as a ``[K, stop - start]`` copy."""
+    K = sums.shape[1]
+    return sums.permute(1, 0, 2).reshape(K, -1)[:, start:stop].contiguous()
+
+
 # ----- checks (the C++ kernels make the same checks with the same wording: csrc/checks.cpp) -----
 
 
@@ -189,6 +267,66 @@ def selectivity_index_reference(sums: torch.Tensor, counts: torch.Tensor, eps: f
     return SIResult(si, pref, mu_max, mu_rest)
 
 
+def _check_tiled(means, labels, sums, counts, cache, rescans) -> None:
+    fix = "; make the state with selectivity.ops.new_tiled_state()"
+    if sums.dtype != torch.float64 or counts.dtype != torch.float64:
+        raise TypeError("sums and counts must be float64" + fix)
+    if sums.dim() != 4:
+        raise ValueError(f"sums must be [R, tiles, K, T], got shape {_shape(sums)}" + fix)
+    R, tiles, K, T = sums.shape
+    if means.dtype != torch.float32:
+        raise TypeError("means must be float32; use means.float()")
+    if labels.dtype != torch.int64:
+        raise TypeError("labels must be int64; use labels.long()")
+    if means.dim() != 2:
+        raise ValueError(f"means must be a contiguous [B, N], got shape {_shape(means)}")
+    if labels.dim() != 2 or labels.shape[0] != R or labels.shape[1] != means.shape[0]:
+        raise ValueError(f"labels must be [R, B] = [{R}, {means.shape[0]}] (a row per state row, a column "
+                         f"per image), got shape {_shape(labels)}")
+    N = means.shape[1]
+    if not (tiles - 1) * T < N <= tiles * T:
+        raise ValueError(f"the state holds {tiles} tiles of {T} units, which does not fit {N} units" + fix)
+    if cache is not None and tuple(cache.shape) != (3, tiles * T):
+        raise ValueError(f"cache must be contiguous float64 [3, {tiles * T}] on the state's device, got "
+                         f"{_shape(cache)}; make it with selectivity.ops.new_index_cache()")
+
+
+def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=None, rescans=None) -> None:
+    """``accumulate_means`` in float64 PyTorch. With a cache it recomputes the cache from scratch, i.e.
+    it rescans every unit, and counts them all in ``rescans``."""
+    _check_tiled(means, labels, sums, counts, cache, rescans)
+    R, tiles, K, T = sums.shape
+    for r in range(R):
+        _check_label_range(labels[r], K)
+    B, N = means.shape
+    padded = torch.zeros(B, tiles * T, dtype=torch.float64, device=means.device)
+    padded[:, :N] = means.double()
+    per_tile = padded.view(B, tiles, T).transpose(0, 1)  # [tiles, B, T]
+    for r in range(R):
+        group_sum = torch.zeros(tiles, K, T, dtype=torch.float64, device=means.device)
+        group_sum.index_add_(1, labels[r], per_tile)
+        sums[r] += weight * group_sum  # as the kernels: the class's sum, then times the weight
+        counts[r] += weight * torch.bincount(labels[r], minlength=K).double()
+    if cache is not None:
+        cache.copy_(index_cache_reference(sums[0], counts[0]))
+        if rescans is not None:
+            rescans += tiles * T
+
+
+def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    tiles, K, T = sums.shape
+    present = (counts > 0).nonzero().squeeze(1)
+    out = sums.new_zeros(3, tiles * T)
+    out[0], out[1] = -float("inf"), -1
+    if present.numel():
+        means = sums.permute(1, 0, 2).reshape(K, tiles * T)[present] / counts[present, None]
+        best = means.max(0).values
+        rank = torch.arange(len(present), device=sums.device).unsqueeze(1).expand_as(means)
+        first = torch.where(means == best, rank, len(present)).min(0).values.clamp(max=len(present) - 1)
+        out[0], out[1], out[2] = best, present[first].double(), means.sum(0)
+    return out
+
+
 # ----- fake (meta) implementations: shapes only, for torch.compile and opcheck -----
 
 if _EXTENSION_ERROR is None:
@@ -202,3 +340,11 @@ if _EXTENSION_ERROR is None:
         _check_index_args(sums, counts)
         U = sums.shape[1]
         return sums.new_empty(U), sums.new_empty(U, dtype=torch.int64), sums.new_empty(U), sums.new_empty(U)
+
+    @torch.library.register_fake("selectivity::accumulate_means")
+    def _accumulate_means_fake(means, labels, weight, sums, counts, cache, rescans):
+        _check_tiled(means, labels, sums, counts, cache, rescans)
+
+    @torch.library.register_fake("selectivity::index_cache")
+    def _index_cache_fake(sums, counts, cache):
+        pass

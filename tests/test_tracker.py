@@ -243,29 +243,36 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
 
 
 def test_tracker_state_is_o_k_times_u():
-    """State per layer is sums [K, U] fp64 + counts [K] int64, whatever the batches seen."""
+    """One tiled state for all layers: sums [1, tiles, K, T] fp64 + counts [1, K] fp64, whatever the
+    batches seen; the per-layer view keeps the [K, U] sums and int64 counts."""
     from selectivity.models import build_model, unit_registry
 
     model = build_model("resnet20", 10).eval()
     tracker = SelectivityTracker(model, 1000)
-    expected = {n: 1000 * u * 8 + 1000 * 8 for n, u in unit_registry(model).items()}
+    units = sum(unit_registry(model).values())
+    tiles = -(-units // tracker.tile)
     with torch.no_grad():
         for b in (1, 7, 33):
             with tracker.track(torch.randint(0, 1000, (b,))):
                 model(torch.randn(b, 3, 32, 32))
-            got = {n: s.numel() * s.element_size() + c.numel() * c.element_size()
-                   for n, (s, c) in tracker.states.states.items()}
-            assert got == expected
-    assert int(tracker.states.states["layer1.0"][1].sum()) == 41
+            assert tuple(tracker.sums.shape) == (1, tiles, 1000, tracker.tile)
+            assert tuple(tracker.counts.shape) == (1, 1000)
+    per_layer = tracker.states.states
+    assert {n: tuple(s.shape) for n, (s, _) in per_layer.items()} == \
+        {n: (1000, u) for n, u in unit_registry(model).items()}
+    assert int(per_layer["layer1.0"][1].sum()) == 41 and per_layer["layer1.0"][1].dtype == torch.int64
 
 
-def test_reduced_reads_the_states_in_place_in_one_process():
-    """Without a process group the SI is read from the live states (no 121 MB copy per log step);
-    the DDP path, a reduced copy, is tested in test_ops_ddp.py and test_faults.py."""
+def test_compute_copies_per_layer_sums_only_when_read():
+    """compute() reduces the live state; a layer's [K, U] sums are copied out on first read only
+    (the copy of every layer at K = 1000 costs more than the reduction)."""
     model = Planted()
     tracker = SelectivityTracker(model, 3, "relu")
-    with tracker.track(torch.tensor([0, 2, 2, 1])):
-        model(torch.rand(4, 5, 2, 2))
-    (sums, counts), = tracker.states.reduced().values()
-    live = tracker.states.states["relu"]
-    assert sums is live[0] and counts is live[1]
+    x, labels = torch.rand(4, 5, 2, 2), torch.tensor([0, 2, 2, 1])
+    with tracker.track(labels):
+        model(x)
+    r = tracker.compute()["relu"]
+    assert callable(r.__dict__["_sums"])
+    expected = torch.zeros(3, 5, dtype=torch.float64).index_add_(0, labels, x.relu().mean((2, 3)).double())
+    torch.testing.assert_close(r.sums, expected)
+    assert isinstance(r.__dict__["_sums"], torch.Tensor)

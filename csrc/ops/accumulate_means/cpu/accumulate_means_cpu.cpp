@@ -1,0 +1,180 @@
+// CPU kernel of accumulate_means: threads own tiles of units (at::parallel_for), so no two write one
+// element of the state. Per tile and row, the images are taken class by class (sorted once per call):
+// the class's images' means are summed in float64, then its T sums are updated once. For row 0 with a
+// cache, the same pass compares each touched class's new mean with the unit's running maximum
+// (classes ascending, so ties go to the lowest class as in the full reduction) and replaces the
+// class's old mean by its new one in the running sum; a tile in which some unit's preferred class
+// fell below its old maximum is rescanned (scan_tile, common/tile_scan.h) while it is still in cache.
+#include "../../../common/cpu_clones.h"
+#include "../../../common/tile_scan.h"
+#include "../../../common/tiled_state.h"
+#include "../../../common/checks.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+namespace selectivity {
+namespace {
+
+constexpr int64_t kMaxTile = 64;  // units per tile the kernel's stack buffers hold
+
+// One row's images grouped by label: group j is class cls[j] with images order[start[j] .. start[j+1]).
+struct Groups {
+  std::vector<int64_t> order, cls, start;
+};
+
+Groups group_by_label(const int64_t* labels, int64_t B) {
+  Groups g;
+  g.order.resize(B);
+  std::iota(g.order.begin(), g.order.end(), int64_t{0});
+  std::stable_sort(g.order.begin(), g.order.end(), [&](int64_t a, int64_t b) { return labels[a] < labels[b]; });
+  for (int64_t k = 0; k < B; ++k) {
+    if (k == 0 || labels[g.order[k]] != labels[g.order[k - 1]]) {
+      g.cls.push_back(labels[g.order[k]]);
+      g.start.push_back(k);
+    }
+  }
+  g.start.push_back(B);
+  return g;
+}
+
+struct Step {
+  TiledState s;
+  const float* M;
+  double* S;
+  const double* C;
+  double w;
+  std::vector<Groups> rows;
+  std::vector<double> old0, new0;  // row 0's touched classes' counts before / after the step
+  double* best = nullptr;          // the cache's three rows, or null
+  double* arg = nullptr;
+  double* total = nullptr;
+};
+
+// acc[i] = the sum of group j's images' means of units t*T + i (0 for the padding past N).
+inline void group_sums(const Step& st, const Groups& g, int64_t j, int64_t t, int64_t n, double* acc) {
+  for (int64_t i = 0; i < st.s.T; ++i) acc[i] = 0.0;
+  for (int64_t k = g.start[j]; k < g.start[j + 1]; ++k) {
+    const float* m = st.M + g.order[k] * st.s.N + t * st.s.T;
+    SELECTIVITY_SIMD
+    for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(m[i]);
+  }
+}
+
+// Tile t of every row; returns the number of row-0 units that went stale (their tile was rescanned).
+SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
+  const int64_t T = st.s.T, K = st.s.K, nt = st.s.nt;
+  const int64_t n = std::min(T, st.s.N - t * T);
+  double acc[kMaxTile];
+  bool stale[kMaxTile] = {};
+  double* best = st.best ? st.best + t * T : nullptr;
+  double* arg = st.arg ? st.arg + t * T : nullptr;
+  double* total = st.total ? st.total + t * T : nullptr;
+  for (int64_t r = 0; r < st.s.R; ++r) {
+    const Groups& g = st.rows[r];
+    const bool cached = r == 0 && best != nullptr;
+    for (int64_t j = 0; j + 1 < static_cast<int64_t>(g.start.size()); ++j) {
+      group_sums(st, g, j, t, n, acc);
+      double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
+      if (!cached) {
+        SELECTIVITY_SIMD
+        for (int64_t i = 0; i < T; ++i) row[i] += st.w * acc[i];
+        continue;
+      }
+      const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
+      SELECTIVITY_SIMD
+      for (int64_t i = 0; i < T; ++i) {
+        const double om = oc > 0.0 ? row[i] / oc : 0.0;  // an absent class had no mean in the sum
+        row[i] += st.w * acc[i];
+        const double nm = row[i] / nc;
+        total[i] += nm - om;
+        const double b = best[i], a = arg[i];
+        const bool pref = a == cd;
+        const bool fell = pref && nm < b;
+        const bool take = !pref && (nm > b || (nm == b && cd < a));
+        best[i] = take || (pref && !fell) ? nm : b;
+        arg[i] = take ? cd : a;
+        stale[i] = !take && (stale[i] || fell);
+      }
+    }
+  }
+  if (best == nullptr) return 0;
+  int64_t n_stale = 0;
+  for (int64_t i = 0; i < T; ++i) n_stale += stale[i];
+  // A unit whose preferred class fell may have a new maximum anywhere: rescan its tile (the whole
+  // K x T block is read either way, so its neighbours come along, and their sums are reset exactly).
+  if (n_stale) scan_tile(st.S + t * K * T, st.C, K, T, 0, T, best, arg, total);
+  return n_stale;
+}
+
+void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, double weight, const at::Tensor& sums,
+                          const at::Tensor& counts, const std::optional<at::Tensor>& cache,
+                          const std::optional<at::Tensor>& rescans) {
+  check_means_args(means, labels, sums);
+  const at::Tensor none;
+  Step st;
+  st.s = check_tiled_state(sums, counts, cache.value_or(none), rescans.value_or(none), means.size(1));
+  TORCH_CHECK_VALUE(st.s.T <= kMaxTile, "tiles of at most ", kMaxTile, " units, got ", st.s.T);
+  TORCH_CHECK_VALUE(weight > 0.0, "weight must be > 0");
+  const int64_t R = st.s.R, K = st.s.K, B = means.size(0);
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* l = lab.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < R * B; ++k) {  // before anything is touched: a bad batch changes nothing
+    if (l[k] < 0 || l[k] >= K) throw_label_error(l[k], K, "");
+  }
+  st.M = means.const_data_ptr<float>();
+  st.S = sums.mutable_data_ptr<double>();
+  st.w = weight;
+  double* C = counts.mutable_data_ptr<double>();
+  st.C = C;  // row 0: the rescans read the counts after the step
+  for (int64_t r = 0; r < R; ++r) {
+    st.rows.push_back(group_by_label(l + r * B, B));
+    const Groups& g = st.rows.back();
+    for (size_t j = 0; j < g.cls.size(); ++j) {
+      double& c = C[r * K + g.cls[j]];
+      if (r == 0) st.old0.push_back(c);
+      c += weight * static_cast<double>(g.start[j + 1] - g.start[j]);
+      if (r == 0) st.new0.push_back(c);
+    }
+  }
+  if (cache.has_value()) {
+    const int64_t U = st.s.nt * st.s.T;
+    st.best = cache->mutable_data_ptr<double>();
+    st.arg = st.best + U;
+    st.total = st.best + 2 * U;
+  }
+  if (B == 0) return;
+  std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0), stale_tiles(stale_units.size(), 0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * B * st.s.T));
+  at::parallel_for(0, st.s.nt, grain, [&](int64_t t0, int64_t t1) {
+    int64_t units = 0, tiles = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = step_tile(st, t);
+      units += n;
+      tiles += n > 0;
+    }
+    const int64_t id = at::get_thread_num();
+    stale_units[id] += units;
+    stale_tiles[id] += tiles;
+  });
+  if (rescans.has_value()) {
+    int64_t* out = rescans->mutable_data_ptr<int64_t>();
+    for (size_t k = 0; k < stale_units.size(); ++k) {
+      out[0] += stale_units[k];
+      out[1] += stale_tiles[k];
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
+  m.impl("accumulate_means", &accumulate_means_cpu);
+}
+
+}  // namespace selectivity
