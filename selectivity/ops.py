@@ -11,7 +11,8 @@ block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
   the real labels, rows 1.. the null's); adds ``weight * means[b]`` into class ``labels[r, b]`` of row
   r and ``weight`` into its count. With ``cache`` (``new_index_cache``) row 0's per-unit μ_max,
   preferred class and sum of class means are kept up to date in O(B·N): a tile is rescanned only when
-  a unit's preferred class fell (``rescans[0]`` counts those units, ``rescans[1]`` the tiles).
+  a unit's preferred class fell below the bound of the others (``rescans[0]`` counts those units,
+  ``rescans[1]`` the rescans: a cache line of 8 units on the CPU, one unit on CUDA).
 * ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
   ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync.
 
@@ -37,6 +38,7 @@ If the extension is not built, both fall back to the reference with one warning 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -113,7 +115,7 @@ def selectivity_index(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-
 
 # ----- the tiled state of all tracked layers -----
 
-TILE = 8  # units per tile: one 64-byte cache line of float64 per class (docs/extension.md)
+TILE = 64  # units per tile (docs/extension.md: the scatter of a step against the rescans)
 
 
 def new_tiled_state(rows: int, num_classes: int, num_units: int, tile: int = TILE,
@@ -123,14 +125,38 @@ def new_tiled_state(rows: int, num_classes: int, num_units: int, tile: int = TIL
         raise ValueError(f"new_tiled_state needs rows, num_classes, num_units >= 1 and 1 <= tile <= 64, "
                          f"got {rows}, {num_classes}, {num_units}, {tile}")
     tiles = -(-num_units // tile)
-    sums = torch.zeros(rows, tiles, num_classes, tile, dtype=torch.float64, device=device)
-    return sums, torch.zeros(rows, num_classes, dtype=torch.float64, device=device)
+    sums = torch.empty(rows, tiles, num_classes, tile, dtype=torch.float64, device=device)
+    _ask_for_huge_pages(sums)
+    return sums.zero_(), torch.zeros(rows, num_classes, dtype=torch.float64, device=device)
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _ask_for_huge_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_HUGEPAGE) the 2 MB pages inside a fresh CPU tensor before it is first written.
+
+    Why: a step writes B classes' rows in every tile, scattered over the whole ~100 MB state; with 4 KB
+    pages nearly every write is a TLB miss, which made the scatter several times slower
+    (docs/extension.md). Linux only; elsewhere, or when the kernel refuses, nothing happens."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    try:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
 
 
 def new_index_cache(sums: torch.Tensor) -> torch.Tensor:
-    """The cache of an empty state: ``[3, tiles * T]`` = (μ_max -inf, preferred class -1, sum 0)."""
-    cache = sums.new_zeros(3, sums.shape[-3] * sums.shape[-1])
-    cache[0] = -float("inf")
+    """The cache of an empty state: ``[4, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
+    class means 0, bound of the other classes' means -inf)."""
+    cache = sums.new_zeros(4, sums.shape[-3] * sums.shape[-1])
+    cache[0] = cache[3] = -float("inf")
     cache[1] = -1
     return cache
 
@@ -286,8 +312,8 @@ def _check_tiled(means, labels, sums, counts, cache, rescans) -> None:
     N = means.shape[1]
     if not (tiles - 1) * T < N <= tiles * T:
         raise ValueError(f"the state holds {tiles} tiles of {T} units, which does not fit {N} units" + fix)
-    if cache is not None and tuple(cache.shape) != (3, tiles * T):
-        raise ValueError(f"cache must be contiguous float64 [3, {tiles * T}] on the state's device, got "
+    if cache is not None and tuple(cache.shape) != (4, tiles * T):
+        raise ValueError(f"cache must be contiguous float64 [4, {tiles * T}] on the state's device, got "
                          f"{_shape(cache)}; make it with selectivity.ops.new_index_cache()")
 
 
@@ -316,14 +342,14 @@ def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=No
 def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     tiles, K, T = sums.shape
     present = (counts > 0).nonzero().squeeze(1)
-    out = sums.new_zeros(3, tiles * T)
-    out[0], out[1] = -float("inf"), -1
+    out = new_index_cache(sums)
     if present.numel():
         means = sums.permute(1, 0, 2).reshape(K, tiles * T)[present] / counts[present, None]
         best = means.max(0).values
         rank = torch.arange(len(present), device=sums.device).unsqueeze(1).expand_as(means)
         first = torch.where(means == best, rank, len(present)).min(0).values.clamp(max=len(present) - 1)
-        out[0], out[1], out[2] = best, present[first].double(), means.sum(0)
+        others = means.scatter(0, first.unsqueeze(0), -float("inf"))  # the runner-up: all but the maximum
+        out[0], out[1], out[2], out[3] = best, present[first].double(), means.sum(0), others.max(0).values
     return out
 
 

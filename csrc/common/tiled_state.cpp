@@ -34,9 +34,9 @@ TiledState check_tiled_state(const at::Tensor& sums, const at::Tensor& counts, c
   TORCH_CHECK_VALUE(sums.device() == counts.device() && sums.is_contiguous() && counts.is_contiguous(),
                     "sums and counts must be contiguous and on one device", kFix);
   if (cache.defined()) {
-    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 && cache.size(0) == 3 &&
+    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 && cache.size(0) == 4 &&
                           cache.size(1) == s.nt * s.T && cache.is_contiguous() && cache.device() == sums.device(),
-                      "cache must be contiguous float64 [3, ", num(s.nt * s.T), "] on the state's device, got ",
+                      "cache must be contiguous float64 [4, ", num(s.nt * s.T), "] on the state's device, got ",
                       shape_of(cache), "; make it with selectivity.ops.new_index_cache()");
   }
   if (rescans.defined()) {

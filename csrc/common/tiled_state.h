@@ -3,8 +3,9 @@
 //   sums   [R, nt, K, T] float64  row r of the label matrix, tile t of T units, class k: the (decayed)
 //                                 sum of the per-image means of units t*T .. t*T + T - 1
 //   counts [R, K]        float64  the (decayed) number of images per class; a class is present where > 0
-//   cache  [3, nt * T]   float64  per unit of row 0: mu_max (-inf while no class is present), the
-//                                 preferred class (-1 then) and the sum of the present classes' means
+//   cache  [4, nt * T]   float64  per unit of row 0: mu_max (-inf while no class is present), the
+//                                 preferred class (-1 then), the sum of the present classes' means,
+//                                 and a bound of the other classes' means (common/tile_scan.h)
 //
 // A tile's K x T block is contiguous, so a unit's rescan over all classes reads one contiguous run
 // of memory (its T - 1 neighbours come with it), and a step's scatter writes T adjacent values per

@@ -1,10 +1,10 @@
 // CPU kernel of accumulate_means: threads own tiles of units (at::parallel_for), so no two write one
 // element of the state. Per tile and row, the images are taken class by class (sorted once per call):
 // the class's images' means are summed in float64, then its T sums are updated once. For row 0 with a
-// cache, the same pass compares each touched class's new mean with the unit's running maximum
-// (classes ascending, so ties go to the lowest class as in the full reduction) and replaces the
-// class's old mean by its new one in the running sum; a tile in which some unit's preferred class
-// fell below its old maximum is rescanned (scan_tile, common/tile_scan.h) while it is still in cache.
+// cache, the same pass brings each unit's cache up to date with each touched class's new mean
+// (update_unit, common/tile_scan.h; classes ascending, so ties go to the lowest class as in the full
+// reduction); a tile in which some unit's preferred class fell below the bound of the others is
+// rescanned (scan_tile) while it is still in cache.
 #include "../../../common/cpu_clones.h"
 #include "../../../common/tile_scan.h"
 #include "../../../common/tiled_state.h"
@@ -22,6 +22,7 @@ namespace selectivity {
 namespace {
 
 constexpr int64_t kMaxTile = 64;  // units per tile the kernel's stack buffers hold
+constexpr int64_t kLine = 8;      // float64 units per 64-byte cache line: the unit of a rescan
 
 // One row's images grouped by label: group j is class cls[j] with images order[start[j] .. start[j+1]).
 struct Groups {
@@ -54,6 +55,7 @@ struct Step {
   double* best = nullptr;          // the cache's three rows, or null
   double* arg = nullptr;
   double* total = nullptr;
+  double* second = nullptr;
 };
 
 // acc[i] = the sum of group j's images' means of units t*T + i (0 for the padding past N).
@@ -66,8 +68,8 @@ inline void group_sums(const Step& st, const Groups& g, int64_t j, int64_t t, in
   }
 }
 
-// Tile t of every row; returns the number of row-0 units that went stale (their tile was rescanned).
-SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
+// Tile t of every row; returns the number of row-0 units that went stale, adds the lines rescanned to `lines`.
+SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t, int64_t& lines) {
   const int64_t T = st.s.T, K = st.s.K, nt = st.s.nt;
   const int64_t n = std::min(T, st.s.N - t * T);
   double acc[kMaxTile];
@@ -75,6 +77,7 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   double* best = st.best ? st.best + t * T : nullptr;
   double* arg = st.arg ? st.arg + t * T : nullptr;
   double* total = st.total ? st.total + t * T : nullptr;
+  double* second = st.second ? st.second + t * T : nullptr;
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
     const bool cached = r == 0 && best != nullptr;
@@ -91,24 +94,22 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
       for (int64_t i = 0; i < T; ++i) {
         const double om = oc > 0.0 ? row[i] / oc : 0.0;  // an absent class had no mean in the sum
         row[i] += st.w * acc[i];
-        const double nm = row[i] / nc;
-        total[i] += nm - om;
-        const double b = best[i], a = arg[i];
-        const bool pref = a == cd;
-        const bool fell = pref && nm < b;
-        const bool take = !pref && (nm > b || (nm == b && cd < a));
-        best[i] = take || (pref && !fell) ? nm : b;
-        arg[i] = take ? cd : a;
-        stale[i] = !take && (stale[i] || fell);
+        update_unit(om, row[i] / nc, cd, best[i], arg[i], total[i], second[i], stale[i]);
       }
     }
   }
   if (best == nullptr) return 0;
+  // A unit whose preferred class fell may have its new maximum anywhere: rescan it, with the units of
+  // its cache line (kLine) that come along in every class's read.
   int64_t n_stale = 0;
-  for (int64_t i = 0; i < T; ++i) n_stale += stale[i];
-  // A unit whose preferred class fell may have a new maximum anywhere: rescan its tile (the whole
-  // K x T block is read either way, so its neighbours come along, and their sums are reset exactly).
-  if (n_stale) scan_tile(st.S + t * K * T, st.C, K, T, 0, T, best, arg, total);
+  for (int64_t i0 = 0; i0 < T; i0 += kLine) {
+    const int64_t i1 = std::min(T, i0 + kLine);
+    int64_t line_stale = 0;
+    for (int64_t i = i0; i < i1; ++i) line_stale += stale[i];
+    if (line_stale) scan_tile(st.S + t * K * T, st.C, K, T, i0, i1, best, arg, total, second);
+    n_stale += line_stale;
+    lines += line_stale > 0;
+  }
   return n_stale;
 }
 
@@ -147,17 +148,14 @@ void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, dou
     st.best = cache->mutable_data_ptr<double>();
     st.arg = st.best + U;
     st.total = st.best + 2 * U;
+    st.second = st.best + 3 * U;
   }
   if (B == 0) return;
   std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0), stale_tiles(stale_units.size(), 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * B * st.s.T));
   at::parallel_for(0, st.s.nt, grain, [&](int64_t t0, int64_t t1) {
     int64_t units = 0, tiles = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = step_tile(st, t);
-      units += n;
-      tiles += n > 0;
-    }
+    for (int64_t t = t0; t < t1; ++t) units += step_tile(st, t, tiles);
     const int64_t id = at::get_thread_num();
     stale_units[id] += units;
     stale_tiles[id] += tiles;

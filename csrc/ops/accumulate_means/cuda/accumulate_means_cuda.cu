@@ -4,8 +4,8 @@
 //   2. the rows without a cache: one thread per (row, image, unit) adds w * mean into its state
 //      element (atomicAdd: the order of the adds, so the last bits, can differ from run to run);
 //   3. row 0 with a cache: one thread per unit walks the images sorted by label (at::sort, on the
-//      device), adds each class's sum into its state element, updates the unit's cache as the CPU
-//      kernel does, and rescans its own unit (scan_tile over [i, i + 1)) when its preferred class fell.
+//      device), adds each class's sum into its state element, updates the unit's cache (update_unit, as
+//      the CPU kernel), and rescans its own unit (scan_tile over [i, i + 1)) when its preferred class fell.
 //      Both counters of `rescans` then count units.
 #include "../../../common/cuda/label_error.h"
 #include "../../../common/tile_scan.h"
@@ -54,6 +54,7 @@ __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const i
   double* best = cache + t * T;
   double* arg = cache + U + t * T;
   double* total = cache + 2 * U + t * T;
+  double* second = cache + 3 * U + t * T;
   bool stale = false;
   double acc = 0.0;
   for (int64_t k = 0; k < B; ++k) {
@@ -66,18 +67,10 @@ __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const i
     const double om = oc > 0.0 ? *x / oc : 0.0;
     *x += w * acc;
     acc = 0.0;
-    const double nm = *x / nc;
-    total[i] += nm - om;
-    const double b = best[i], a = arg[i];
-    const bool pref = a == cd;
-    const bool fell = pref && nm < b;
-    const bool take = !pref && (nm > b || (nm == b && cd < a));
-    best[i] = take || (pref && !fell) ? nm : b;
-    arg[i] = take ? cd : a;
-    stale = !take && (stale || fell);
+    update_unit(om, *x / nc, cd, best[i], arg[i], total[i], second[i], stale);
   }
   if (!stale) return;
-  scan_tile(S + t * K * T, counts, K, T, i, i + 1, best, arg, total);
+  scan_tile(S + t * K * T, counts, K, T, i, i + 1, best, arg, total, second);
   if (rescans != nullptr) {
     atomicAdd(rescans, 1ULL);
     atomicAdd(rescans + 1, 1ULL);

@@ -12,9 +12,10 @@ namespace selectivity {
 namespace {
 
 SELECTIVITY_HOT void scan_tiles(const double* S, const double* C, int64_t K, int64_t T, int64_t t0, int64_t t1,
-                                double* best, double* arg, double* total) {
+                                double* out, int64_t U) {
   for (int64_t t = t0; t < t1; ++t) {
-    scan_tile(S + t * K * T, C, K, T, 0, T, best + t * T, arg + t * T, total + t * T);
+    const int64_t o = t * T;
+    scan_tile(S + t * K * T, C, K, T, 0, T, out + o, out + U + o, out + 2 * U + o, out + 3 * U + o);
   }
 }
 
@@ -27,7 +28,7 @@ void index_cache_cpu(const at::Tensor& sums, const at::Tensor& counts, const at:
   double* out = cache.mutable_data_ptr<double>();
   const int64_t U = s.nt * s.T;
   at::parallel_for(0, s.nt, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.K * s.T)), [&](int64_t t0, int64_t t1) {
-    scan_tiles(S, C, s.K, s.T, t0, t1, out, out + U, out + 2 * U);
+    scan_tiles(S, C, s.K, s.T, t0, t1, out, U);
   });
 }
 

@@ -16,7 +16,8 @@ __global__ void index_cache_kernel(const double* S, const double* C, int64_t K, 
   const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (u >= U) return;
   const int64_t t = u / T, i = u % T;
-  scan_tile(S + t * K * T, C, K, T, i, i + 1, out + t * T, out + U + t * T, out + 2 * U + t * T);
+  const int64_t o = t * T;
+  scan_tile(S + t * K * T, C, K, T, i, i + 1, out + o, out + U + o, out + 2 * U + o, out + 3 * U + o);
 }
 
 void index_cache_cuda(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& cache) {
