@@ -445,7 +445,7 @@ def _from_per_layer_states(state: dict, rows: int, tile: int) -> dict:
         return {"format": "tiled", "layers": {}}
     K, N = next(iter(tables[0].values()))[0].shape[0], sum(layers.values())
     sums, counts = ops.new_tiled_state(rows, K, N, tile)
-    flat = sums.permute(0, 2, 1, 3).reshape(rows, K, -1)  # a copy: written back below
+    flat = torch.zeros(rows, K, sums.shape[1] * tile, dtype=torch.float64)
     for r, table in enumerate(tables):
         first = next(iter(table.values()))[1]
         if any(not torch.equal(c, first) for _, c in table.values()):
