@@ -1,8 +1,8 @@
 # Two commands set up everything on a fresh machine (Python 3.11):
-#   make demo   venv + pinned deps + the extension, then the main job on `digits` (torch backend:
-#               no system library, no root; FFCV/DALI are installed when possible, else skipped)
-#   make test   the same, plus FFCV and DALI with their system libraries (apt-get: root), then
-#               the test suite (every backend is tested)
+#   make demo   venv + pinned deps + the checkout installed editable (which builds the extension),
+#               then the main job on `digits` (torch backend: no system library, no root)
+#   make test   the same, plus FFCV and DALI with their system libraries (apt-get: root; or
+#               `make data-deps`), then the test suite (every backend is tested)
 # Every step is a file target or a stamp, so a re-run with nothing changed takes seconds.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,8 +11,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export SELECTIVITY_EXPECT_EXTENSION ?= 1
 
-# Fragments add their set-up steps to DEPS (what the demo needs: mk/ext.mk, the extension) and
-# TEST_DEPS (what only the tests need: mk/data.mk, FFCV and DALI).
+# Fragments add their set-up steps to DEPS (what the demo needs: mk/ext.mk, the extension and the
+# editable install) and TEST_DEPS (what only the tests need: mk/data.mk, FFCV and DALI).
 DEPS :=
 TEST_DEPS :=
 .PHONY: all venv demo test clean

@@ -85,11 +85,14 @@ def build_ext_class():
 
 
 # Metadata, dependencies and console scripts are in pyproject.toml; this file adds what needs
-# code: the compiled extension, and tools/ installed as selectivity.tools (the console scripts'
-# modules; in a checkout they stay plain files, so `torchrun tools/train.py` works).
+# code: the compiled extension, and the two top-level folders installed inside the one package:
+# pipelines/ as selectivity.pipelines (no top-level `pipelines` lands in a user's environment) and
+# tools/ as selectivity.tools (the console scripts' modules; in a checkout they stay plain files,
+# so `torchrun tools/train.py` works once the checkout is installed, editable: `make venv`).
 setup(
-    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*"]) + ["selectivity.tools"],
-    package_dir={"selectivity.tools": "tools"},
+    packages=find_packages(where=str(ROOT), include=["selectivity", "selectivity.*"])
+    + ["selectivity.pipelines", "selectivity.tools"],
+    package_dir={"selectivity.pipelines": "pipelines", "selectivity.tools": "tools"},
     ext_modules=[extension()],
     cmdclass={"build_ext": build_ext_class()},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

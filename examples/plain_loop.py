@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 import selectivity
-from selectivity.config import Config
-from selectivity.data import build_loader
+from selectivity.train.config import Config, data_spec
+from selectivity.pipelines import build_loader
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--steps", type=int, default=40)
@@ -22,7 +22,7 @@ args = p.parse_args()
 torch.manual_seed(0)
 
 data = Config(dataset="digits", batch_size=64, eval_batch_size=360)  # only its data fields are read
-train, val = build_loader(data, "train", "cpu"), build_loader(data, "val", "cpu")
+train, val = build_loader(data_spec(data), "train", "cpu"), build_loader(data_spec(data), "val", "cpu")
 model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 reg = selectivity.SelectivityRegularizer(model, num_classes=10)

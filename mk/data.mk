@@ -1,4 +1,4 @@
-# The data-loading backends (selectivity/data/ffcv.py + ffcv_write.py, selectivity/data/dali.py). Included by
+# The data-loading backends (selectivity/pipelines/ffcv.py + ffcv_write.py, selectivity/pipelines/dali.py). Included by
 # the top-level Makefile, which defines VENV, PY, PIP and the `venv` target.
 #
 #   make data-deps      system libraries FFCV compiles against (apt-get, only when missing), then
@@ -12,20 +12,14 @@
 # part is a stamp file rebuilt only when requirements-data.txt changes, so a re-run is instant.
 
 DATA_APT := pkg-config libturbojpeg0-dev libopencv-dev libgl1 libglib2.0-0
+# Another apt process (unattended upgrades, a second make) holding the dpkg lock is waited for.
+APT_WAIT := -o DPkg::Lock::Timeout=600
 DATA_STAMP := $(VENV)/.data-installed
 
+# The demo runs on the torch backend and installs none of this; the tests need every backend.
+# Choosing ffcv or dali without them is a one-line error naming `make data-deps`.
 TEST_DEPS += data-deps
-DEPS += data-deps-optional
-.PHONY: data-deps data-deps-optional data-syslibs bench-loader
-
-# The demo runs on the torch backend: FFCV/DALI are installed when their system libraries are
-# there or we are root (apt-get), else skipped with one line saying how to get them.
-data-deps-optional:
-	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null || [ "$$(id -u)" = 0 ]; then \
-	  $(MAKE) --no-print-directory data-deps; \
-	else \
-	  echo "mk/data.mk: skipping FFCV and DALI (optional backends: their system libraries are missing and we are not root); to get them, as root: apt-get install -y $(DATA_APT), then make data-deps"; \
-	fi
+.PHONY: data-deps data-syslibs bench-loader
 
 data-deps: data-syslibs $(DATA_STAMP)
 
@@ -37,7 +31,8 @@ data-syslibs:
 	  exit 1; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DATA_APT) >/dev/null && \
+	apt-get $(APT_WAIT) update -qq && \
+	apt-get $(APT_WAIT) install -y -qq --no-install-recommends $(DATA_APT) >/dev/null && \
 	pkg-config --exists opencv4 libturbojpeg && echo "mk/data.mk: system libraries installed"
 
 # pillow is listed explicitly: FFCV imports it without declaring it. FFCV's build needs no numpy

@@ -34,8 +34,11 @@ DEPS += $(EXT_SO)
 build: $(EXT_SO)
 
 # The torch headers it compiles against come from the venv: rebuild when the venv is reinstalled.
+# The checkout is installed into the venv editable (one build: pip builds the extension in place),
+# so tools, tests and `python -m selectivity...` import it without sys.path edits, and the
+# top-level pipelines/ and tools/ are selectivity.pipelines and selectivity.tools (setup.py).
 $(EXT_SO): $(EXT_SOURCES) $(EXT_STAMP) $(wildcard $(VENV)/.installed) | venv
-	$(PY) setup.py build_ext --inplace
+	$(PIP) install -q -e . --no-build-isolation --no-deps
 	@touch $@
 
 # Rewritten only when the settings differ from the last build, so an unchanged re-run is instant.

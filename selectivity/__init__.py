@@ -16,13 +16,13 @@ before a measurement). The compiled kernels: ``accumulate``, ``selectivity_index
 """
 from __future__ import annotations
 
-from .errors import UnitsError
-from .evaluation import BN_MODES, bn_statistics, recalibrate_bn
-from .ops import SIResult, accumulate, has_extension, new_state, selectivity_index
-from .regularizer import SelectivityRegularizer, selectivity_reg
-from .tracker import LayerSelectivity, SelectivityTracker, summarize
-from .unit_ranking import UnitRanking, rank_units
-from .units import PRESETS, UnitHooks, count_units, resolve_units, unit_means
+from selectivity.errors import UnitsError
+from selectivity.evaluation import BN_MODES, bn_statistics, recalibrate_bn
+from selectivity.ops import SIResult, accumulate, has_extension, new_state, selectivity_index
+from selectivity.regularizer import SelectivityRegularizer, selectivity_reg
+from selectivity.tracker import LayerSelectivity, SelectivityTracker, summarize
+from selectivity.unit_ranking import UnitRanking, rank_units
+from selectivity.units import PRESETS, UnitHooks, count_units, resolve_units, unit_means
 
 __version__ = "0.2.0"
 

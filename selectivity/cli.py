@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import run_cli
+from selectivity.errors import run_cli
 
 
 def _runner(tool: str):

@@ -8,7 +8,7 @@ traceback.
 
 This module sits at the bottom of the layering: it imports nothing of the project, so every
 module can raise these without import cycles. The classes stay importable from the modules that
-raised them first (``selectivity.config.ConfigError`` and so on).
+raised them first (``selectivity.train.config.ConfigError`` and so on).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .units import unwrap
+from selectivity.units import unwrap
 
 BN_MODES = ("recalibrate", "running", "batch")
 
@@ -49,7 +49,7 @@ def _saved_bn_state(bns):
 
 
 @contextlib.contextmanager
-def _no_rng_advance(device: torch.device):
+def no_rng_advance(device: torch.device):
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=True):
         yield
@@ -94,7 +94,7 @@ def bn_statistics(model: nn.Module, mode: str = "recalibrate", batches: Iterable
     bns = _bn_modules(model)
     device = next(root.parameters()).device
     try:
-        with _saved_bn_state(bns), _no_rng_advance(device):
+        with _saved_bn_state(bns), no_rng_advance(device):
             if mode == "recalibrate":
                 if batches is None:
                     raise ValueError("bn_mode recalibrate needs calibration batches")
@@ -108,16 +108,3 @@ def bn_statistics(model: nn.Module, mode: str = "recalibrate", batches: Iterable
     finally:
         for m, t in zip(root.modules(), flags):
             m.training = t
-
-
-def calibration_batches(cfg, device, images: int | None = None) -> list:
-    """The recalibration set of a run's config: a fixed stratified subset of the training split
-    (``bn_images`` images, seeded by the run's seed), as evaluation sees images (no augmentation),
-    decoded once and kept in memory on ``device``."""
-    from .ranking_split import ranking_loader
-    n = cfg.bn_images if images is None else images
-    loader = ranking_loader(cfg, device, fraction=1.0, seed=cfg.seed + 104729, max_images=n,
-                            batch_size=cfg.eval_batch_size)
-    loader.set_epoch(0)
-    with _no_rng_advance(torch.device(device)):  # iterating a DataLoader draws from torch's RNG
-        return [images for images, _ in loader]

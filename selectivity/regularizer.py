@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import ConfigError
-from .reduce import is_distributed
-from .tracker import EPS
-from .units import unit_means, UnitHooks
+from selectivity.train.config import ConfigError
+from selectivity.reduce import is_distributed
+from selectivity.tracker import EPS
+from selectivity.units import unit_means, UnitHooks
 
 WINDOW_KEYS = ("alpha", "start", "end")
 

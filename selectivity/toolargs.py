@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .evaluation import BN_MODES
+from selectivity.evaluation import BN_MODES
 
 
 class Parser(argparse.ArgumentParser):

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
-from .reduce import all_gather_batch
-from .units import UnitHooks, unit_means, unwrap
+from selectivity import ops
+from selectivity.reduce import all_gather_batch
+from selectivity.units import UnitHooks, unit_means, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95

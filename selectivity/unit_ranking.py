@@ -22,10 +22,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import ops
-from .errors import AblationError  # noqa: F401  (importable from here too)
-from .tracker import EPS, SelectivityTracker
-from .units import resolve_units
+from selectivity import ops
+from selectivity.errors import AblationError  # noqa: F401  (importable from here too)
+from selectivity.tracker import EPS, SelectivityTracker
+from selectivity.units import resolve_units
 
 
 # ---------------------------------------------------------------------------- layers

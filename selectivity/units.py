@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import UnitsError
+from selectivity.errors import UnitsError
 
 PRESETS = ("blocks", "relu", "bn")
 BLOCK_CLASSES = ("BasicBlock", "Bottleneck")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from selectivity import ablation as A
+from selectivity.analyses.ablation import ablation as A
 from selectivity.errors import UnitsError
-from selectivity.models import build_model, unit_registry
-from selectivity.ranking_split import stratified_subset
+from selectivity.train.models import build_model, unit_registry
+from selectivity.train.splits import stratified_subset
 from selectivity.unit_ranking import AblationError, rank_units, resolve_layers
 
 
@@ -181,7 +181,7 @@ def test_batch_statistics_are_measured_per_condition(resnet):
     # conditions of a batched pass would share them, so evaluate_ablations falls back to one pass
     # per condition, and the ranking sees batch statistics too (rank_units keeps the flags).
     from selectivity.unit_ranking import rank_units
-    from selectivity.analysis import measuring
+    from selectivity.analyses.common import measuring
     model, batches, rankings = resnet
     registry = unit_registry(model)
     conds = A.make_conditions({n: registry[n] for n in A.scopes_by_stage(registry)["layer2"]},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from selectivity import aggregate as agg
+from selectivity.study import aggregate as agg
 
 
 def make_run(path, seed, acc_by_epoch, si_by_epoch=None, name=None, extra=None, **config):

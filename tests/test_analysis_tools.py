@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from conftest import run_tool
-from selectivity.cka import LOGITS, count_relu_activity, cka_over_loader
+from selectivity.analyses.cka.cka import LOGITS, count_relu_activity, cka_over_loader
 from selectivity.errors import run_cli
-from selectivity.models import build_model
-from selectivity.orientation import (OrientationIndices, ablation_groups,
+from selectivity.train.models import build_model
+from selectivity.analyses.orientation.orientation import (OrientationIndices, ablation_groups,
                                      loss_and_shift_invariance, shift_correlation, zero_channels)
 
 EPS = 1e-6
@@ -165,7 +165,7 @@ def test_tools_take_out_and_bn_mode(run, tmp_path):
 
 def tool_main(tool_name):
     import importlib
-    return importlib.import_module(f"tools.{tool_name}").main
+    return importlib.import_module(f"selectivity.tools.{tool_name}").main
 
 
 def test_unknown_layer_is_a_one_line_error(run):
@@ -288,8 +288,8 @@ def test_loss_and_shift_invariance_sees_the_ablation_hook():
 
 def test_epochs_can_be_named_as_the_tools_print_them():
     import importlib
-    from selectivity.checkpoint import CheckpointError
-    nearest = importlib.import_module("tools.cka").nearest_epoch
+    from selectivity.train.checkpoint import CheckpointError
+    nearest = importlib.import_module("selectivity.tools.cka").nearest_epoch
     epochs = [0.0, 5 / 22, 10 / 22, 1.0, 12.0]
     assert nearest(0.227, epochs, "r") == nearest(0.227273, epochs, "r") == 5 / 22
     assert nearest(12, epochs, "r") == 12.0 and nearest(0.3, epochs, "r") is None
@@ -321,9 +321,9 @@ def test_cka_on_a_class_sorted_image_folder_equals_shuffled_within_noise(tmp_pat
     # Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
     # class) must sit far outside it, or this test would not show that the shuffle matters.
     import numpy as np
-    from selectivity.analysis import random_init_model
-    from selectivity.cka_run import order_spread
-    from selectivity.config import Config
+    from selectivity.analyses.common import random_init_model
+    from selectivity.analyses.cka.run import order_spread
+    from selectivity.train.config import Config
     write_image_folder(tmp_path)
     cfg = Config(dataset="imagefolder", data_dir=str(tmp_path), image_size=16,
                  eval_batch_size=8, workers=0, model="resnet20")
@@ -342,8 +342,8 @@ def test_cka_on_a_class_sorted_image_folder_equals_shuffled_within_noise(tmp_pat
 
 
 def test_val_loader_order_is_a_fixed_permutation(tmp_path):
-    from selectivity.analysis import val_loader
-    from selectivity.config import Config
+    from selectivity.analyses.common import val_loader
+    from selectivity.train.config import Config
     write_image_folder(tmp_path, classes=3, per_class=5, size=8)
     cfg = Config(dataset="imagefolder", data_dir=str(tmp_path), image_size=8, workers=0)
     orders = {s: val_loader(cfg, "cpu", seed=s).dataset.indices.tolist() for s in (0, 0, 1)}
@@ -372,7 +372,7 @@ def fake_run(root, name, p=12, seed=0):
 
 def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys):
     import importlib
-    plot = importlib.import_module("tools.plot_selectivity")
+    plot = importlib.import_module("selectivity.tools.plot_selectivity")
     a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", seed=1)
     plot.main([str(a), str(b)])
     out = tmp_path / "compare_a_vs_b"
@@ -396,9 +396,9 @@ def test_default_layers_of_a_model_without_residual_blocks():
     # Ukita's plain CNN and VGG16 have no blocks and no stages: the analyses then look at the
     # units the run tracked (track_units), as training did.
     from types import SimpleNamespace
-    from selectivity.cka_run import default_layers as cka_layers
+    from selectivity.analyses.cka.run import default_layers as cka_layers
     from selectivity.errors import UnitsError
-    from selectivity.orientation_run import default_layers, default_shift_layers
+    from selectivity.analyses.orientation.run import default_layers, default_shift_layers
     net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), act=nn.ReLU(),
                                     conv2=nn.Conv2d(4, 4, 3), act2=nn.ReLU(),
                                     pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from selectivity.data import build_loader
-from selectivity.config import Config
+from selectivity.pipelines import build_loader
+from selectivity.train.config import Config, data_spec
 from test_ffcv import make_image_folder
 
 CPU = torch.device("cpu")
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 def val_batches(backend, tmp_path, **kw):
     cfg = Config(data_backend=backend, cache_dir=str(tmp_path / "cache"), workers=1,
                  eval_batch_size=16, **kw)
-    loader = build_loader(cfg, "val", CPU)
+    loader = build_loader(data_spec(cfg), "val", CPU)
     try:
         loader.set_epoch(0)
         xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader])
@@ -60,11 +60,11 @@ def test_validation_images_agree_across_backends(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_unknown_backend_is_one_line_error():
-    from selectivity.data.datasets import DataError
+    from selectivity.pipelines.datasets import DataError
     cfg = Config()
     cfg.data_backend = "tf.data"
     with pytest.raises(DataError, match="unknown data_backend"):
-        build_loader(cfg, "val", CPU)
+        build_loader(data_spec(cfg), "val", CPU)
 
 
 @pytest.mark.timeout(300)
@@ -75,7 +75,7 @@ def test_batches_carry_the_dataset_indices_of_their_images(tmp_path, backend, sp
     validation epoch holds every image once, a training epoch never repeats one."""
     cfg = Config(data_backend=backend, cache_dir=str(tmp_path / "cache"), workers=1,
                  batch_size=64, eval_batch_size=50)
-    loader = build_loader(cfg, split, CPU)
+    loader = build_loader(data_spec(cfg), split, CPU)
     try:
         loader.set_epoch(1)
         seen = []

@@ -3,9 +3,9 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from conftest import run_tool
-from selectivity.checkpoint import load_state
+from selectivity.train.checkpoint import load_state
 from selectivity.evaluation import bn_statistics
-from selectivity.models import build_model
+from selectivity.train.models import build_model
 
 
 def model_and_batches():

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from selectivity.errors import UnitsError
-from selectivity.cka import (LOGITS, MinibatchCKA, cka_over_loader, collect_features, gram,
+from selectivity.analyses.cka.cka import (LOGITS, MinibatchCKA, cka_over_loader, collect_features, gram,
                              relu_active_fraction)
 
 

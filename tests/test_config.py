@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from selectivity.config import FIELDS, Config, ConfigError, load_config, parse_override
+from selectivity.train.config import FIELDS, Config, ConfigError, load_config, parse_override
 
 
 def write(tmp_path, text):
@@ -77,7 +77,7 @@ def test_exponent_floats_in_a_file(tmp_path):
 
 def test_a_merge_key_may_be_overridden_but_a_key_not_repeated():
     import yaml
-    from selectivity.config import yaml_load
+    from selectivity.train.config import yaml_load
     assert yaml_load("b: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")["d"] == {"x": 3, "y": 2}
     with pytest.raises(yaml.YAMLError, match="duplicated key 'x'"):
         yaml_load("d:\n  x: 1\n  x: 2\n")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from selectivity import SelectivityRegularizer, SelectivityTracker, bn_statistics
-from selectivity.models import build_model
+from selectivity.train.models import build_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

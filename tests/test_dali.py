@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from selectivity.data import build_loader
-from selectivity.data.dali import DALILoader
-from selectivity.config import Config
+from selectivity.pipelines import build_loader
+from selectivity.pipelines.dali import DALILoader
+from selectivity.train.config import Config, data_spec
 
 CPU = torch.device("cpu")
 
@@ -47,8 +47,8 @@ def loader(files, labels, **kw):
 @pytest.mark.timeout(120)
 def test_dali_loader_contract_on_digits(tmp_path):
     cfg = dali_cfg(tmp_path)
-    train = build_loader(cfg, "train", CPU)
-    val = build_loader(cfg, "val", CPU)
+    train = build_loader(data_spec(cfg), "train", CPU)
+    val = build_loader(data_spec(cfg), "val", CPU)
     try:
         assert len(train) == 1437 // 64 and train.num_samples == 22 * 64
         assert len(val) == 4 and val.num_samples == 360 and val.num_classes == 10
@@ -67,7 +67,7 @@ def test_dali_loader_contract_on_digits(tmp_path):
         # validation: exactly the torch backend's pixels and labels, in the same order
         val.set_epoch(0)
         xv, yv = zip(*[(x.clone(), y.clone()) for x, y in val])
-        tv = build_loader(Config(eval_batch_size=100), "val", CPU)
+        tv = build_loader(data_spec(Config(eval_batch_size=100)), "val", CPU)
         tv.set_epoch(0)
         xt, yt = zip(*list(tv))
         assert torch.equal(torch.cat(yv), torch.cat(yt))
@@ -77,7 +77,7 @@ def test_dali_loader_contract_on_digits(tmp_path):
     finally:
         train.close()
         val.close()
-    build_loader(cfg, "val", CPU).close()  # the export is reused, not redone
+    build_loader(data_spec(cfg), "val", CPU).close()  # the export is reused, not redone
     assert index.stat().st_mtime_ns == stamp
 
 
@@ -137,8 +137,8 @@ def test_dali_crop_flip_is_a_padded_shift_and_leaving_early_is_safe(tmp_path):
 def test_dali_rrc_flip_on_jpegs(tmp_path):
     from test_ffcv import make_image_folder
     root = make_image_folder(tmp_path / "data", per_class=8)
-    ld = build_loader(dali_cfg(tmp_path, dataset="imagefolder", data_dir=root, image_size=24,
-                               augment="rrc_flip", batch_size=8), "train", CPU)
+    ld = build_loader(data_spec(dali_cfg(tmp_path, dataset="imagefolder", data_dir=root, image_size=24,
+                               augment="rrc_flip", batch_size=8)), "train", CPU)
     try:
         ld.set_epoch(0)
         xs = [x.clone() for x, _ in ld]
@@ -169,14 +169,13 @@ def test_torchrun_two_processes_dali(tmp_path):
 
 
 BAD_IMAGES_PROBE = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from selectivity.config import Config
-from selectivity.data import build_loader
+import torch
+from selectivity.train.config import Config, data_spec
+from selectivity.pipelines import build_loader
 cfg = Config(dataset="imagefolder", data_dir={data!r}, data_backend="dali", cache_dir={cache!r},
              workers=1, batch_size=4, eval_batch_size=4, image_size=16, augment="crop_flip")
 for split in ("train", "val"):
-    ld = build_loader(cfg, split, torch.device("cpu"))
+    ld = build_loader(data_spec(cfg), split, torch.device("cpu"))
     ld.set_epoch(0)
     print(split, len(ld.dataset), sum(len(y) for _, y in ld), flush=True)
     ld.close()

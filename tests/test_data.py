@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selectivity.data.contract import shard_indices
-from selectivity.data.datasets import DataError, ImageFolderDataset, build_dataset, cifar10
-from selectivity.data.torch_loader import TorchLoader
+from selectivity.pipelines.contract import shard_indices
+from selectivity.pipelines.datasets import DataError, ImageFolderDataset, build_dataset, cifar10
+from selectivity.pipelines.torch_loader import TorchLoader
 
 
 def test_digits_fixed_stratified_split():
@@ -108,7 +108,7 @@ def test_digits_hard_fixed_generated_and_harder_than_digits():
     disjoint from train, and far from the ceiling for a linear probe on which digits is easy."""
     from sklearn.linear_model import LogisticRegression
 
-    from selectivity.data.datasets import DIGITS_HARD_COPIES
+    from selectivity.pipelines.datasets import DIGITS_HARD_COPIES
 
     tr, va = build_dataset("digits_hard", "train", image_size=16), build_dataset("digits_hard",
                                                                                  "val", image_size=16)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from selectivity.checkpoint import load_last_good, load_state
-from selectivity.runlock import RunLock
+from selectivity.train.checkpoint import load_last_good, load_state
+from selectivity.train.runlock import RunLock
 
 FAST = ["-c", "configs/demo.yaml", "--epochs", "2", "--batch-size", "128", "--deterministic",
         "true", "--log-every-steps", "5", "--progress", "false", "--eval-every-steps", "4"]

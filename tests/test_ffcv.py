@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from selectivity.data import build_loader
-from selectivity.data.datasets import ArrayDataset, DataError, build_dataset
-from selectivity.config import Config
+from selectivity.pipelines import build_loader
+from selectivity.pipelines.datasets import ArrayDataset, DataError, build_dataset
+from selectivity.train.config import Config, data_spec
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def add_bad_images(root):
 
 def beton_count_and_labels(path):
     from ffcv.reader import Reader
-    from selectivity.data.ffcv_write import _column
+    from selectivity.pipelines.ffcv_write import _column
     r = Reader(path)
     return int(r.num_samples), np.asarray(_column(r, "label"))
 
@@ -62,7 +62,7 @@ def leftovers(d):
 # ---- building -----------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_build_reports_and_skips_corrupt_and_truncated(tmp_path, capsys):
-    from tools.build_ffcv import main
+    from selectivity.tools.build_ffcv import main
     root = make_image_folder(tmp_path / "data")
     corrupt, truncated = add_bad_images(root)
     out = tmp_path / "out" / "train.beton"
@@ -83,7 +83,7 @@ def test_build_reports_and_skips_corrupt_and_truncated(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_build_strict_fails_before_writing(tmp_path, capsys):
     from selectivity.errors import run_cli
-    from tools.build_ffcv import main
+    from selectivity.tools.build_ffcv import main
     root = make_image_folder(tmp_path / "data", per_class=2)
     add_bad_images(root)
     out = tmp_path / "out" / "train.beton"
@@ -110,7 +110,7 @@ class _FailsInWorkers(ArrayDataset):
 @pytest.mark.timeout(60)
 def test_failing_writer_worker_never_hangs(tmp_path):
     """FFCV's own writer waits forever for a worker that raised; ours reports it and cleans up."""
-    from selectivity.data.ffcv_write import write_beton
+    from selectivity.pipelines.ffcv_write import write_beton
     rng = np.random.default_rng(0)
     ds = _FailsInWorkers(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), np.arange(40) % 4,
                          ["a", "b", "c", "d"], source="fails")
@@ -123,7 +123,7 @@ def test_failing_writer_worker_never_hangs(tmp_path):
 @pytest.mark.timeout(120)
 def test_build_cli_digits_summary_and_bad_input(tmp_path, capsys):
     from selectivity.errors import run_cli
-    from tools.build_ffcv import main
+    from selectivity.tools.build_ffcv import main
     out = tmp_path / "digits-val.beton"
     s = main(["--dataset", "digits", "--split", "val", "-o", str(out), "--mode", "raw",
               "--workers", "1", "--no-progress"])
@@ -141,7 +141,7 @@ def test_build_cli_digits_summary_and_bad_input(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_build_cifar10_and_synthetic(tmp_path, capsys):
     import pickle
-    from tools.build_ffcv import main
+    from selectivity.tools.build_ffcv import main
     rng = np.random.default_rng(0)
     cifar = tmp_path / "cifar-10-batches-py"
     cifar.mkdir()
@@ -178,8 +178,8 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     cfg = ffcv_cfg(tmp_path)
-    train = build_loader(cfg, "train", CPU)
-    val = build_loader(cfg, "val", CPU)
+    train = build_loader(data_spec(cfg), "train", CPU)
+    val = build_loader(data_spec(cfg), "val", CPU)
     try:
         # the .beton was built automatically into the cache dir, named by dataset/split/size
         names = sorted(f for f in os.listdir(tmp_path / "cache") if f.endswith(".beton"))
@@ -206,7 +206,7 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
         assert torch.equal(y_skip, y[5 * 64:]) and len(train) == 22 - 5
         # validation: the torch backend's pixels exactly (digits are 32×32 raw: pass-through)
         xv, yv = epoch(val, 0)
-        tv = build_loader(Config(eval_batch_size=100), "val", CPU)
+        tv = build_loader(data_spec(Config(eval_batch_size=100)), "val", CPU)
         tv.set_epoch(0)
         xt, yt = zip(*list(tv))
         assert torch.equal(yv, torch.cat(yt))
@@ -230,8 +230,8 @@ def test_ffcv_loader_contract_on_digits(tmp_path):
 def test_ffcv_crop_flip_augment_is_a_padded_shift(tmp_path):
     """augment crop_flip = the torch backend's: each image shifted by at most 2 px (size // 8),
     zero-filled, and mirrored half of the time."""
-    from selectivity.data.ffcv import FFCVLoader
-    from selectivity.data.ffcv_write import write_beton
+    from selectivity.pipelines.ffcv import FFCVLoader
+    from selectivity.pipelines.ffcv_write import write_beton
     rng = np.random.default_rng(1)
     imgs = rng.integers(1, 256, (64, 16, 16, 3), dtype=np.uint8)  # no zeros: fill is visible
     ds = ArrayDataset(imgs, np.arange(64) % 4, list("abcd"), source="shift")
@@ -260,7 +260,7 @@ def test_ffcv_rrc_flip_and_quasi_random_on_imagefolder(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=8)
     cfg = ffcv_cfg(tmp_path, dataset="imagefolder", data_dir=root, image_size=24,
                    augment="rrc_flip", batch_size=8, ffcv_order="quasi_random", os_cache=False)
-    ld = build_loader(cfg, "train", CPU)
+    ld = build_loader(data_spec(cfg), "train", CPU)
     try:
         assert len(ld) == 24 // 8
         for e in range(2):
@@ -274,7 +274,7 @@ def test_ffcv_rrc_flip_and_quasi_random_on_imagefolder(tmp_path):
     finally:
         ld.close()
     with pytest.raises(DataError, match="unknown ffcv_order"):
-        build_loader(ffcv_cfg(tmp_path, ffcv_order="sorted"), "val", CPU)
+        build_loader(data_spec(ffcv_cfg(tmp_path, ffcv_order="sorted")), "val", CPU)
 
 
 @pytest.mark.timeout(180)

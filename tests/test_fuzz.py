@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from selectivity.data.datasets import DataError, ImageFolderDataset
-from selectivity.config import FIELDS, ConfigError, from_dict
+from selectivity.pipelines.datasets import DataError, ImageFolderDataset
+from selectivity.train.config import FIELDS, ConfigError, from_dict
 
 values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
                    st.text(max_size=12), st.lists(st.integers(0, 100), max_size=3),
@@ -40,7 +40,7 @@ yaml_text = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(yaml_text)
 def test_config_file_fuzz_valid_or_one_line_config_error(tmp_path, text):
-    from selectivity.config import load_config
+    from selectivity.train.config import load_config
     path = tmp_path / "fuzz.yaml"
     path.write_text(text, encoding="utf-8")
     try:

@@ -10,15 +10,15 @@ SCRIPT = textwrap.dedent('''
     import sys
     import torch, torchvision
     import selectivity
-    from selectivity.config import Config
-    from selectivity.data import build_loader
+    from selectivity.train.config import Config, data_spec
+    from selectivity.pipelines import build_loader
 
     site, run = sys.argv[1], sys.argv[2]
     assert selectivity.__file__.startswith(site), selectivity.__file__
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(torch.load(run + "/checkpoints/epoch_1.pt", weights_only=False)["model"])
     model = model.to(memory_format=torch.channels_last).eval()
-    val = build_loader(Config(dataset="digits", eval_batch_size=360), "val", "cpu")
+    val = build_loader(data_spec(Config(dataset="digits", eval_batch_size=360)), "val", "cpu")
     tracker = selectivity.SelectivityTracker(model, num_classes=10)
     with torch.no_grad():
         for images, labels in val:

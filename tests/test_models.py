@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from selectivity.models import ModelError, build_model, unit_registry
+from selectivity.train.models import ModelError, build_model, unit_registry
 
 
 @pytest.mark.parametrize("name, blocks, units", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from selectivity.orientation import (default_n_sf, make_gratings, orientation_indices,
+from selectivity.analyses.orientation.orientation import (default_n_sf, make_gratings, orientation_indices,
                                      orientation_responses, permuted_control, shift_invariance)
 
 SIZE = 32

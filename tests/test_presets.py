@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT
-from selectivity.config import load_config, to_dict
-from selectivity.models import MODELS, build_model
+from selectivity.train.config import load_config, to_dict
+from selectivity.train.models import MODELS, build_model
 from selectivity.regularizer import parse_windows
 
 ALL = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -89,9 +89,9 @@ def write_imagefolder(root, classes=3, per_class=4, size=72):
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: os.path.basename(p))
 def test_paper_preset_trains_on_stand_in_data(path, tmp_path):
-    from selectivity import distributed
-    from selectivity.callbacks import default_callbacks
-    from selectivity.trainer import Trainer
+    from selectivity.train import distributed
+    from selectivity.train.callbacks import default_callbacks
+    from selectivity.train.trainer import Trainer
 
     preset = load_config(path)
     data = tmp_path / "data"

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from conftest import ROOT
 
 from selectivity import ops
-from selectivity.callbacks import Regularizing, regularizer_callbacks
-from selectivity.checkpoint import load_state
-from selectivity.config import Config, ConfigError, load_config
-from selectivity.models import build_model
+from selectivity.train.callbacks import Regularizing, regularizer_callbacks
+from selectivity.train.checkpoint import load_state
+from selectivity.train.config import Config, ConfigError, load_config
+from selectivity.train.models import build_model
 from selectivity.regularizer import (SelectivityRegularizer, Window, alpha_at, parse_windows,
                                      selectivity_reg)
 from selectivity.units import resolve_units
@@ -157,7 +157,7 @@ def test_windows_from_yaml_and_cli_override(tmp_path):
     path.write_text("selectivity_reg: [{alpha: -1.0, start: 0, end: 5}, {alpha: 0.5, start: 5}]\n")
     cfg = load_config(str(path))
     assert parse_windows(cfg.selectivity_reg)[1] == Window(0.5, 5.0)
-    from selectivity.config import parse_override
+    from selectivity.train.config import parse_override
     cfg = load_config(None, {"selectivity_reg": parse_override("selectivity_reg",
                                                                "[{alpha: -3, start: 2.5}]")})
     assert parse_windows(cfg.selectivity_reg) == [Window(-3.0, 2.5)]

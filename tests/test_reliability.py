@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run_tool
-from selectivity.checkpoint import (WriteError, atomic_torch_save, atomic_write_text,
+from selectivity.train.checkpoint import (WriteError, atomic_torch_save, atomic_write_text,
                                     load_state, save_checkpoint)
 from selectivity.errors import CheckpointError
-from selectivity.runlock import RunLock
+from selectivity.train.runlock import RunLock
 
 DEMO = ["-c", "configs/demo.yaml", "--progress", "false", "--eval-every-steps", "0"]
 # A run of a few seconds: 4 steps of 64 synthetic 16-px images, ResNet-20.
@@ -108,7 +108,7 @@ def test_every_writer_on_a_full_disk(small_disk):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from selectivity.io import save_figure
-    from selectivity.runlog import RunLog
+    from selectivity.train.runlog import RunLog
 
     disk = small_disk("256k")
     old = disk / "old.txt"
@@ -136,7 +136,7 @@ def test_every_writer_on_a_full_disk(small_disk):
     assert all(json.loads(line) for line in lines)  # no torn last line
     log.close(quiet=True)
 
-    from selectivity.runlog import _LineAppender
+    from selectivity.train.runlog import _LineAppender
     appender = _LineAppender("/dev/full")  # the append path alone, onto a device always full
     with pytest.raises(WriteError, match="cannot write /dev/full: No space left on device"):
         appender.append('{"a": 1}\n')
@@ -322,12 +322,12 @@ def test_errors_module_imports_nothing_of_the_project():
 
 
 def test_error_classes_are_one_set_importable_from_their_old_modules():
-    import selectivity.checkpoint as checkpoint
-    import selectivity.config as config
-    import selectivity.data.datasets as datasets
+    import selectivity.train.checkpoint as checkpoint
+    import selectivity.train.config as config
+    import selectivity.pipelines.datasets as datasets
     import selectivity.errors as errors
-    import selectivity.models as models
-    import selectivity.trainer as trainer
+    import selectivity.train.models as models
+    import selectivity.train.trainer as trainer
     import selectivity.unit_ranking as unit_ranking
     assert config.ConfigError is errors.ConfigError
     assert datasets.DataError is errors.DataError
@@ -363,7 +363,7 @@ def test_analysis_tools_skip_a_torn_checkpoint_with_a_warning(tmp_path):
 
     import torch
 
-    from selectivity.runs import list_checkpoints
+    from selectivity.train.runs import list_checkpoints
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     torch.save({"epoch": 1, "batch_in_epoch": 0, "steps_per_epoch": 5, "step": 5},

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from selectivity.config import ConfigError
+from selectivity.train.config import ConfigError
 
 
 def load_tool(name):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from selectivity.callbacks import Tracking
+from selectivity.train.callbacks import Tracking
 from selectivity.errors import UnitsError
 from selectivity.tracker import SelectivityTracker, summarize
 from selectivity.units import UnitHooks
@@ -177,12 +177,14 @@ def demo_run(tmp_path_factory):
 def test_tracker_equals_independent_recomputation(demo_run):
     """Per-unit SI in selectivity/epoch_2.pt == SI recomputed from stored activations of the
     epoch-2 checkpoint on the same val data (numpy, class means, no selectivity.ops)."""
-    from selectivity.data.datasets import build_dataset
-    from selectivity.data.torch_loader import TorchLoader
-    from selectivity.models import residual_blocks
-    from selectivity.runs import load_model, run_config
+    from selectivity.pipelines.datasets import build_dataset
+    from selectivity.pipelines.torch_loader import TorchLoader
+    from selectivity.train.models import residual_blocks
+    from selectivity.train.runs import load_model, run_config
 
-    from selectivity.evaluation import bn_statistics, calibration_batches
+    from selectivity.evaluation import bn_statistics
+    from selectivity.train.config import data_spec
+    from selectivity.train.splits import calibration_batches
 
     cfg = run_config(demo_run)
     model = load_model(cfg, os.path.join(demo_run, "checkpoints", "epoch_2.pt"))
@@ -196,7 +198,7 @@ def test_tracker_equals_independent_recomputation(demo_run):
     acts = {n: [] for n in residual_blocks(model)}
     for n, b in residual_blocks(model).items():
         b.register_forward_hook(lambda m, i, o, n=n: acts[n].append(o.mean((2, 3)).double()))
-    calibration = calibration_batches(cfg, "cpu")
+    calibration = calibration_batches(data_spec(cfg), "cpu", cfg.bn_images)
     with pytest.raises(ValueError, match="empty"):
         with bn_statistics(model, "recalibrate", []):
             pass
@@ -245,7 +247,7 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
 def test_tracker_state_is_o_k_times_u():
     """One tiled state for all layers: sums [1, tiles, K, T] fp64 + counts [1, K] fp64, whatever the
     batches seen; the per-layer view keeps the [K, U] sums and int64 counts."""
-    from selectivity.models import build_model, unit_registry
+    from selectivity.train.models import build_model, unit_registry
 
     model = build_model("resnet20", 10).eval()
     tracker = SelectivityTracker(model, 1000)

@@ -3,7 +3,7 @@ import json
 import os
 
 
-from selectivity.checkpoint import load_state
+from selectivity.train.checkpoint import load_state
 
 # Small and deterministic: digits, ResNet-20, 2 epochs of 11 steps.
 FAST = ["-c", "configs/demo.yaml", "--epochs", "2", "--batch-size", "128", "--deterministic",

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torchvision
 
 from selectivity.errors import UnitsError
-from selectivity.models import build_model
+from selectivity.train.models import build_model
 from selectivity.units import UnitHooks, count_units, resolve_units
 
 

@@ -29,7 +29,7 @@ Writes (OUT defaults to RUN; OUT/ablation.jsonl is rewritten atomically after ev
                                  si_ablated, ...
   OUT/figures/ablation_curves_<stage>.png   normalized accuracy against k, a panel per checkpoint
   OUT/figures/ablation_auc.png   area under that curve (mean over the grid) against epoch
-and prints a summary table. The measurement is selectivity.ablation_run.ablation_rows; details
+and prints a summary table. The measurement is selectivity.analyses.ablation.run.ablation_rows; details
 and choices: docs/ablation.md.
 """
 from __future__ import annotations
@@ -38,19 +38,18 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 
-from selectivity import ablation as A  # noqa: E402
-from selectivity.ablation_run import AblationRequest, ablation_rows, read_rows  # noqa: E402
-from selectivity.analysis import set_threads  # noqa: E402
-from selectivity.distributed import choose_device  # noqa: E402
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.runs import run_config  # noqa: E402
-from selectivity.toolargs import Parser, add_common  # noqa: E402
+from selectivity.analyses.ablation import ablation as A
+from selectivity.analyses.ablation.run import AblationRequest, ablation_rows, read_rows
+from selectivity.analyses.common import set_threads
+from selectivity.train.distributed import choose_device
+from selectivity.errors import run_cli
+from selectivity.train.runs import run_config
+from selectivity.toolargs import Parser, add_common
 
 
 def parse_args(argv):
@@ -126,7 +125,7 @@ def print_summary(rows):
 
 
 def main(argv=None):
-    from selectivity.figures.ablation import write_figures
+    from selectivity.analyses.ablation.figures import write_figures
 
     args = parse_args(argv)
     run = args.run

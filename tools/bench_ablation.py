@@ -28,14 +28,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from selectivity import ablation as A  # noqa: E402
-from selectivity.models import MODELS, build_model, unit_registry  # noqa: E402
-from selectivity.unit_ranking import rank_units  # noqa: E402
+from selectivity.analyses.ablation import ablation as A
+from selectivity.train.models import MODELS, build_model, unit_registry
+from selectivity.unit_ranking import rank_units
 
 
 def spread_conditions(units: dict, n: int, scope: str) -> list:
@@ -82,7 +81,7 @@ def main(argv=None):
 
     model = build_model(args.model, 10)
     if args.checkpoint:
-        from selectivity.checkpoint import load_state
+        from selectivity.train.checkpoint import load_state
         model.load_state_dict(load_state(args.checkpoint)["model"])
     model = model.eval().to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)

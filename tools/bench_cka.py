@@ -1,4 +1,4 @@
-"""Benchmark: selectivity.cka (ours) vs torch_cka on the same models, layers and images.
+"""Benchmark: selectivity.analyses.cka.cka (ours) vs torch_cka on the same models, layers and images.
 
     python tools/bench_cka.py [--model resnet20] [--batch-size 64] [--batches 4] [--repeats 5]
                               [--within] [--threads 1]
@@ -29,10 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selectivity.cka import cka_over_loader, collect_features, resolve_modules  # noqa: E402
-from selectivity.models import MODELS, build_model  # noqa: E402
-from selectivity.units import UnitHooks  # noqa: E402
+from selectivity.analyses.cka.cka import cka_over_loader, collect_features, resolve_modules
+from selectivity.train.models import MODELS, build_model
+from selectivity.units import UnitHooks
 
 DEFAULT_LAYERS = {"resnet20": ["relu", "layer1", "layer2", "layer3", "fc"],
                   "resnet18": ["layer1", "layer2", "layer3", "layer4", "fc"]}

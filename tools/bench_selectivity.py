@@ -34,10 +34,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selectivity import ops  # noqa: E402
-from selectivity.config import Config  # noqa: E402
-from selectivity.units import UnitHooks  # noqa: E402
+from selectivity import ops
+from selectivity.train.config import Config
+from selectivity.units import UnitHooks
 
 K = 1000
 B = 64

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from selectivity.errors import run_cli  # noqa: E402
+from selectivity.errors import run_cli
 
 
 def parse_args(argv=None):
@@ -49,8 +47,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from selectivity.data.datasets import DataError, build_dataset
-    from selectivity.data.ffcv_write import write_beton
+    from selectivity.pipelines.datasets import DataError, build_dataset
+    from selectivity.pipelines.ffcv_write import write_beton
 
     a = parse_args(argv)
     if a.workers < 1:

@@ -24,27 +24,26 @@ per checkpoint:
    "matrix", "relu_active", "relu_active_b", "images", "batches",
    "random_init": {"seed", "seed_b", "matrix", "relu_active", "relu_active_b"}}  (NaN as null)
 and into OUT/figures/: <prefix>_heatmaps.png, <prefix>_curves.png, <prefix>_relu_active.png.
-Prints a summary table. The measurement is selectivity.cka_run.cka_records.
+Prints a summary table. The measurement is selectivity.analyses.cka.run.cka_records.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
+import numpy as np
 
-from selectivity.analysis import run_label, set_threads  # noqa: E402
-from selectivity.cka import LOGITS, MIN_BATCH  # noqa: E402
-from selectivity.cka_run import cka_records, default_outputs, entry  # noqa: E402
-from selectivity.distributed import choose_device  # noqa: E402
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.runs import nearest_epoch, open_run  # noqa: E402,F401  (nearest_epoch: tests)
-from selectivity.toolargs import Parser, add_common, positive  # noqa: E402
+from selectivity.analyses.common import run_label, set_threads
+from selectivity.analyses.cka.cka import LOGITS, MIN_BATCH
+from selectivity.analyses.cka.run import cka_records, default_outputs, entry
+from selectivity.train.distributed import choose_device
+from selectivity.errors import run_cli
+from selectivity.train.runs import nearest_epoch, open_run  # noqa: F401  (nearest_epoch: tests)
+from selectivity.toolargs import Parser, add_common, positive
 
 
 def parse_args(argv=None):
@@ -105,7 +104,7 @@ def print_summary(records, layers, between, out_jsonl, written):
 
 
 def main(argv=None):
-    from selectivity.figures.cka import write_figures
+    from selectivity.analyses.cka.figures import write_figures
 
     args = parse_args(argv)
     device = choose_device(args.device)

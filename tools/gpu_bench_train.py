@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gpu_bench_common import Bench, write_json
 from selectivity import SelectivityTracker, UnitHooks
-from selectivity.models import build_model
+from selectivity.train.models import build_model
 
 REAL = dict(batch=256, size=224, classes=1000, warmup=5, rounds=4, steps=5)
 # Dry run: at 16 px the last two stages' BatchNorms see 1x1 maps, and bf16 training goes NaN within a

@@ -31,7 +31,7 @@ import torch
 from gpu_bench_common import Bench
 from gpu_bench_train import amp_step
 from selectivity import SelectivityTracker
-from selectivity.models import build_model
+from selectivity.train.models import build_model
 
 REAL = dict(batch=256, size=224, classes=1000, warmup=5, rounds=4, steps=5)
 DRY = dict(batch=8, size=32, classes=10, warmup=1, rounds=2, steps=1)

@@ -32,7 +32,7 @@ into OUT/figures/:
   orientation_gosi_by_epoch.png  mean gOSI of live units per layer vs epoch, control dashed
   orientation_ablation.png       loss increase and accuracy drop, top vs bottom half, per layer
   orientation_shift.png          shift invariance vs epoch, and after each ablation
-The measurement is selectivity.orientation_run.orientation_records.
+The measurement is selectivity.analyses.orientation.run.orientation_records.
 """
 from __future__ import annotations
 
@@ -40,18 +40,17 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
+import numpy as np
 
-from selectivity.analysis import set_threads  # noqa: E402
-from selectivity.distributed import choose_device  # noqa: E402
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.orientation_run import CENTRED, Plan, orientation_records  # noqa: E402
-from selectivity.toolargs import Parser, add_common, positive  # noqa: E402
+from selectivity.analyses.common import set_threads
+from selectivity.train.distributed import choose_device
+from selectivity.errors import run_cli
+from selectivity.analyses.orientation.run import CENTRED, Plan, orientation_records
+from selectivity.toolargs import Parser, add_common, positive
 
 
 def parse_args(argv=None):
@@ -86,7 +85,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from selectivity.figures.orientation import write_figures
+    from selectivity.analyses.orientation.figures import write_figures
 
     args = parse_args(argv)
     device = choose_device(args.device)

@@ -26,17 +26,16 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from selectivity import aggregate as agg  # noqa: E402
-from selectivity.io import save_figure  # noqa: E402
-from selectivity.regularizer import parse_windows  # noqa: E402
+from selectivity.study import aggregate as agg
+from selectivity.io import save_figure
+from selectivity.regularizer import parse_windows
 
 
 def fail(message: str):

@@ -20,19 +20,18 @@ import os
 import sys
 from collections import OrderedDict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from selectivity.checkpoint import makedirs  # noqa: E402
-from selectivity.errors import CheckpointError, run_cli  # noqa: E402
-from selectivity.io import save_figure  # noqa: E402
-from selectivity.models import stage_of  # noqa: E402
+from selectivity.train.checkpoint import makedirs
+from selectivity.errors import CheckpointError, run_cli
+from selectivity.io import save_figure
+from selectivity.train.models import stage_of
 
 
 def load_evals(run: str) -> list[dict]:

@@ -34,17 +34,16 @@ import time
 from collections import OrderedDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from selectivity import aggregate as agg  # noqa: E402
-from selectivity.config import ConfigError, load_config, to_dict  # noqa: E402
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.figures.study import plot_alpha, plot_si, plot_windows  # noqa: E402
-from selectivity.regularizer import parse_windows  # noqa: E402
+from selectivity.study import aggregate as agg
+from selectivity.train.config import ConfigError, load_config, to_dict
+from selectivity.errors import run_cli
+from selectivity.study.figures import plot_alpha, plot_si, plot_windows
+from selectivity.regularizer import parse_windows
 
 import study  # noqa: E402  (tools/study.py: the runner)
-from reproduce_analyses import (claim_ablation, claim_cka, claim_orientation,  # noqa: E402
+from reproduce_analyses import (claim_ablation, claim_cka, claim_orientation,
                                 verdict_interval)
 
 CONDITIONS = os.path.join(ROOT, "configs", "study")
@@ -321,7 +320,7 @@ Runs (seeds) per condition: {ns}. Every interval is a {agg.INTERVAL}; n is the n
     text = head + "\n" + "\n".join(sections)
     os.makedirs(docs, exist_ok=True)
     path = os.path.join(docs, "findings.md")
-    from selectivity.checkpoint import atomic_write_text
+    from selectivity.train.checkpoint import atomic_write_text
     atomic_write_text(path, text)
     return path
 

@@ -18,13 +18,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from selectivity import aggregate as agg  # noqa: E402
-from selectivity.cka import LOGITS  # noqa: E402
-from selectivity.cka_run import entry  # noqa: E402
-from selectivity.figures.study import plot_ablation, plot_cka, plot_orientation  # noqa: E402
-from selectivity.orientation_run import layer_groups  # noqa: E402
+from selectivity.study import aggregate as agg
+from selectivity.analyses.cka.cka import LOGITS
+from selectivity.analyses.cka.run import entry
+from selectivity.study.figures import plot_ablation, plot_cka, plot_orientation
+from selectivity.analyses.orientation.run import layer_groups
 
 CKA_EPOCHS = (0, 1, 2, 3, 5)  # and the final one: the early epochs, where paper 1 looks, densely
 ORIENTATION_IMAGES = 1000     # val images for loss and shift invariance (the tool's default: all)

@@ -34,15 +34,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import yaml  # noqa: E402
+import yaml
 
-from selectivity.config import (ConfigError, from_dict, load_config, parse_sets,  # noqa: E402
+from selectivity.train.config import (ConfigError, from_dict, load_config, parse_sets,
                                 to_dict)
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.regularizer import parse_windows  # noqa: E402
-from selectivity.runlog import read_metrics, run_paths  # noqa: E402
+from selectivity.errors import run_cli
+from selectivity.regularizer import parse_windows
+from selectivity.train.runlog import read_metrics, run_paths
 
 # Keys the study decides per run (the run's place and seed); a condition may not set them.
 PER_RUN = ("seed", "name", "out_dir")
@@ -141,7 +140,7 @@ def run_study(conditions: dict, seeds: list[int], out: str, jobs: int = 1,
         os.makedirs(e["cond_dir"], exist_ok=True)
         path = os.path.join(e["cond_dir"], "condition.yaml")
         if not os.path.exists(path):
-            from selectivity.checkpoint import atomic_write_text
+            from selectivity.train.checkpoint import atomic_write_text
             atomic_write_text(path, yaml.safe_dump(e["config"], sort_keys=False))
     todo = [e for e in plan if e["status"] != "done"]
     if not quiet:

@@ -22,14 +22,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import yaml  # noqa: E402
+import yaml
 
-from selectivity.config import ConfigError, load_config, parse_sets, to_dict  # noqa: E402
-from selectivity.errors import run_cli  # noqa: E402
-from selectivity.regularizer import parse_windows  # noqa: E402
-from selectivity.runlog import read_metrics, run_paths  # noqa: E402
+from selectivity.train.config import ConfigError, load_config, parse_sets, to_dict
+from selectivity.errors import run_cli
+from selectivity.regularizer import parse_windows
+from selectivity.train.runlog import read_metrics, run_paths
 
 
 def run_name(config_path: str) -> str:

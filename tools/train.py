@@ -3,23 +3,19 @@
 
     python tools/train.py -c configs/demo.yaml [--epochs 2] [--lr 0.05] [--resume]
 
-Every key of selectivity/config.py is a flag (``--data-dir`` or ``--data_dir``); flags override
-the file. Bad input exits with status 2 and one line naming the problem, before anything is
+Every key of selectivity/train/config.py is a flag, listed below by section (``--data-dir`` or
+``--data_dir``); flags override the file. Bad input exits with status 2 and one line naming the problem, before anything is
 written; Ctrl-C exits with status 130 and one line saying where the run stopped.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 import typing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from selectivity.config import (FIELDS, RESUMABLE, Config, check_machine, help_of,  # noqa: E402
-                                load_config, parse_override)
-from selectivity.errors import run_cli  # noqa: E402
+from selectivity.train.config import (FIELDS, RESUMABLE, SECTIONS, Config, check_machine, help_of,
+                                      keys_of, load_config, parse_override)
+from selectivity.errors import run_cli
 
 
 def _default(key: str):
@@ -36,20 +32,21 @@ def parse_args(argv=None):
                    help="with --resume: continue even though keys other than "
                         f"{', '.join(RESUMABLE)} differ from the run's config (each change is "
                         f"recorded in metrics.jsonl)")
-    keys = p.add_argument_group("config keys (YAML key: value, or --key V; flags win)")
     hints = typing.get_type_hints(Config)
-    for key in FIELDS:
-        typ = hints[key].__name__
-        text = f"{typ}, default {_default(key)!r}: {help_of(key)}".replace("%", "%%")
-        flags = dict.fromkeys([f"--{key.replace('_', '-')}", f"--{key}"])  # once if no '_'
-        keys.add_argument(*flags, dest=key, default=None, metavar=typ.upper(), help=text)
+    for section in SECTIONS:  # YAML key: value, or --key V; flags win
+        group = p.add_argument_group(f"{section} (config keys; flags override the file)")
+        for key in keys_of(section):
+            typ = hints[key].__name__
+            text = f"{typ}, default {_default(key)!r}: {help_of(key)}".replace("%", "%%")
+            flags = dict.fromkeys([f"--{key.replace('_', '-')}", f"--{key}"])  # once if no '_'
+            group.add_argument(*flags, dest=key, default=None, metavar=typ.upper(), help=text)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    from selectivity import distributed
-    from selectivity.callbacks import default_callbacks
-    from selectivity.trainer import Trainer
+    from selectivity.train import distributed
+    from selectivity.train.callbacks import default_callbacks
+    from selectivity.train.trainer import Trainer
 
     args = parse_args(argv)
     overrides = {k: parse_override(k, v) for k, v in vars(args).items()
