@@ -12,7 +12,7 @@ block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
   r and ``weight`` into its count. With ``cache`` (``new_index_cache``) row 0's per-unit μ_max,
   preferred class and sum of class means are kept up to date in O(B·N): a tile is rescanned only when
   a unit's preferred class fell below the bound of the others (``rescans[0]`` counts those units,
-  ``rescans[1]`` the rescans: a cache line of 8 units on the CPU, one unit on CUDA).
+  ``rescans[1]`` the calls).
 * ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
   ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync.
 
@@ -37,6 +37,7 @@ If the extension is not built, both fall back to the reference with one warning 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -152,12 +153,16 @@ def _ask_for_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-def new_index_cache(sums: torch.Tensor) -> torch.Tensor:
-    """The cache of an empty state: ``[4, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
-    class means 0, bound of the other classes' means -inf)."""
-    cache = sums.new_zeros(4, sums.shape[-3] * sums.shape[-1])
-    cache[0] = cache[3] = -float("inf")
+def new_index_cache(sums: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """The cache of an empty state: ``[4 + G, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
+    class means 0, a bound of the other classes' means -inf; the last G rows, read unit-major as
+    ``[tiles * T, G]``, a bound per group of classes -inf).
+    ``groups``: G, default ceil(sqrt(K)) up to 64 (csrc/common/tile_scan.h: a rescan reads a few groups)."""
+    K = sums.shape[-2]
+    G = groups or min(64, max(1, math.ceil(math.sqrt(K))))
+    cache = sums.new_full((4 + G, sums.shape[-3] * sums.shape[-1]), -float("inf"))
     cache[1] = -1
+    cache[2] = 0
     return cache
 
 
@@ -171,13 +176,13 @@ def accumulate_means(means: torch.Tensor, labels: torch.Tensor, sums: torch.Tens
         accumulate_means_reference(means.detach(), labels, sums, counts, weight, cache, rescans)
 
 
-def index_cache(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def index_cache(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
     """The per-unit cache of one row (``sums [tiles, K, T]``, ``counts [K]``) from scratch."""
-    cache = new_index_cache(sums)
+    cache = new_index_cache(sums, groups)
     if _use_extension():
         torch.ops.selectivity.index_cache(sums, counts, cache)
     else:
-        cache.copy_(index_cache_reference(sums, counts))
+        cache.copy_(index_cache_reference(sums, counts, cache.shape[0] - 4))
     return cache
 
 
@@ -312,9 +317,9 @@ def _check_tiled(means, labels, sums, counts, cache, rescans) -> None:
     N = means.shape[1]
     if not (tiles - 1) * T < N <= tiles * T:
         raise ValueError(f"the state holds {tiles} tiles of {T} units, which does not fit {N} units" + fix)
-    if cache is not None and tuple(cache.shape) != (4, tiles * T):
-        raise ValueError(f"cache must be contiguous float64 [4, {tiles * T}] on the state's device, got "
-                         f"{_shape(cache)}; make it with selectivity.ops.new_index_cache()")
+    if cache is not None and (cache.dim() != 2 or not 5 <= cache.shape[0] <= 68 or cache.shape[1] != tiles * T):
+        raise ValueError(f"cache must be contiguous float64 [4 + G, {tiles * T}] with 1 <= G <= 64 on the state's "
+                         f"device, got {_shape(cache)}; make it with selectivity.ops.new_index_cache()")
 
 
 def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=None, rescans=None) -> None:
@@ -334,15 +339,16 @@ def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=No
         sums[r] += weight * group_sum  # as the kernels: the class's sum, then times the weight
         counts[r] += weight * torch.bincount(labels[r], minlength=K).double()
     if cache is not None:
-        cache.copy_(index_cache_reference(sums[0], counts[0]))
+        cache.copy_(index_cache_reference(sums[0], counts[0], cache.shape[0] - 4))
         if rescans is not None:
-            rescans += tiles * T
+            rescans += torch.tensor([tiles * T, 1], device=rescans.device)
 
 
-def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
     tiles, K, T = sums.shape
     present = (counts > 0).nonzero().squeeze(1)
-    out = new_index_cache(sums)
+    out = new_index_cache(sums, groups)
+    size = -(-K // (out.shape[0] - 4))  # classes per group
     if present.numel():
         means = sums.permute(1, 0, 2).reshape(K, tiles * T)[present] / counts[present, None]
         best = means.max(0).values
@@ -350,6 +356,12 @@ def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor) -> torch.Ten
         first = torch.where(means == best, rank, len(present)).min(0).values.clamp(max=len(present) - 1)
         others = means.scatter(0, first.unsqueeze(0), -float("inf"))  # the runner-up: all but the maximum
         out[0], out[1], out[2], out[3] = best, present[first].double(), means.sum(0), others.max(0).values
+        groups = out.new_full((tiles * T, out.shape[0] - 4), -float("inf"))  # unit-major, as the kernels
+        for g in range(groups.shape[1]):
+            chosen = (present >= g * size) & (present < (g + 1) * size)
+            if chosen.any():
+                groups[:, g] = means[chosen].max(0).values
+        out[4:] = groups.view(-1, tiles * T)
     return out
 
 

@@ -60,7 +60,9 @@ def test_accumulate_means_matches_the_reference_and_the_cache_the_full_reduction
         torch.testing.assert_close(cache[2], full[2], rtol=1e-12, atol=1e-12)
         assert torch.equal(full[1], ref_cache[1])
         torch.testing.assert_close(full[[0, 2, 3]], ref_cache[[0, 2, 3]], rtol=1e-12, atol=1e-12)
-        assert bool((cache[3] >= full[3]).all())  # between scans, a bound of the runner-up
+        # Between scans, bounds of the runner-up and of each class group.
+        assert bool((cache[3] >= full[3]).all()) and bool((cache[4:] >= full[4:]).all())
+        assert torch.equal(full[4:], ref_cache[4:])
 
 
 @needs_extension

@@ -1,6 +1,8 @@
 // Argument checks of the tiled-state ops; the wording matches selectivity/ops.py.
 #include "tiled_state.h"
 
+#include "tile_scan.h"
+
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -25,7 +27,7 @@ TiledState check_tiled_state(const at::Tensor& sums, const at::Tensor& counts, c
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble && counts.scalar_type() == at::kDouble,
                    "sums and counts must be float64", kFix);
   TORCH_CHECK_VALUE(sums.dim() == 4, "sums must be [R, tiles, K, T], got shape ", shape_of(sums), kFix);
-  TiledState s{sums.size(0), sums.size(1), sums.size(2), sums.size(3), N < 0 ? sums.size(1) * sums.size(3) : N};
+  TiledState s{sums.size(0), sums.size(1), sums.size(2), sums.size(3), N < 0 ? sums.size(1) * sums.size(3) : N, 0};
   TORCH_CHECK_VALUE(counts.dim() == 2 && counts.size(0) == s.R && counts.size(1) == s.K,
                     "counts must be [R, K] = [", num(s.R), ", ", num(s.K), "], got shape ", shape_of(counts), kFix);
   TORCH_CHECK_VALUE(s.N <= s.nt * s.T && s.N > (s.nt - 1) * s.T,
@@ -34,10 +36,12 @@ TiledState check_tiled_state(const at::Tensor& sums, const at::Tensor& counts, c
   TORCH_CHECK_VALUE(sums.device() == counts.device() && sums.is_contiguous() && counts.is_contiguous(),
                     "sums and counts must be contiguous and on one device", kFix);
   if (cache.defined()) {
-    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 && cache.size(0) == 4 &&
-                          cache.size(1) == s.nt * s.T && cache.is_contiguous() && cache.device() == sums.device(),
-                      "cache must be contiguous float64 [4, ", num(s.nt * s.T), "] on the state's device, got ",
-                      shape_of(cache), "; make it with selectivity.ops.new_index_cache()");
+    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 && cache.size(0) >= 5 &&
+                          cache.size(0) <= 4 + kMaxGroups && cache.size(1) == s.nt * s.T && cache.is_contiguous() &&
+                          cache.device() == sums.device(),
+                      "cache must be contiguous float64 [4 + G, ", num(s.nt * s.T), "] with 1 <= G <= 64 on the "
+                      "state's device, got ", shape_of(cache), "; make it with selectivity.ops.new_index_cache()");
+    s.G = cache.size(0) - 4;
   }
   if (rescans.defined()) {
     TORCH_CHECK_VALUE(rescans.scalar_type() == at::kLong && rescans.numel() == 2 && rescans.is_contiguous() &&

@@ -3,8 +3,8 @@
 // the class's images' means are summed in float64, then its T sums are updated once. For row 0 with a
 // cache, the same pass brings each unit's cache up to date with each touched class's new mean
 // (update_unit, common/tile_scan.h; classes ascending, so ties go to the lowest class as in the full
-// reduction); a tile in which some unit's preferred class fell below the bound of the others is
-// rescanned (scan_tile) while it is still in cache.
+// reduction), and a unit whose preferred class fell below the bound of the others is rescanned
+// (rescan_unit) while its tile is still in cache.
 #include "../../../common/cpu_clones.h"
 #include "../../../common/tile_scan.h"
 #include "../../../common/tiled_state.h"
@@ -22,7 +22,6 @@ namespace selectivity {
 namespace {
 
 constexpr int64_t kMaxTile = 64;  // units per tile the kernel's stack buffers hold
-constexpr int64_t kLine = 8;      // float64 units per 64-byte cache line: the unit of a rescan
 
 // One row's images grouped by label: group j is class cls[j] with images order[start[j] .. start[j+1]).
 struct Groups {
@@ -52,10 +51,7 @@ struct Step {
   double w;
   std::vector<Groups> rows;
   std::vector<double> old0, new0;  // row 0's touched classes' counts before / after the step
-  double* best = nullptr;          // the cache's three rows, or null
-  double* arg = nullptr;
-  double* total = nullptr;
-  double* second = nullptr;
+  double* cache = nullptr;  // [4 + G, tiles * T], or null
 };
 
 // acc[i] = the sum of group j's images' means of units t*T + i (0 for the padding past N).
@@ -68,19 +64,16 @@ inline void group_sums(const Step& st, const Groups& g, int64_t j, int64_t t, in
   }
 }
 
-// Tile t of every row; returns the number of row-0 units that went stale, adds the lines rescanned to `lines`.
-SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t, int64_t& lines) {
+// Tile t of every row; returns the number of row-0 units that went stale (and were rescanned).
+SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   const int64_t T = st.s.T, K = st.s.K, nt = st.s.nt;
   const int64_t n = std::min(T, st.s.N - t * T);
   double acc[kMaxTile];
   bool stale[kMaxTile] = {};
-  double* best = st.best ? st.best + t * T : nullptr;
-  double* arg = st.arg ? st.arg + t * T : nullptr;
-  double* total = st.total ? st.total + t * T : nullptr;
-  double* second = st.second ? st.second + t * T : nullptr;
+  const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
-    const bool cached = r == 0 && best != nullptr;
+    const bool cached = r == 0 && st.cache != nullptr;
     for (int64_t j = 0; j + 1 < static_cast<int64_t>(g.start.size()); ++j) {
       group_sums(st, g, j, t, n, acc);
       double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
@@ -89,26 +82,30 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t, int64_t& lines) {
         for (int64_t i = 0; i < T; ++i) row[i] += st.w * acc[i];
         continue;
       }
+      if (j + 2 < static_cast<int64_t>(g.start.size())) {  // the next class's row: its misses overlap this one's work
+        const double* next = st.S + ((r * nt + t) * K + g.cls[j + 1]) * T;
+        for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
+      }
       const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
+      double nm[kMaxTile];
       SELECTIVITY_SIMD
       for (int64_t i = 0; i < T; ++i) {
+        const double x = row[i] + st.w * acc[i];
         const double om = oc > 0.0 ? row[i] / oc : 0.0;  // an absent class had no mean in the sum
-        row[i] += st.w * acc[i];
-        update_unit(om, row[i] / nc, cd, best[i], arg[i], total[i], second[i], stale[i]);
+        row[i] = x;
+        nm[i] = x / nc;
+        update_unit(om, nm[i], cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
       }
+      double* group = o.groups + g.cls[j] / o.gs;  // unit i's bound of this class's group: group[i * G]
+      for (int64_t i = 0; i < T; ++i) raise_bound(group[i * o.G], nm[i]);
     }
   }
-  if (best == nullptr) return 0;
-  // A unit whose preferred class fell may have its new maximum anywhere: rescan it, with the units of
-  // its cache line (kLine) that come along in every class's read.
+  if (st.cache == nullptr) return 0;
   int64_t n_stale = 0;
-  for (int64_t i0 = 0; i0 < T; i0 += kLine) {
-    const int64_t i1 = std::min(T, i0 + kLine);
-    int64_t line_stale = 0;
-    for (int64_t i = i0; i < i1; ++i) line_stale += stale[i];
-    if (line_stale) scan_tile(st.S + t * K * T, st.C, K, T, i0, i1, best, arg, total, second);
-    n_stale += line_stale;
-    lines += line_stale > 0;
+  for (int64_t i = 0; i < T; ++i) {
+    if (!stale[i]) continue;
+    rescan_unit(st.S + t * K * T, st.C, K, T, o, i);
+    ++n_stale;
   }
   return n_stale;
 }
@@ -144,28 +141,20 @@ void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, dou
     }
   }
   if (cache.has_value()) {
-    const int64_t U = st.s.nt * st.s.T;
-    st.best = cache->mutable_data_ptr<double>();
-    st.arg = st.best + U;
-    st.total = st.best + 2 * U;
-    st.second = st.best + 3 * U;
+    st.cache = cache->mutable_data_ptr<double>();
   }
   if (B == 0) return;
-  std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0), stale_tiles(stale_units.size(), 0);
+  std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * B * st.s.T));
   at::parallel_for(0, st.s.nt, grain, [&](int64_t t0, int64_t t1) {
-    int64_t units = 0, tiles = 0;
-    for (int64_t t = t0; t < t1; ++t) units += step_tile(st, t, tiles);
-    const int64_t id = at::get_thread_num();
-    stale_units[id] += units;
-    stale_tiles[id] += tiles;
+    int64_t units = 0;
+    for (int64_t t = t0; t < t1; ++t) units += step_tile(st, t);
+    stale_units[at::get_thread_num()] += units;
   });
   if (rescans.has_value()) {
     int64_t* out = rescans->mutable_data_ptr<int64_t>();
-    for (size_t k = 0; k < stale_units.size(); ++k) {
-      out[0] += stale_units[k];
-      out[1] += stale_tiles[k];
-    }
+    for (const int64_t n : stale_units) out[0] += n;
+    out[1] += 1;  // calls
   }
 }
 

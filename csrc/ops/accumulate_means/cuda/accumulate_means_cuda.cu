@@ -5,8 +5,7 @@
 //      element (atomicAdd: the order of the adds, so the last bits, can differ from run to run);
 //   3. row 0 with a cache: one thread per unit walks the images sorted by label (at::sort, on the
 //      device), adds each class's sum into its state element, updates the unit's cache (update_unit, as
-//      the CPU kernel), and rescans its own unit (scan_tile over [i, i + 1)) when its preferred class fell.
-//      Both counters of `rescans` then count units.
+//      the CPU kernel), and rescans it (rescan_unit) when its preferred class fell below the others' bound.
 #include "../../../common/cuda/label_error.h"
 #include "../../../common/tile_scan.h"
 #include "../../../common/tiled_state.h"
@@ -45,16 +44,13 @@ __global__ void scatter_kernel(const float* M, const int64_t* labels, int64_t r0
 }
 
 __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const int64_t* order, int64_t B, int64_t N,
-                                  int64_t nt, int64_t K, int64_t T, double w, double* S, const double* old_counts,
+                                  int64_t nt, int64_t K, int64_t T, int64_t G, double w, double* S, const double* old_counts,
                                   const double* counts, double* cache, unsigned long long* rescans) {
   const int64_t U = nt * T;
   const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (u >= U) return;
   const int64_t t = u / T, i = u % T;
-  double* best = cache + t * T;
-  double* arg = cache + U + t * T;
-  double* total = cache + 2 * U + t * T;
-  double* second = cache + 3 * U + t * T;
+  const TileCache o = tile_cache(cache, U, G, K, t, T);
   bool stale = false;
   double acc = 0.0;
   for (int64_t k = 0; k < B; ++k) {
@@ -67,14 +63,13 @@ __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const i
     const double om = oc > 0.0 ? *x / oc : 0.0;
     *x += w * acc;
     acc = 0.0;
-    update_unit(om, *x / nc, cd, best[i], arg[i], total[i], second[i], stale);
+    const double nm = *x / nc;
+    update_unit(om, nm, cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale);
+    raise_bound(o.groups[i * G + c / o.gs], nm);
   }
   if (!stale) return;
-  scan_tile(S + t * K * T, counts, K, T, i, i + 1, best, arg, total, second);
-  if (rescans != nullptr) {
-    atomicAdd(rescans, 1ULL);
-    atomicAdd(rescans + 1, 1ULL);
-  }
+  rescan_unit(S + t * K * T, counts, K, T, o, i);
+  if (rescans != nullptr) atomicAdd(rescans, 1ULL);
 }
 
 constexpr int kThreads = 256;
@@ -107,11 +102,12 @@ void accumulate_means_cuda(const at::Tensor& means, const at::Tensor& labels, do
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (!cache.has_value()) return;
+  if (rescans.has_value()) rescans->select(0, 1).add_(1);  // calls
   const auto sorted = at::sort(lab.select(0, 0), /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor keys = std::get<0>(sorted).contiguous(), order = std::get<1>(sorted).contiguous();
   cached_row_kernel<<<blocks(s.nt * s.T), kThreads, 0, stream>>>(
       means.const_data_ptr<float>(), keys.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), B, N, s.nt,
-      s.K, s.T, weight, S, old0.const_data_ptr<double>(), counts.const_data_ptr<double>(),
+      s.K, s.T, s.G, weight, S, old0.const_data_ptr<double>(), counts.const_data_ptr<double>(),
       cache->mutable_data_ptr<double>(),
       rescans.has_value() ? reinterpret_cast<unsigned long long*>(rescans->mutable_data_ptr<int64_t>()) : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

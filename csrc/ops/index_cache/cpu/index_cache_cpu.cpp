@@ -12,10 +12,9 @@ namespace selectivity {
 namespace {
 
 SELECTIVITY_HOT void scan_tiles(const double* S, const double* C, int64_t K, int64_t T, int64_t t0, int64_t t1,
-                                double* out, int64_t U) {
+                                double* out, int64_t U, int64_t G) {
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t o = t * T;
-    scan_tile(S + t * K * T, C, K, T, 0, T, out + o, out + U + o, out + 2 * U + o, out + 3 * U + o);
+    scan_tile(S + t * K * T, C, K, T, 0, T, tile_cache(out, U, G, K, t, T));
   }
 }
 
@@ -28,7 +27,7 @@ void index_cache_cpu(const at::Tensor& sums, const at::Tensor& counts, const at:
   double* out = cache.mutable_data_ptr<double>();
   const int64_t U = s.nt * s.T;
   at::parallel_for(0, s.nt, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.K * s.T)), [&](int64_t t0, int64_t t1) {
-    scan_tiles(S, C, s.K, s.T, t0, t1, out, U);
+    scan_tiles(S, C, s.K, s.T, t0, t1, out, U, s.G);
   });
 }
 

@@ -12,12 +12,12 @@
 namespace selectivity {
 namespace {
 
-__global__ void index_cache_kernel(const double* S, const double* C, int64_t K, int64_t T, int64_t U, double* out) {
+__global__ void index_cache_kernel(const double* S, const double* C, int64_t K, int64_t T, int64_t U, int64_t G,
+                                   double* out) {
   const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (u >= U) return;
   const int64_t t = u / T, i = u % T;
-  const int64_t o = t * T;
-  scan_tile(S + t * K * T, C, K, T, i, i + 1, out + o, out + U + o, out + 2 * U + o, out + 3 * U + o);
+  scan_tile(S + t * K * T, C, K, T, i, i + 1, tile_cache(out, U, G, K, t, T));
 }
 
 void index_cache_cuda(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& cache) {
@@ -29,7 +29,7 @@ void index_cache_cuda(const at::Tensor& sums, const at::Tensor& counts, const at
   const int64_t U = s.nt * s.T;
   if (U == 0) return;
   index_cache_kernel<<<(U + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      sums.const_data_ptr<double>(), counts.const_data_ptr<double>(), s.K, s.T, U, cache.mutable_data_ptr<double>());
+      sums.const_data_ptr<double>(), counts.const_data_ptr<double>(), s.K, s.T, U, s.G, cache.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
