@@ -29,7 +29,7 @@ The per-layer ops, used by the analyses and the regularizer's tests:
   all-zero unit scores 0, never NaN). With no class present: si 0, pref_class -1, mu 0.
 
 Precision: the reference and the CUDA kernel sum in float64; the CPU kernel sums runs of at most 8
-inputs in float32 and the rest in float64, so |error| <= 7 * 2**-24 * sum|x| (csrc/cpu_accumulate.cpp).
+inputs in float32 and the rest in float64, so |error| <= 7 * 2**-24 * sum|x| (csrc/ops/accumulate/cpu/accumulate_cpu.cpp).
 
 If the extension is not built, both fall back to the reference with one warning per process.
 ``SELECTIVITY_FORCE_REFERENCE=1`` forces the reference (tests, benchmarks).
@@ -205,7 +205,7 @@ def tiled_to_dense(sums: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return sums.permute(1, 0, 2).reshape(K, -1)[:, start:stop].contiguous()
 
 
-# ----- checks (the C++ kernels make the same checks with the same wording: csrc/checks.cpp) -----
+# ----- checks (the C++ kernels make the same checks with the same wording: csrc/common/checks.cpp, csrc/common/tiled_state.cpp) -----
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -75,8 +75,10 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
 // Class `cd` of a unit went from mean `om` (0 if it was absent) to `nm`: the unit's best, arg, total
 // and second in place; classes come in ascending order. Bitwise logic, no branches, so that the CPU
 // loop over a tile's units vectorizes. The class's group bound is raised by the caller (raise_bound).
+// Flag: the stale flag's type (int64_t on the CPU: a vector lane as wide as the doubles beside it).
+template <typename Flag>
 SELECTIVITY_HD inline void update_unit(double om, double nm, double cd, double& best, double& arg, double& total,
-                                       double& second, bool& stale) {
+                                       double& second, Flag& stale) {
   const double b = best, a = arg, s = second;
   const bool pref = a == cd;
   const bool keep = pref & ((nm >= b) | (nm > s));  // rose, or fell but stays above every other class
@@ -85,7 +87,7 @@ SELECTIVITY_HD inline void update_unit(double om, double nm, double cd, double& 
   best = keep | take ? nm : b;  // a stale unit keeps its old maximum: a bound until its rescan
   arg = take ? cd : a;
   second = take ? (b > s ? b : s) : (!pref & (nm > s) ? nm : s);
-  stale = !take & (stale | (pref & !keep));
+  stale = static_cast<Flag>(!take & (static_cast<bool>(stale) | (pref & !keep)));
 }
 
 SELECTIVITY_HD inline void raise_bound(double& bound, double m) { bound = m > bound ? m : bound; }

@@ -112,11 +112,9 @@ def measure(rounds: int = 5, steps_per_round: int = 2, si_every: int = 20, warm_
         costs.compute.append(t_compute)
         if on_round:
             on_round(r, costs)
-    units = incremental.sums.shape[1] * incremental.sums.shape[3]
     return {"costs": costs, "si_every": si_every, "units": sum(b - a for a, b in incremental._feed.layout.values()),
-            "stale_per_step": float(incremental.rescans[0]) / max(1, 2 * rescan_steps),
-            "lines_per_step": float(incremental.rescans[1]) / max(1, 2 * rescan_steps),
-            "padded_units": units, "threads": torch.get_num_threads()}
+            "stale_per_step": float(incremental.rescans[0]) / max(1, rescan_steps),
+            "threads": torch.get_num_threads()}
 
 
 def percent_rows(result: dict) -> list[tuple[str, float, float, float, float | None]]:

@@ -69,7 +69,7 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   const int64_t T = st.s.T, K = st.s.K, nt = st.s.nt;
   const int64_t n = std::min(T, st.s.N - t * T);
   double acc[kMaxTile];
-  bool stale[kMaxTile] = {};
+  int64_t stale[kMaxTile] = {};
   const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
@@ -87,11 +87,16 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
         for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
       }
       const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
+      // An absent class had no mean in the sum. The division is done either way: a division under a
+      // condition is control flow GCC does not vectorize (it may trap, -ftrapping-math).
+      const bool had = oc > 0.0;
+      const double od = had ? oc : 1.0;
       double nm[kMaxTile];
       SELECTIVITY_SIMD
       for (int64_t i = 0; i < T; ++i) {
         const double x = row[i] + st.w * acc[i];
-        const double om = oc > 0.0 ? row[i] / oc : 0.0;  // an absent class had no mean in the sum
+        const double q = row[i] / od;
+        const double om = had ? q : 0.0;
         row[i] = x;
         nm[i] = x / nc;
         update_unit(om, nm[i], cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
