@@ -1,7 +1,7 @@
 """The expected failures, and how the command-line tools report them.
 
 Expected failures (bad config, bad data, unknown names, unusable checkpoints, a failed write, a
-non-finite loss) are raised as the exception types defined here; ``run_cli`` prints them as a
+non-finite loss) are raised as the exception types defined here; ``selectivity.cli.run_cli`` prints them as a
 single ``error: ...`` line and exits with status 2, instead of a traceback. A Ctrl-C is one line
 and status 130 (128 + SIGINT, the shell's convention). Anything else is a bug and keeps its
 traceback.
@@ -12,7 +12,6 @@ raised them first (``selectivity.train.config.ConfigError`` and so on).
 """
 from __future__ import annotations
 
-import sys
 
 
 class ConfigError(ValueError):
@@ -52,10 +51,6 @@ class Interrupted(Exception):
     """Ctrl-C, reported as one line (where the run stopped and how to go on), exit status 130."""
 
 
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
-
-
 def user_errors() -> tuple:
     return (DataError, ConfigError, ModelError, CheckpointError, TrainingError, AblationError,
             UnitsError)
@@ -71,17 +66,3 @@ def one_line(e: BaseException) -> str:
     last = [line for line in text.splitlines() if line.strip()][-1].strip()
     head, sep, rest = last.partition(": ")
     return rest if sep and head.rsplit(".", 1)[-1] == type(e).__name__ else last
-
-
-def run_cli(main, argv=None) -> None:
-    try:
-        main(argv)
-    except user_errors() as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)

@@ -7,7 +7,8 @@ class **means** (paper 1's code uses class sums, which biases μ_max toward the 
 in the batch):
 
 - a unit's activation for an image is the spatial mean of its channel (the units are the residual
-  block outputs after their final ReLU, seen through ``units.UnitHooks``);
+  block outputs after their final ReLU, seen through ``units.UnitHooks`` in its means mode: the
+  blocks' fused epilogue computes them, ``epilogue.add_relu_means``);
 - class sums via a one-hot matmul, ``S = Yᵀ A`` ([K, U]), counts ``n = Yᵀ 1``; class means over
   the classes **present** in the batch (absent classes are excluded everywhere);
 - μ_max = the largest class mean, μ_-max = the mean of the other present classes' means
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from selectivity.train.config import ConfigError
+from selectivity.errors import ConfigError
 from selectivity.reduce import is_distributed
 from selectivity.tracker import EPS
 from selectivity.units import unit_means, UnitHooks
@@ -233,7 +234,9 @@ class SelectivityRegularizer:
         self.num_classes, self.eps, self.group = num_classes, eps, group
         self._acts: list[torch.Tensor] = []
         self.last_layers: torch.Tensor | None = None
-        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._clear)
+        # The per-image unit means, differentiable; residual blocks compute them in their fused
+        # epilogue (units.UnitHooks, means mode), other layers in a hook.
+        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._clear)
 
     @property
     def enabled(self) -> bool:
@@ -248,11 +251,8 @@ class SelectivityRegularizer:
     def _clear(self) -> None:  # a new forward pass: only its layers enter the next term()
         self._acts = []
 
-    def _on_output(self, name, output):
-        # Reduce each layer output to its [B, U] unit means at once (float32, autocast off).
-        with torch.autocast(output.device.type, enabled=False):
-            self._acts.append(unit_means(output))
-        return None
+    def _on_means(self, name, means):
+        self._acts.append(means)
 
     def term(self, labels: torch.Tensor) -> torch.Tensor:
         """SI_reg of the last forward pass (mean over layers of the mean minibatch SI)."""

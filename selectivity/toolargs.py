@@ -49,3 +49,9 @@ def positive(p: argparse.ArgumentParser, args, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def echo(line: str) -> None:
+    """Print one line of a tool's output at once (progress shows while a long analysis runs,
+    also into a pipe)."""
+    print(line, flush=True)

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from selectivity import ops
 from selectivity.reduce import all_gather_batch
-from selectivity.units import UnitHooks, unit_means, unwrap
+from selectivity.units import UnitHooks, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95
@@ -237,7 +237,7 @@ class SelectivityTracker:
         self.rescans = torch.zeros(2, dtype=torch.int64)  # [units, tiles] rescanned (ops.accumulate_means)
         self.steps = 0
         self._weight = 1.0
-        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._feed.start)
+        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._feed.start)
 
     @property
     def layers(self) -> "OrderedDict[str, nn.Module]":
@@ -252,13 +252,10 @@ class SelectivityTracker:
         self.hooks.enabled = value
 
     # -- the feed --------------------------------------------------------------------------------
-    def _on_output(self, name: str, output: torch.Tensor):
-        self._on_means(name, unit_means(output.detach()))
-        return None
-
     def _on_means(self, name: str, means: torch.Tensor) -> None:
-        """A layer's per-image unit means ``[B, U]`` (float32, detached) of the running forward."""
-        self._feed.write(name, means)
+        """A layer's per-image unit means ``[B, U]`` of the running forward (UnitHooks' means_fn:
+        from a fused block's epilogue, or a hook's ``unit_means``), into its slice of the feed."""
+        self._feed.write(name, means.detach())
 
     def _label_matrix(self, labels: torch.Tensor, indices, device) -> torch.Tensor:
         labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)

@@ -1,17 +1,18 @@
 """Units and their class selectivity: the layers that hold the units, and the units' ranking.
 
-Step 1 of the ablation protocol (selectivity/ablation.py): **rank** the units of every tracked
-layer by class selectivity (SI from class means, the fused ops of selectivity/ops.py) on a
-*ranking split* (selectivity/ranking_split.py), never on the data the accuracy is then measured
+Step 1 of the ablation protocol (selectivity/analyses/ablation/): **rank** the units of every
+tracked layer by class selectivity (SI from class means, the fused ops of selectivity/ops.py) on a
+*ranking split* (selectivity/train/splits.py), never on the data the accuracy is then measured
 on. The ranking also keeps each unit's mean activation over the split (the ``mode="mean"`` fill).
 
 Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
 holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
 default the layers are the residual blocks (their post-ReLU outputs, the units the tracker
-measures); any model can name its own with a units spec of selectivity/units.py.
+measures); any model can name its own with a units spec of selectivity/units.py
+(``resolve_units``, the one resolver of layer names).
 
-``AblationError`` lives here, in the lowest of the ablation modules, so that ranking, the ranking
-split and the ablations all raise the one error class that tools/ablate.py reports.
+Ranking, the ranking split and the ablations all raise ``AblationError`` (selectivity/errors.py,
+importable from here too), the one error class that tools/ablate.py reports.
 """
 from __future__ import annotations
 
@@ -27,13 +28,6 @@ from selectivity.errors import AblationError  # noqa: F401  (importable from her
 from selectivity.tracker import EPS, SelectivityTracker
 from selectivity.units import resolve_units
 
-
-# ---------------------------------------------------------------------------- layers
-
-def resolve_layers(model: nn.Module, layers=None) -> "OrderedDict[str, nn.Module]":
-    """The layers whose outputs hold the units: ``None`` = every residual block; otherwise any
-    ``units`` spec of selectivity/units.py (names, globs, a predicate, a {name: module} map)."""
-    return resolve_units(model, "blocks" if layers is None else layers)
 
 # ---------------------------------------------------------------------------- ranking
 
@@ -68,14 +62,15 @@ def ranking_from_state(sums: torch.Tensor, counts: torch.Tensor, eps: float = EP
 
 
 @torch.no_grad()
-def rank_units(model: nn.Module, loader: Iterable, layers=None, num_classes: int | None = None,
+def rank_units(model: nn.Module, loader: Iterable, layers="blocks", num_classes: int | None = None,
                eps: float = EPS) -> "OrderedDict[str, UnitRanking]":
     """SI (and mean activation) of every unit of ``layers`` over ``loader`` (eval mode, no grad).
 
-    ``loader`` yields ``(images, labels)`` on the model's device. ``num_classes``: taken from
+    ``loader`` yields ``(images, labels)`` on the model's device. ``layers``: a units spec
+    (selectivity/units.py; default every residual block). ``num_classes``: taken from
     ``loader.num_classes`` when not given.
     """
-    layers = resolve_layers(model, layers)
+    layers = resolve_units(model, layers)
     K = num_classes if num_classes is not None else getattr(loader, "num_classes", None)
     if K is None:
         raise AblationError("rank_units needs num_classes (the loader has no .num_classes)")

@@ -1,4 +1,4 @@
-"""Unit ablation (selectivity/ablation.py, unit_ranking.py, ranking_split.py; tools/ablate.py,
+"""Unit ablation (selectivity/analyses/ablation/, unit_ranking.py, train/splits.py; tools/ablate.py,
 tools/bench_ablation.py)."""
 import json
 import os
@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from selectivity.analyses.ablation import ablation as A
+from selectivity.cli import run_cli
 from selectivity.errors import UnitsError
 from selectivity.train.models import build_model, unit_registry
 from selectivity.train.splits import stratified_subset
-from selectivity.unit_ranking import AblationError, rank_units, resolve_layers
+from selectivity.unit_ranking import AblationError, rank_units
+from selectivity.units import resolve_units
 
 
 # ------------------------------------------------------------------ a model with a planted unit
@@ -191,7 +193,7 @@ def test_batch_statistics_are_measured_per_condition(resnet):
         assert any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
         ref = A.evaluate_ablations(model, batches, conds, rankings, seed=3, batched=False)
         got = A.evaluate_ablations(model, batches, conds, rankings, seed=3)
-        ranked = rank_units(model, batches, layers=resolve_layers(model), num_classes=10)
+        ranked = rank_units(model, batches, layers=resolve_units(model), num_classes=10)
     assert not model.training and not any(m.training for m in model.modules())  # restored
     for a, b in zip(ref, got):
         assert np.array_equal(a.correct, b.correct) and a.loss == pytest.approx(b.loss, rel=1e-6)
@@ -219,7 +221,7 @@ def test_grids_and_errors():
     with pytest.raises(AblationError, match="unknown condition"):
         A.make_conditions({"a": 4}, ["top"])
     with pytest.raises(UnitsError, match="no module named 'nope'"):  # the one resolver's error
-        resolve_layers(Planted(), ["nope"])
+        resolve_units(Planted(), ["nope"])
 
 
 # ------------------------------------------------------------------ the tools, end to end
@@ -267,18 +269,14 @@ def test_ablate_tool_on_demo_run(tool, demo_run):
 
 def load_tool(name):
     """A tool's module, imported in this process (no second torch start-up for quick calls)."""
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import importlib
+    return importlib.import_module(f"selectivity.tools.{name}")
 
 
 def test_ablate_tool_whole_network_and_errors(demo_run, capsys):
     run, ablate = demo_run, load_tool("ablate")
-    ablate.cli([str(run), "--epochs", "2", "--whole", "--fractions", "0.5", "--conditions",
-                "selective", "least", "--mode", "mean", "--no-figures"])
+    run_cli(ablate.main, [str(run), "--epochs", "2", "--whole", "--fractions", "0.5",
+                          "--conditions", "selective", "least", "--mode", "mean", "--no-figures"])
     rows = [json.loads(l) for l in open(run / "ablation.jsonl")]
     assert [(r["stage"], r["condition"], r["fraction"]) for r in rows] == [
         ("whole", "selective", 0.0), ("whole", "selective", 0.5),
@@ -295,7 +293,7 @@ def test_ablate_tool_whole_network_and_errors(demo_run, capsys):
                       ([str(run), "--stages", "layer1", "--whole"], "not allowed with"),
                       ([str(run.parent / "missing")], "not a run directory")]:
         with pytest.raises(SystemExit) as exit_:
-            ablate.cli(args)
+            run_cli(ablate.main, args)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: ") and msg in err, err
         assert len(err.strip().splitlines()) == 1

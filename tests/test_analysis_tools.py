@@ -1,6 +1,6 @@
 """The analysis tools end to end (tools/cka.py, tools/orientation.py, tools/plot_selectivity.py)
-on a tiny run, and the library pieces under them (selectivity/cka_run.py, orientation_run.py,
-analysis.py: ReLU activity, channel zeroing, gOSI halves, centred shift invariance, the shuffled
+on a tiny run, and the library pieces under them (selectivity/analyses/: cka, orientation, curves,
+common: ReLU activity, channel zeroing, gOSI halves, centred shift invariance, the shuffled
 val order, the random-init baseline, BatchNorm modes)."""
 import json
 import math
@@ -14,10 +14,11 @@ from torch import nn
 
 from conftest import run_tool
 from selectivity.analyses.cka.cka import LOGITS, count_relu_activity, cka_over_loader
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 from selectivity.train.models import build_model
-from selectivity.analyses.orientation.orientation import (OrientationIndices, ablation_groups,
-                                     loss_and_shift_invariance, shift_correlation, zero_channels)
+from selectivity.analyses.orientation.orientation import (
+    OrientationIndices, ablation_groups, loss_and_shift_invariance, shift_correlation,
+    zero_channels)
 
 EPS = 1e-6
 # ResNet-20 on 200 synthetic 32×32 images (val: 40), 3 steps of 64; a step_2.pt inside epoch 1.
@@ -182,6 +183,7 @@ def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_nam
     cases = {"run directory not found": [str(tmp_path / "nope")],
              "no module named 'layer9'": [run, "--layers", "layer9"],
              "no module named 'layer3.7'": [run, "--layers", "layer1", "layer3.7"],
+             "'logits' is always included": [run, "--layers", "layer1", "logits"],
              "--bn-mode: invalid choice": [run, "--bn-mode", "train"],
              "--device: invalid choice": [run, "--device", "tpu"]}
     empty = tmp_path / "empty"
@@ -195,6 +197,25 @@ def test_bad_runs_and_names_exit_2_with_one_line(run, tmp_path, capsys, tool_nam
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("tool_name", ["ablate", "cka", "orientation"])
+def test_a_config_naming_another_model_than_the_checkpoints_is_one_line(run, tmp_path, capsys,
+                                                                         tool_name):
+    """config.yaml names resnet32, the checkpoints hold a resnet20: one line, exit 2 (not
+    load_state_dict's traceback)."""
+    wrong = tmp_path / "wrong"
+    shutil.copytree(run, wrong)
+    with open(wrong / "config.yaml") as f:
+        text = f.read()
+    (wrong / "config.yaml").write_text(text.replace("model: resnet20", "model: resnet32"))
+    with pytest.raises(SystemExit) as exc:
+        run_cli(tool_main(tool_name), [str(wrong), "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: checkpoint ") and "does not fit model resnet32 with 10 " \
+        "classes (the run's config.yaml): layer1.3" in err, err
 
 
 # ---------------------------------------------------------------- library pieces
@@ -287,9 +308,8 @@ def test_loss_and_shift_invariance_sees_the_ablation_hook():
 
 
 def test_epochs_can_be_named_as_the_tools_print_them():
-    import importlib
     from selectivity.train.checkpoint import CheckpointError
-    nearest = importlib.import_module("selectivity.tools.cka").nearest_epoch
+    from selectivity.train.runs import nearest_epoch as nearest
     epochs = [0.0, 5 / 22, 10 / 22, 1.0, 12.0]
     assert nearest(0.227, epochs, "r") == nearest(0.227273, epochs, "r") == 5 / 22
     assert nearest(12, epochs, "r") == 12.0 and nearest(0.3, epochs, "r") is None
@@ -316,9 +336,9 @@ def write_image_folder(root, classes=4, per_class=24, size=16, seed=0):
 
 
 def test_cka_on_a_class_sorted_image_folder_equals_shuffled_within_noise(tmp_path):
-    # The analyses draw val batches in a fixed shuffled order (analysis.val_loader). The noise of
-    # the minibatch estimator is measured, not guessed: the spread of CKA over 8 other shuffles.
-    # Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
+    # The analyses draw val batches in a fixed shuffled order (analyses.common.val_loader). The
+    # noise of the minibatch estimator is measured, not guessed: the spread of CKA over 8 other
+    # shuffles. Our order (seed 0) must sit inside it; the folder's own class-sorted order (batches of one
     # class) must sit far outside it, or this test would not show that the shuffle matters.
     import numpy as np
     from selectivity.analyses.common import random_init_model
@@ -372,6 +392,7 @@ def fake_run(root, name, p=12, seed=0):
 
 def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys):
     import importlib
+    from selectivity.analyses.curves.run import load_evals, stage_series
     plot = importlib.import_module("selectivity.tools.plot_selectivity")
     a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", seed=1)
     plot.main([str(a), str(b)])
@@ -382,8 +403,8 @@ def test_plot_selectivity_compares_runs_in_a_folder_of_its_own(tmp_path, capsys)
     assert (a / "figures" / "si_by_stage.png").exists()
     # The null: the stage's mean SI under each permutation (blocks weighted equally), reported
     # as the mean and the 95 % quantile of those P values.
-    evals = plot.load_evals(str(a))
-    series = plot.stage_series(evals)["layer1"]
+    evals = load_evals(str(a))
+    series = stage_series(evals)["layer1"]
     nulls = [evals[-1]["layers"][n]["si_null"] for n in ("layer1.0", "layer1.1")]
     per_perm = (nulls[0].mean(1) + nulls[1].mean(1)) / 2
     assert series["null"][-1] == pytest.approx(float(per_perm.mean()))

@@ -1,4 +1,5 @@
-"""Linear minibatch CKA (selectivity/cka.py): estimator properties, streaming, hooks."""
+"""Linear minibatch CKA (selectivity/analyses/cka/cka.py): estimator properties, streaming, hooks;
+the analyses' layer lists (selectivity/analyses/features.py over units.resolve_units)."""
 from collections import OrderedDict
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from selectivity.analyses.cka.cka import MinibatchCKA, cka_over_loader, gram, relu_active_fraction
+from selectivity.analyses.features import LOGITS, collect_features, refuse_logits
 from selectivity.errors import UnitsError
-from selectivity.analyses.cka.cka import (LOGITS, MinibatchCKA, cka_over_loader, collect_features, gram,
-                             relu_active_fraction)
+from selectivity.units import resolve_units
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -209,6 +211,41 @@ def test_unknown_layer_names_the_layer_and_the_valid_ones():
     with pytest.raises(UnitsError, match="named twice"):
         with collect_features(small_net(), ["relu", "relu"]):
             pass
+
+
+def staged_net():
+    """A stem ``relu`` module beside ReLUs inside two stages."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 4, 1), relu=nn.ReLU(),
+        layer1=nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()),
+        layer2=nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 3)))
+
+
+def test_layer_lists_resolve_in_the_order_given_with_names_before_presets():
+    # One resolver (units.resolve_units) for every layer name. The analyses list layers: in the
+    # order given, each glob expanding in module order, and a module's own name before a preset
+    # of the same name. Its default (the tracker's units) is the union in module order, presets
+    # first; both are pinned here.
+    net = staged_net()
+    listed = dict(order="given", names_first=True)
+    assert list(resolve_units(net, ["fc", "layer*", "relu"], **listed)) == \
+        ["fc", "layer1", "layer2", "relu"]
+    assert list(resolve_units(net, ["fc", "layer*", "relu"])) == \
+        ["relu", "layer1", "layer1.1", "layer2", "layer2.1", "fc"]
+    assert list(resolve_units(net, "relu", names_first=True)) == ["relu"]
+    assert list(resolve_units(net, "relu")) == ["relu", "layer1.1", "layer2.1"]
+    assert list(resolve_units(net, ["layer2", "layer1"], order="given")) == ["layer2", "layer1"]
+    with pytest.raises(UnitsError, match=r"layer 'layer1' is named twice"):
+        resolve_units(net, ["layer1", "layer*"], **listed)
+    assert list(resolve_units(net, ["layer1", "layer*"])) == ["layer1", "layer2"]  # a union
+    with collect_features(net, ["layer2", "relu"]) as run:  # the analyses' hooks list so too
+        assert list(run(torch.randn(2, 3, 4, 4))) == ["layer2", "relu", LOGITS]
+    # The model output is always the last row: a user's list may not name it.
+    with pytest.raises(UnitsError, match="'logits' is always included; leave it out"):
+        refuse_logits(["layer1", LOGITS])
+    refuse_logits(["layer1"])
+    refuse_logits(None)
 
 
 def test_cka_over_loader_within_and_between():

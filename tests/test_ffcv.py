@@ -82,7 +82,7 @@ def test_build_reports_and_skips_corrupt_and_truncated(tmp_path, capsys):
 
 @pytest.mark.timeout(120)
 def test_build_strict_fails_before_writing(tmp_path, capsys):
-    from selectivity.errors import run_cli
+    from selectivity.cli import run_cli
     from selectivity.tools.build_ffcv import main
     root = make_image_folder(tmp_path / "data", per_class=2)
     add_bad_images(root)
@@ -122,7 +122,7 @@ def test_failing_writer_worker_never_hangs(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_build_cli_digits_summary_and_bad_input(tmp_path, capsys):
-    from selectivity.errors import run_cli
+    from selectivity.cli import run_cli
     from selectivity.tools.build_ffcv import main
     out = tmp_path / "digits-val.beton"
     s = main(["--dataset", "digits", "--split", "val", "-o", str(out), "--mode", "raw",

@@ -12,8 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_check  # noqa: E402
+from selectivity.gpucheck import stages as gpu_check
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
 
@@ -38,7 +37,8 @@ def test_dry_run_end_to_end(dry_run):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     st = report["stages"]
     assert report["dry_run"] and report["exit"] == 0
-    assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(("build", "tests", "train", "ops"), "ok")
+    assert {n: s["status"] for n, s in st.items()} == dict.fromkeys(
+        ("build", "tests", "trainer", "ffcv", "train", "ops"), "ok")
     assert st["build"]["loads"] and st["build"]["cpu_kernels"] and not st["build"]["compiled"]
     # The CUDA tests were found, and skipped for want of a GPU (the dry run hides every GPU).
     cuda = st["tests"]["cuda"]
@@ -53,6 +53,21 @@ def test_dry_run_end_to_end(dry_run):
             assert len(res["variants"][v]["step_ms"]) == st["train"]["config"]["rounds"]
             assert res["variants"][v]["images_per_s"] > 0
         assert res["ratio_on"]["value"] > 0 and res["ratio_si"]["value"] > 0
+    for amp in ("fp16", "bf16"):  # the trainer itself, beside the bare loop
+        res = st["trainer"]["amps"][amp]
+        assert res["status"] == "ok" and set(res["precision"].values()) == {amp}
+        for v in ("bare", "off", "on", "si"):
+            assert len(res["variants"][v]["round_ms"]) == st["trainer"]["config"]["rounds"]
+            assert res["variants"][v]["images_per_s"] > 0
+        assert set(res["ratios"]) == {"trainer ÷ bare loop", "tracking on ÷ off", "SI every step ÷ off"}
+        assert res["evaluation"]["bn_mode"] == "recalibrate" and 0 <= res["evaluation"]["acc1"] <= 1
+        assert 0 <= res["evaluation"]["si_mean"] <= 1 and res["checkpoint"]["mib"] > 1
+        assert res["profile"]["top"] and res["profile"]["top"][0]["ms"] > 0
+    ff = st["ffcv"]  # the bundle checked with a Python 3.12; the pipeline with this one's FFCV
+    assert ff["bundle"]["problems"] == [] and ff["bundle"]["libraries_loaded"] > 3
+    assert ff["images"]["images"] == ff["config"]["train_images"] + ff["config"]["val_images"]
+    assert ff["loader"]["images_per_s"] > 0 and ff["train"]["images_per_s"] > 0
+    assert ff["train"]["precision"] == "fp16"
     cases = st["ops"]["cases"]
     assert len(cases) == 4 * 3 * 2 and all(c["correct"]["pass"] for c in cases)
     assert {(c["dtype"], c["layout"]) for c in cases} == {(d, layout) for d in ("fp16", "bf16", "fp32")
@@ -62,6 +77,9 @@ def test_dry_run_end_to_end(dry_run):
     assert "every CUDA test passes" in names and "accumulate ÷ x.sum(), time, worst case" in names
     md = (tmp_path / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| ops | ok |" in md and "tracking on ÷ off (fp16)" in md
+    assert "trainer ÷ bare loop (trainer, bf16)" in md and "| fp16 | evaluation, BN recalibrate |" in md
+    assert "Profile of one bare bf16 step" in md and "| FFCV loader alone" in md
+    assert "FFCV's extension works from it |" in md and "Data-loading bound:" in md
     assert md in proc.stdout  # the report is what the device tool's output tail shows
 
 
@@ -80,6 +98,8 @@ def test_report_of_a_real_run_renders(dry_run, tmp_path):
     for amp in ("bf16", "fp16"):
         stages["train"]["amps"][amp]["peak_memory_gib"] = 31.5
     stages["train"]["amps"]["fp16"]["grad_scale"] = {"off": 1024.0, "tracked": 512.0}
+    for v in ("bare", "off", "on", "si"):
+        stages["trainer"]["amps"]["bf16"]["variants"][v]["peak_memory_gib"] = 27.25
     for name, rec in stages.items():
         (work / f"{name}.json").write_text(json.dumps(rec))
         (work / f"{name}.rc").write_text("0")
@@ -89,6 +109,7 @@ def test_report_of_a_real_run_renders(dry_run, tmp_path):
     assert rc == 0 and "DRY RUN" not in md and "NVIDIA H200 (sm 9.0, 140 GiB, 132 SMs" in md
     assert "built for sm_90 with CUDA kernels registered | PASS |" in md
     assert "| fp16 | final GradScaler scale | off 1024, tracked 512" in md and "31.5 GiB" in md
+    assert "| bf16 | si |" in md and "| 27.2 |" in md
     assert "(dry run)" not in md
 
 
@@ -132,8 +153,17 @@ def test_a_failing_cuda_test_fails_the_check(tmp_path, tmp_path_factory):
     # junit names a file outside the rootdir by its path: only the tail is the test's own.
     assert len(tests["failed_ids"]) == 1
     assert tests["failed_ids"][0].endswith("test_planted::test_cuda_fails")
-    assert report["stages"]["train"]["status"] == "not run"
+    assert report["stages"]["train"]["status"] == report["stages"]["ffcv"]["status"] == "not run"
     assert "| every CUDA test passes |" in proc.stdout and "| FAIL |" in proc.stdout
+
+
+def test_a_stage_past_the_checks_total_time_is_out_of_time(tmp_path):
+    """GPU_CHECK_TOTAL bounds the whole check: a stage with under 10 s of it left does not start and
+    counts as timed out (the dry run multiplies the total by 4: 28 s, 20 kept for the report)."""
+    proc = run_check("--dry-run", "--only", "ops", out=tmp_path, env={"GPU_CHECK_TOTAL": "7"}, timeout=300)
+    assert "ops: not run, the check's 28 s are spent" in proc.stdout, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["stages"]["ops"]["status"].startswith("timed out") and proc.returncode == report["exit"] == 3
 
 
 def test_junit_counts_and_skips_for_want_of_a_gpu(tmp_path):
@@ -199,10 +229,10 @@ def test_find_cuda_home_order_and_wrappers(tmp_path):
 
 
 def test_host_sync_probe_dry_run_times_every_loop(tmp_path):
-    """tools/gpu_probe_sync.py (docs/gpu.md) on the CPU at tiny sizes, every GPU hidden: each of
+    """selectivity.gpucheck.probe_sync (docs/gpu.md) on the CPU at tiny sizes, every GPU hidden: each of
     its four loops is timed with tracking off and on, and the tracker's hooks ran."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_probe_sync.py"),
+    proc = subprocess.run([sys.executable, "-m", "selectivity.gpucheck.probe_sync",
                            "--dry-run", "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
-"""Orientation selectivity (selectivity/orientation.py) on units whose tuning is known by design."""
+"""Orientation selectivity (selectivity/analyses/orientation/) on units whose tuning is known by
+design."""
 import math
 from collections import OrderedDict
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from selectivity.analyses.orientation.orientation import (default_n_sf, make_gratings, orientation_indices,
-                                     orientation_responses, permuted_control, shift_invariance)
+from selectivity.analyses.orientation.orientation import (
+    default_n_sf, make_gratings, orientation_indices, orientation_responses, permuted_control,
+    shift_invariance)
 
 SIZE = 32
 GRATINGS = make_gratings(SIZE)

@@ -169,7 +169,7 @@ def test_windows_from_yaml_and_cli_override(tmp_path):
 def test_train_rejects_overlapping_windows_before_writing(tmp_path, capsys):
     """tools/train.py (in this process: its CLI wrapper, exit status and message) stops with one
     line before anything is written."""
-    from selectivity.errors import run_cli
+    from selectivity.cli import run_cli
     train = load_tool("train")
     with pytest.raises(SystemExit) as e:
         run_cli(train.main, ["-c", os.path.join(ROOT, "configs", "demo.yaml"), "--out-dir",
@@ -412,14 +412,17 @@ def fake_run(run_dir, alpha_spec, final_epoch, si, acc, ckpt=True):
 
 
 def test_sweep_plan_skips_finished_and_resumes_unfinished(tmp_path, capsys):
-    sweep = load_tool("sweep")
+    import importlib
+    from selectivity.study import launch, sweep
+    # the tool's module (selectivity.tools.sweep is also the name of its console-script runner)
+    sweep_tool = importlib.import_module("selectivity.tools.sweep")
     out = tmp_path / "sweep"
     fake_run(str(out / "done"), [{"alpha": -1.0}], 2, 0.1, 0.9)
     fake_run(str(out / "half"), [{"alpha": -1.0}], 1, 0.1, 0.9)
-    assert sweep.status(str(out / "done"), 2) == "done"
-    assert sweep.status(str(out / "done"), 3) == "resume"  # more epochs asked
-    assert sweep.status(str(out / "half"), 2) == "resume"
-    assert sweep.status(str(out / "none"), 2) == "new"
+    assert launch.run_status(str(out / "done"), 2) == "done"
+    assert launch.run_status(str(out / "done"), 3) == "resume"  # more epochs asked
+    assert launch.run_status(str(out / "half"), 2) == "resume"
+    assert launch.run_status(str(out / "none"), 2) == "new"
     cmd = sweep.train_command("c/x.yaml", str(out), "x", ["lr=-0.1"], resume=True)
     assert cmd[-2:] == ["--lr=-0.1", "--resume"] and "--name" in cmd
     cfgs = []
@@ -427,18 +430,19 @@ def test_sweep_plan_skips_finished_and_resumes_unfinished(tmp_path, capsys):
         cfgs.append(str(tmp_path / f"{name}.yaml"))
         with open(cfgs[-1], "w") as f:
             f.write("epochs: 2\nselectivity_reg: [{alpha: -1.0}]\n")
-    sweep.main([*cfgs, "--out-dir", str(out), "--dry-run"])
+    sweep_tool.main([*cfgs, "--out-dir", str(out), "--dry-run"])
     plan = capsys.readouterr().out.split()
     assert plan[plan.index("done") + 1] == "done" and plan[plan.index("half") + 1] == "resume"
     assert plan[plan.index("none") + 1] == "new"
     with pytest.raises(ConfigError, match="overlap"):  # every config is checked before any run
         with open(cfgs[0], "w") as f:
             f.write("selectivity_reg: [{alpha: -1.0}, {alpha: 1.0, start: 1}]\n")
-        sweep.main([*cfgs, "--out-dir", str(out), "--dry-run"])
+        sweep_tool.main([*cfgs, "--out-dir", str(out), "--dry-run"])
 
 
 def test_plot_regularization_figures_and_table(tmp_path, capsys):
-    plot = load_tool("plot_regularization")
+    import importlib
+    plot = importlib.import_module("selectivity.tools.plot_regularization")
     runs = []
     for name, spec, si, acc in [("a0", [], 0.2, 0.95), ("am1", [{"alpha": -1.0}], 0.08, 0.96),
                                 ("ap1", [{"alpha": 1.0}], 0.3, 0.9),

@@ -1,5 +1,4 @@
 """tools/study.py (conditions × seeds, resumable) and tools/reproduce.py --tiny end to end."""
-import importlib.util
 import json
 import os
 import re
@@ -8,14 +7,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from selectivity.study import analysis_runs, checkpoint_claims, conditions, design, runner
 from selectivity.train.config import ConfigError
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def finished_run(run_dir, epochs):
@@ -27,32 +20,31 @@ def finished_run(run_dir, epochs):
 
 
 def test_study_plan_resumes_skips_and_refuses_a_changed_condition(tmp_path, capsys):
-    study = load_tool("study")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: synthetic\nepochs: 2\nselectivity_reg: [{alpha: -1.0}]\n")
     out = tmp_path / "study"
-    conds = study.conditions_from_files([str(cfg)], {})
+    conds = conditions.conditions_from_files([str(cfg)], {})
     assert conds["c"]["threads"] == 1  # side-by-side runs are single-threaded by default
-    study.run_study(conds, [0, 1, 2], str(out), dry_run=True)
+    runner.run_study(conds, [0, 1, 2], str(out), dry_run=True)
     finished_run(str(out / "c" / "s0"), 2)
     finished_run(str(out / "c" / "s1"), 1)
     plan = {(e["condition"], e["seed"]): e["status"]
-            for e in study.plan_study(conds, [0, 1, 2], str(out))}
+            for e in runner.plan_study(conds, [0, 1, 2], str(out))}
     assert plan == {("c", 0): "done", ("c", 1): "resume", ("c", 2): "new"}
-    entry = [e for e in study.plan_study(conds, [1], str(out))][0]
-    cmd = study.train_command(entry)
+    entry = [e for e in runner.plan_study(conds, [1], str(out))][0]
+    cmd = runner.train_command(entry)
     assert cmd[-1] == "--resume" and "--seed=1" in cmd and cmd[cmd.index("--name") + 1] == "s1"
     # the condition as written: a different setting under the same name is refused
     os.makedirs(out / "c", exist_ok=True)
     with open(out / "c" / "condition.yaml", "w") as f:
         yaml.safe_dump(dict(conds["c"], lr=0.5), f)
     with pytest.raises(ConfigError, match="differs from the one already"):
-        study.plan_study(conds, [0], str(out))
+        runner.plan_study(conds, [0], str(out))
     with pytest.raises(ConfigError, match="decides per run"):
-        study.plan_study({"x": {"seed": 3}}, [0], str(out))
+        runner.plan_study({"x": {"seed": 3}}, [0], str(out))
     with pytest.raises(ConfigError, match="twice"):
-        study.plan_study(conds, [0, 0], str(out))
-    grid = study.expand_alphas(conds, [-1.0, 0.0, 0.3])
+        runner.plan_study(conds, [0, 0], str(out))
+    grid = conditions.expand_alphas(conds, [-1.0, 0.0, 0.3])
     assert list(grid) == ["c_alpha_m1", "c_alpha_0", "c_alpha_p0.3"]
     assert grid["c_alpha_0"]["selectivity_reg"] == []
 
@@ -65,13 +57,12 @@ def test_study_bad_input_is_one_line_exit_2(tool, tmp_path):
 
 
 def test_window_scaling_for_tiny():
-    rep = load_tool("reproduce")
     from selectivity.regularizer import parse_windows
-    w = rep.scale_windows(parse_windows([{"alpha": -10.0, "start": 5, "end": 8}]), 0.1)
+    w = design.scale_windows(parse_windows([{"alpha": -10.0, "start": 5, "end": 8}]), 0.1)
     assert w == [{"alpha": -10.0, "start": 0.5, "end": pytest.approx(0.8)}]
-    conds = rep.study_conditions(tiny=True)
-    assert {rep.BASE, rep.EARLY, rep.LATE, rep.STRONG} <= set(conds)
-    assert all(c["epochs"] == rep.TINY["epochs"] for c in conds.values())
+    conds = design.study_conditions(tiny=True)
+    assert {design.BASE, design.EARLY, design.LATE, design.STRONG} <= set(conds)
+    assert all(c["epochs"] == design.TINY["epochs"] for c in conds.values())
 
 
 @pytest.mark.timeout(3700)  # the two commands' own limits; the suite's default 1200 s is less
@@ -101,7 +92,6 @@ def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
 
 def test_orientation_and_cka_reductions():
     """The per-seed numbers the claims are decided on, from hand-made records with known means."""
-    ana = load_tool("reproduce_analyses")
     rec = {"layers": {"relu": {"gosi_mean": 0.5, "control_gosi_mean": 0.1},
                       "layer1.0": {"gosi_mean": 0.3, "control_gosi_mean": 0.1},
                       "layer3.0": {"gosi_mean": 0.2, "control_gosi_mean": 0.15}},
@@ -118,7 +108,7 @@ def test_orientation_and_cka_reductions():
                # a high layer's ablation is not one of the low layers' ablations
                {"layer": "layer3.0", "group": "top", "loss_increase": 9.0,
                 "shift_invariance_centered": {"layer1": 0.0, "layer3": 0.0}}]}
-    v = ana.orientation_values(rec)
+    v = checkpoint_claims.orientation_values(rec)
     assert v["gosi"] == {"stem": 0.5, "layer1": 0.3, "layer3": 0.2}
     assert v["control"]["layer3"] == pytest.approx(0.15)
     assert v["ablation"][("loss", "top")] == pytest.approx(0.3)
@@ -130,16 +120,15 @@ def test_orientation_and_cka_reductions():
     cka = {"rows": ["layer1", "layer2", "logits"], "cols": ["layer1", "layer2", "logits"],
            "matrix": [[1, 0.5, 0.8], [0.5, 1, None], [0.8, None, 1]],
            "random_init": {"matrix": [[1, 0.2, 0.3], [0.2, 1, 0.4], [0.3, 0.4, 1]]}}
-    assert ana.stage_logit_cka(cka) == {"layer1": 0.8, "layer2": None}
-    assert ana.stage_logit_cka(cka, "random_init") == {"layer1": 0.3, "layer2": 0.4}
+    assert checkpoint_claims.stage_logit_cka(cka) == {"layer1": 0.8, "layer2": None}
+    assert checkpoint_claims.stage_logit_cka(cka, "random_init") == {"layer1": 0.3, "layer2": 0.4}
 
 
 def test_analysis_arguments_are_bounded():
-    ana = load_tool("reproduce_analyses")
     run = type("R", (), {"config": {"epochs": 10}})()
-    assert ana.tool_args("cka", run) == ["--epochs", "0", "1", "2", "3", "5", "10"]
-    assert ana.tool_args("orientation", run) == ["--epochs", "0", "1", "10", "--ablate-epochs",
+    assert analysis_runs.tool_args("cka", run) == ["--epochs", "0", "1", "2", "3", "5", "10"]
+    assert analysis_runs.tool_args("orientation", run) == ["--epochs", "0", "1", "10", "--ablate-epochs",
                                                  "10", "--max-images", "1000"]
     tiny = type("R", (), {"config": {"epochs": 1}})()
-    assert ana.tool_args("cka", tiny) == ["--epochs", "0", "1"]
-    assert ana.tool_args("ablate", tiny) == []
+    assert analysis_runs.tool_args("cka", tiny) == ["--epochs", "0", "1"]
+    assert analysis_runs.tool_args("ablate", tiny) == []

@@ -16,7 +16,7 @@ import argparse
 import os
 
 
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 
 
 def parse_args(argv=None):

@@ -15,7 +15,7 @@ import typing
 
 from selectivity.train.config import (FIELDS, RESUMABLE, SECTIONS, Config, check_machine, help_of,
                                       keys_of, load_config, parse_override)
-from selectivity.errors import run_cli
+from selectivity.cli import run_cli
 
 
 def _default(key: str):

@@ -6,8 +6,9 @@ hits them alike: untracked (the denominator), tracked with SI every step (``incr
 one ``accumulate_means`` call at the forward's end, then ``step_si()``) and tracked with SI every
 ``si_every`` steps (plain accumulation, ``compute()`` every ``si_every`` steps, amortized). Costs are
 timed inside the steps, around the tracker's own calls, because whole steps vary by more than the
-tracker takes. The per-layer hooks' ``unit_means`` (the extra read of each block output, which the
-fused block epilogue replaces) are timed and reported apart.
+tracker takes. The blocks run fused (units.UnitHooks(means_fn=...): the means come out of each
+block's epilogue); the tracker's ``means_fn`` (each layer's copy into the flat feed) is timed and
+reported apart.
 
 Both trackers start from a state in which every class was seen ``warm_images_per_class`` times (with
 the real block outputs), as after the first steps of an epoch; the rescan rate is the fraction of
@@ -30,7 +31,7 @@ K, B, SIZE = 1000, 64, 64
 class Costs:
     """Seconds per round (each round's median over its steps)."""
     step: list = field(default_factory=list)           # untracked training step
-    hooks: list = field(default_factory=list)          # the hooks' unit_means + copy into the feed
+    hooks: list = field(default_factory=list)          # means_fn: each layer's means into the feed
     every_step: list = field(default_factory=list)     # accumulate_means with the cache + step_si()
     accumulate: list = field(default_factory=list)     # accumulate_means without a cache
     compute: list = field(default_factory=list)        # one full compute() (amortized over si_every)
@@ -57,7 +58,7 @@ def measure(rounds: int = 5, steps_per_round: int = 2, si_every: int = 20, warm_
     plain = SelectivityTracker(model, K, "blocks")
     hook_time = [0.0]
     for t in (incremental, plain):
-        t.hooks.fn = _timed(t.hooks.fn, hook_time)
+        t.hooks.means_fn = _timed(t.hooks.means_fn, hook_time)
     with torch.no_grad():  # every class seen: the state and the rescans of the first steps of an epoch
         for first in range(0, K * warm_images_per_class, B):
             labels = torch.arange(first, first + B) % K
@@ -132,5 +133,5 @@ def percent_rows(result: dict) -> list[tuple[str, float, float, float, float | N
         (f"SI every {n} steps: accumulate_means + compute() / {n}", *pct(amortized), 0.15),
         ("  accumulate_means alone (no cache)", *pct(c.accumulate), None),
         ("  compute() (full reduction), once", *pct(c.compute), None),
-        ("the hooks' unit_means + copy (replaced by the fused epilogue)", *pct(c.hooks), None),
+        ("the feed: each layer's means copied into the flat buffer", *pct(c.hooks), None),
     ]

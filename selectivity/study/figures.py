@@ -1,5 +1,5 @@
 """The figures of the reproducible study (tools/reproduce.py): curves as the mean over seeds with
-a 95 % interval band (selectivity/aggregate.py), every figure saying its n."""
+a 95 % interval band (selectivity/study/aggregate.py), every figure saying its n."""
 from __future__ import annotations
 
 import math

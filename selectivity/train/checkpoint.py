@@ -64,6 +64,23 @@ def save_checkpoint(state: dict, ckpt_dir: str, filename: str) -> str:
     return path
 
 
+def check_fits(model, state: dict, path: str, what: str, fix: str) -> None:
+    """The checkpoint's weights have ``model``'s names and shapes: a changed model or class count
+    is a one-line ``CheckpointError`` (``... does not fit <what>: <problems>; <fix>``), not
+    load_state_dict's screen-long traceback."""
+    own, theirs = model.state_dict(), state.get("model")
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    problems = [f"{k} missing" for k in own if k not in theirs] + \
+        [f"{k} unexpected" for k in theirs if k not in own] + \
+        [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in own
+         if k in theirs and tuple(getattr(theirs[k], "shape", ())) != tuple(own[k].shape)]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} does not fit {what}: "
+                              f"{'; '.join(problems[:3])}{more}; {fix}")
+
+
 def _order_key(path: str):
     m = re.search(r"(epoch|step)_(\d+)", os.path.basename(path))
     return int(m.group(2)) if m else -1

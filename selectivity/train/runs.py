@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from selectivity.train.checkpoint import CheckpointError, load_state
+from selectivity.train.checkpoint import CheckpointError, check_fits, load_state
 from selectivity.train.config import Config, load_config
 from selectivity.train.models import build_model
 from selectivity.train.runlog import read_metrics, run_paths
@@ -118,6 +118,8 @@ def load_model(cfg: Config, ckpt: str | CheckpointInfo, device="cpu", num_classe
         raise CheckpointError(f"checkpoint {path} does not record num_classes (written by an "
                               f"older version); pass num_classes, or retrain")
     model = build_model(cfg.model, n, cfg.small_stem).to(device)
+    check_fits(model, state, path, f"model {cfg.model} with {n} classes (the run's config.yaml)",
+               "the run's config.yaml must name the model its checkpoints were trained with")
     model.load_state_dict(state["model"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

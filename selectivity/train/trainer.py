@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selectivity.train import faults
 from selectivity.train.callbacks import Callback  # noqa: F401  (re-exported: the extension points)
-from selectivity.train.checkpoint import (load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
+from selectivity.train.checkpoint import (check_fits, load_last_good, remove_stale_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
 from selectivity.train.config import (LOCATION, RESUMABLE, Config, amp_dtype, data_spec, save_config,
                                       to_dict, yaml_load)
@@ -184,20 +184,8 @@ class Trainer:
         return changes
 
     def _check_checkpoint_fits(self, state: dict, path: str) -> None:
-        """The checkpoint's weights have this model's names and shapes (a changed model or
-        class count is a one-line error, not load_state_dict's traceback)."""
-        own, theirs = self.model.state_dict(), state.get("model")
-        if not isinstance(theirs, dict):
-            raise CheckpointError(f"checkpoint {path} holds no model weights")
-        problems = [f"{k} missing" for k in own if k not in theirs] + \
-            [f"{k} unexpected" for k in theirs if k not in own] + \
-            [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in theirs and tuple(getattr(theirs[k], "shape", ())) != tuple(own[k].shape)]
-        if problems:
-            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise CheckpointError(f"checkpoint {path} does not fit model {self.cfg.model} with "
-                                  f"{self.num_classes} classes: {'; '.join(problems[:3])}{more}; "
-                                  f"resume with the model and data it was trained with")
+        check_fits(self.model, state, path, f"model {self.cfg.model} with {self.num_classes} "
+                   f"classes", "resume with the model and data it was trained with")
 
     def _restore_changed(self, resume_state, changes: dict) -> None:
         """``_restore``, then what a changed config changes: the optimizer's hyperparameters and

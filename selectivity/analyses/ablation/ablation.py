@@ -3,7 +3,7 @@
 Paper 1's protocol (Ranadive et al. 2023), with its ranking/evaluation overlap fixed:
 
 1. **Rank** the units of every tracked layer by class selectivity (selectivity/unit_ranking.py) on
-   a *ranking split* (selectivity/ranking_split.py) — never on the data the accuracy is then
+   a *ranking split* (selectivity/train/splits.py) — never on the data the accuracy is then
    measured on (paper 1's code ranked and evaluated on the same ImageNet val set).
 2. **Ablate** k units per layer — ``selective`` (the k highest SI), ``least`` (the k lowest) or
    ``random`` (k drawn uniformly; re-drawn for every batch as paper 1's code does, or fixed per
@@ -14,7 +14,7 @@ Paper 1's protocol (Ranadive et al. 2023), with its ranking/evaluation overlap f
 
 This module does steps 2 and 3 (and the AUC summaries), given the rankings of step 1. Which
 layers hold the units, and how a model names its own, is described in selectivity/unit_ranking.py
-(``resolve_layers``).
+(a units spec of selectivity/units.py, ``resolve_units``).
 
 Many conditions per pass. ``AblationHooks`` masks a layer's output with a per-group mask
 ``[G, U]``: the batch is repeated G times and ``out.view(G, B, U, H, W) * keep[:, None, :, None,
@@ -28,8 +28,8 @@ everywhere; k = U in every layer) are evaluated once.
 Random draws are a pure function of ``(seed, draw, layer name, batch index)`` — not of the order
 of evaluation, nor of the other layers or conditions evaluated alongside — so they are
 reproducible, and the batched and one-pass-per-condition evaluations
-(``evaluate_ablations(batched=False)``) see exactly the same masks (``units_to_ablate``). For one (draw, layer, batch)
-the units are a random permutation's first k, so the random sets are nested in k, as the selective
+(``evaluate_ablations(batched=False)``) see exactly the same masks (``units_to_ablate``). For one
+(draw, layer, batch) the units are a random permutation's first k, so the random sets are nested in k, as the selective
 and least-selective sets are.
 """
 from __future__ import annotations
@@ -45,9 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from selectivity.analyses.common import bn_uses_batch_statistics, eval_no_grad
+from selectivity.analyses.features import base_name
+from selectivity.errors import AblationError
 from selectivity.train.models import stage_of
-from selectivity.unit_ranking import AblationError, UnitRanking, resolve_layers
-from selectivity.units import UnitHooks
+from selectivity.unit_ranking import UnitRanking
+from selectivity.units import UnitHooks, resolve_units
 
 CONDITIONS = ("selective", "random", "least")
 MODES = ("zero", "mean")
@@ -250,7 +252,7 @@ class AblationHooks:
         self.expanded = False
 
     def _mask(self, layer, out):
-        name = layer.split("#")[0]  # a module called several times is masked at every call
+        name = base_name(layer)  # a module called several times is masked at every call
         m = self._masks.get(name)
         if m is None:
             return None
@@ -329,7 +331,7 @@ def evaluate_ablations(model: nn.Module, loader: Iterable, conditions: Sequence[
         raise AblationError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if layers is None:
         layers = list(rankings)
-    layers = resolve_layers(model, layers)
+    layers = resolve_units(model, layers)
     names = list(layers)
     for c in conditions:
         for n, k in c.k:

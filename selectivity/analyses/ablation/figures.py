@@ -1,4 +1,4 @@
-"""Ablation figures from ``ablation_run.ablation_rows`` rows: normalised accuracy against k
+"""Ablation figures from ``run.ablation_rows`` rows: normalised accuracy against k
 per checkpoint, and its area under the curve against epoch."""
 from __future__ import annotations
 

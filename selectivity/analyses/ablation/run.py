@@ -3,7 +3,7 @@
 
 For each chosen checkpoint ``ablation_rows`` (1) ranks every residual block's units by class
 selectivity on the ranking split — a fixed stratified fraction of the *training* split, without
-augmentation (selectivity/ranking_split.py) — and (2) ablates k units per block in all blocks of
+augmentation (selectivity/train/splits.py) — and (2) ablates k units per block in all blocks of
 a stage at once (or of the whole network), for each condition (selective | random | least) and
 each k of the grid, measuring top-1 accuracy and loss on the *validation* split. Both steps run
 inside ``evaluation.bn_statistics(model, bn_mode, calibration)`` (default recalibrate: the
@@ -33,7 +33,8 @@ from selectivity.train.config import data_spec
 from selectivity.train.models import unit_registry
 from selectivity.train.splits import ranking_loader
 from selectivity.train.runs import choose_checkpoints, load_model, run_config, val_records
-from selectivity.unit_ranking import rank_units, resolve_layers
+from selectivity.unit_ranking import rank_units
+from selectivity.units import resolve_units
 
 
 @dataclasses.dataclass
@@ -181,8 +182,9 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
     conds = conditions_for(scopes, req, note)
     from selectivity.pipelines import build_loader
     ecfg = dataclasses.replace(cfg, eval_batch_size=req.batch_size)
-    val_ld = build_loader(data_spec(ecfg), "val", device)
-    rank_ld = ranking_loader(data_spec(ecfg), device, req.rank_fraction, req.seed, req.rank_max_images,
+    data = data_spec(ecfg)
+    val_ld = build_loader(data, "val", device)
+    rank_ld = ranking_loader(data, device, req.rank_fraction, req.seed, req.rank_max_images,
                              req.batch_size)
     num_classes, n_val, n_rank = val_ld.num_classes, len(val_ld.labels), len(rank_ld.labels)
     val, rank = keep_or_replay(val_ld, cfg.image_size), keep_or_replay(rank_ld, cfg.image_size)
@@ -197,7 +199,7 @@ def ablation_rows(run: str, req: AblationRequest, device="cpu", out_jsonl: str |
         t0 = time.perf_counter()
         model = load_model(cfg, ckpt, device)
         with measuring(model, req.bn_mode, calib):
-            hooked = resolve_layers(model, layers)
+            hooked = resolve_units(model, layers)
             rankings = rank_units(model, rank, layers=hooked, num_classes=num_classes)
             results = A.evaluate_ablations(model, val, conds, rankings, layers=layers,
                                            mode=req.mode, seed=req.seed,

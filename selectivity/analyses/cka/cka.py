@@ -12,7 +12,7 @@ batches accumulate, at any batch size (the biased estimator does not). When they
 val split of an ImageFolder lists images class by class and an unshuffled loader keeps that
 order — each batch estimates the HSIC *within* one or two classes, and the average converges to
 a different, biased number. The analyses therefore draw val batches in a fixed shuffled order
-(selectivity/analysis.py ``val_loader``); docs/analyses.md gives the size of the effect.
+(selectivity/analyses/common.py ``val_loader``); docs/analyses.md gives the size of the effect.
 
 Why this is fast (torch_cka recomputes every Gram inside its layer-pair loop and keeps every hooked
 feature map alive):
@@ -27,16 +27,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from selectivity.analyses.common import eval_no_grad  # noqa: F401  (importable from here too)
+from selectivity.analyses.common import eval_no_grad
+from selectivity.analyses.features import LOGITS, base_name, collect_features
 from selectivity.errors import UnitsError
 from selectivity.units import UnitHooks, resolve_units
-
-LOGITS = "logits"
 
 
 # ---------------------------------------------------------------- the estimator
@@ -60,8 +59,8 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     exactly invariant to that (it changes K by a1ᵀ + 1aᵀ + c·11ᵀ, which the estimator cancels),
     but it removes the large shared mean of post-ReLU features, which would otherwise dominate
     every Gram entry and cancel only in the HSIC sums, in fp32 (tools/bench_cka.py measures both
-    against an all-fp64 run; docs/analyses.md has the figures). The Gram is fp32 (fp16/bf16 inputs are upcast; fp64 stays fp64) so the
-    dominant n²·p product runs at full speed on GPUs whose fp64 rate is a small fraction of fp32;
+    against an all-fp64 run; docs/analyses.md has the figures). The Gram is fp32 (fp16/bf16
+    inputs are upcast; fp64 stays fp64) so the dominant n²·p product runs at full speed on GPUs whose fp64 rate is a small fraction of fp32;
     the HSIC terms are then formed in fp64, where their remaining cancellation is harmless.
     """
     if features.dim() < 2:
@@ -170,79 +169,6 @@ class MinibatchCKA:
                              "construct it with layer_names_b to compare two networks")
 
 
-# ---------------------------------------------------------------- hooks
-
-def resolve_modules(model: nn.Module, layer_names: Iterable[str]) -> "OrderedDict[str, nn.Module]":
-    """{name: module} for ``layer_names`` (module names, globs or presets, see
-    selectivity/units.py), in the order given (a glob or preset expands in module order); an
-    unknown name is a ``UnitsError`` whose one line names it and what the model has."""
-    out: "OrderedDict[str, nn.Module]" = OrderedDict()
-    for spec in layer_names:
-        if not isinstance(spec, str) or not spec:
-            raise UnitsError(f"a layer name must be a non-empty string, got {spec!r}")
-        try:  # a module's own name first: a model's top-level ``relu`` is that module,
-            found = resolve_units(model, lambda n, m, spec=spec: n == spec)
-        except UnitsError:  # not the ``relu`` preset (every ReLU)
-            found = resolve_units(model, spec)
-        for name, module in found.items():
-            if name in out:
-                raise UnitsError(f"layer {name!r} is named twice in {list(layer_names)}")
-            out[name] = module
-    return out
-
-
-def _base_name(reported: str) -> str:
-    """``UnitHooks`` reports the k-th call of a module as ``name#k``; the module's name."""
-    return reported.partition("#")[0]
-
-
-@contextlib.contextmanager
-def collect_features(model: nn.Module, layer_names: Sequence[str], include_logits: bool = True,
-                     reduce: Callable[[torch.Tensor], object] | None = None
-                     ) -> Iterator[Callable[[torch.Tensor], dict[str, object]]]:
-    """Hook the named modules; yields ``run(images) -> {name: output}`` for one batch at a time.
-
-    Each call runs the model once and returns a fresh dict (layer order, then ``"logits"``, the
-    model's return value, when ``include_logits``); nothing is kept between calls. ``reduce`` is
-    applied to each (detached) output inside the hook, so e.g. a Gram can replace a large feature
-    map before the next layer runs. A module called several times in one forward (torchvision
-    ResNet blocks reuse ``relu``) reports its last call, which for those blocks is the block output.
-    Hooks are removed on exit. The caller chooses train/eval mode and grad mode.
-    """
-    layers = resolve_modules(model, layer_names)
-    names = list(layers)
-    if include_logits and LOGITS in names:
-        raise ValueError(f"layer name {LOGITS!r} is reserved for the model output")
-    reduce = reduce if reduce is not None else (lambda t: t)
-    store: dict[str, object] = {}
-
-    def keep(reported, output):
-        name = _base_name(reported)
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a Tensor")
-        try:
-            store[name] = reduce(output.detach())
-        except UnitsError as e:  # e.g. unit_means of a 3-D output: say which layer
-            raise UnitsError(f"layer {name!r}: {e}") from None
-
-    def run(images: torch.Tensor) -> dict[str, object]:
-        store.clear()
-        logits = model(images)
-        silent = [n for n in names if n not in store]
-        if silent:
-            raise RuntimeError(f"layer {silent[0]!r} produced no output in this forward pass")
-        out = {n: store[n] for n in names}
-        store.clear()
-        if include_logits:
-            if not isinstance(logits, torch.Tensor):
-                raise TypeError(f"model returned {type(logits).__name__}, not a logits Tensor")
-            out[LOGITS] = reduce(logits.detach())
-        return out
-
-    with UnitHooks(model, layers, keep):
-        yield run
-
-
 def _batches(loader, max_batches, min_size=1):
     """The images of the first ``max_batches`` batches; batches of fewer than ``min_size`` images
     (a short last batch) are skipped but still count towards ``max_batches``."""
@@ -340,7 +266,8 @@ def count_relu_activity(model: nn.Module, layer_names: Sequence[str]) -> Iterato
     caller runs forward passes; yields a ``ReluActivity``. The fraction of active ReLUs is a direct
     proxy for linearity: with every ReLU active, a ReLU network computes a linear function. Counts
     stay on the model's device until ``fractions()`` (no sync per batch). Hooks removed on exit."""
-    acc = ReluActivity(resolve_modules(model, layer_names))  # unknown names: the usual error
+    # Unknown names: the usual error.
+    acc = ReluActivity(resolve_units(model, list(layer_names), order="given", names_first=True))
     try:
         relus = resolve_units(model, "relu")
     except UnitsError:  # no ReLU module at all: every fraction is NaN
@@ -353,7 +280,7 @@ def count_relu_activity(model: nn.Module, layer_names: Sequence[str]) -> Iterato
                 acc.relus[layer].append(relu)
 
     def count(reported, output):
-        layers = owners[_base_name(reported)]  # every call of a ReLU counts
+        layers = owners[base_name(reported)]  # every call of a ReLU counts
         positive, numel = (output > 0).sum(), output.numel()
         for layer in layers:
             acc.active[layer] = acc.active[layer] + positive

@@ -1,4 +1,4 @@
-"""CKA figures from ``cka_run.cka_records`` records: heatmaps per epoch, curves against epoch,
+"""CKA figures from ``run.cka_records`` records: heatmaps per epoch, curves against epoch,
 active ReLUs. The random-initialisation baseline (``record["random_init"]``) is in every one:
 the last heatmap panel, and a dashed line of the curve's colour in the curve figures."""
 from __future__ import annotations

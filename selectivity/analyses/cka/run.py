@@ -16,7 +16,7 @@
 Every measurement runs inside ``evaluation.bn_statistics(model, bn_mode, calibration)``
 (``bn_mode`` recalibrate by default: the BatchNorm statistics recomputed on the run's fixed set
 of training images, the model's buffers restored afterwards), and every record states its
-``bn_mode``. The val batches come in a fixed shuffled order (``analysis.val_loader``, seeded by
+``bn_mode``. The val batches come in a fixed shuffled order (``common.val_loader``, seeded by
 ``seed``), so a class-sorted split does not give batches of one class.
 """
 from __future__ import annotations
@@ -27,29 +27,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from selectivity.analyses.common import (calibration_for, eval_no_grad, keep_or_replay, keep_record, measuring,
-                       random_init_model, run_label, val_loader)
-from selectivity.analyses.cka.cka import LOGITS, MIN_BATCH, MinibatchCKA, collect_features, count_relu_activity, gram
-from selectivity.analyses.cka.cka import resolve_modules
-from selectivity.train.checkpoint import makedirs
+from selectivity.analyses.common import (calibration_for, eval_no_grad, keep_or_replay,
+                                         keep_record, measuring, random_init_model, run_label,
+                                         val_loader)
+from selectivity.analyses.cka.cka import (MIN_BATCH, MinibatchCKA, count_relu_activity,
+                                          gram)
+from selectivity.analyses.features import LOGITS, collect_features, refuse_logits, stage_names
 from selectivity.errors import CheckpointError, ConfigError, UnitsError
+from selectivity.train.checkpoint import makedirs
 from selectivity.train.runs import choose_checkpoints, load_model, open_run
 from selectivity.units import resolve_units
 
-STAGES = "layer*"  # the stage outputs layer1..layerN: '*' stays inside one name segment
 # The baseline network's seed is offset from --seed so that it is never the run's own
 # initialisation (a run trained with seed 0 starts from exactly the seed-0 network).
 INIT_SEED_OFFSET = 1_000_003
 SAME_DATA = ("dataset", "data_dir", "image_size", "synthetic_size", "synthetic_classes")
-
-
-def stage_names(model) -> list[str]:
-    """The model's stages (top-level modules named layer1, layer2, ...), in order."""
-    try:
-        return list(resolve_modules(model, [STAGES]))
-    except UnitsError:
-        raise UnitsError(f"{type(model).__name__} has no layer1..layerN stages; name the layers "
-                         f"(--layers)") from None
 
 
 def default_layers(model, cfg=None) -> list[str]:
@@ -63,18 +55,19 @@ def default_layers(model, cfg=None) -> list[str]:
         return list(resolve_units(model, cfg.track_units))
 
 
-def check_layers(model, layers: Sequence[str]) -> list[str]:
-    """The layer names ``layers`` (names or globs) resolve to on ``model``; one-line errors."""
-    if LOGITS in layers:
-        raise UnitsError(f"{LOGITS!r} is always included; leave it out of the layers")
-    return list(resolve_modules(model, layers))
+def chosen_layers(model, layers: Sequence[str] | None, cfg=None) -> list[str]:
+    """``layers`` (names or globs, as listed) resolved on ``model``, or ``default_layers``."""
+    if not layers:
+        return default_layers(model, cfg)
+    refuse_logits(layers)
+    return list(resolve_units(model, list(layers), order="given", names_first=True))
 
 
 def measure(model, batches, layers: Sequence[str], max_batches: int | None = None,
             model_b=None, layers_b: Sequence[str] | None = None) -> dict:
     """One pass over ``batches`` of ``(images, labels)``: the CKA matrix (``layers`` + logits;
     with ``model_b`` against its ``layers_b``, default the same names) and each model's ReLU
-    activity. The models are measured as they are set up (see ``analysis.eval_no_grad``)."""
+    activity. The models are measured as they are set up (see ``common.eval_no_grad``)."""
     rows = list(layers) + [LOGITS]
     cols = (list(layers if layers_b is None else layers_b) + [LOGITS]) if model_b is not None \
         else rows
@@ -149,11 +142,11 @@ def cka_records(run: str, run_b: str | None = None, *, epochs=None, steps: bool 
             raise CheckpointError(f"{run} and {run_b} have no checkpoint epoch in common")
     # Names are checked on the first checkpoint's model, before any data is read.
     model = load_model(cfg, ckpts[0], device)
-    names = check_layers(model, layers) if layers else default_layers(model, cfg)
+    names = chosen_layers(model, layers, cfg)
     num_classes = model.fc.out_features if hasattr(model, "fc") else None
     if run_b is not None:
         model_b = load_model(cfg_b, at[round(ckpts[0].epoch, 9)], device)
-        check_layers(model_b, names)
+        chosen_layers(model_b, names)
     loader = val_loader(cfg, device, seed=seed,
                         max_images=None if max_batches is None
                         else max_batches * cfg.eval_batch_size)
@@ -205,7 +198,7 @@ def order_spread(cfg, model, layers: Sequence[str] | None = None, seeds: Sequenc
     orders (their spread is the estimator's noise at this batch size). ``model`` as loaded
     from a checkpoint of a run with config ``cfg``; all under ``bn_mode``.
     Returns {"rows", "by_class", "dataset", "shuffled": [matrix per seed]} (numpy arrays)."""
-    names = check_layers(model, layers) if layers else default_layers(model, cfg)
+    names = chosen_layers(model, layers, cfg)
     calib = calibration_for(cfg, device, bn_mode)
 
     def one(order, seed=0):

@@ -1,4 +1,4 @@
-"""Orientation figures from ``orientation_run.orientation_records`` records: gOSI
+"""Orientation figures from ``run.orientation_records`` records: gOSI
 distributions against the permuted control, mean gOSI by epoch, the ablation by gOSI halves,
 and shift invariance."""
 from __future__ import annotations

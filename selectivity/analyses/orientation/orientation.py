@@ -29,8 +29,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from selectivity.analyses.cka.cka import LOGITS, collect_features, eval_no_grad, resolve_modules
-from selectivity.units import UnitHooks, unit_means
+from selectivity.analyses.common import eval_no_grad
+from selectivity.analyses.features import LOGITS, collect_features
+from selectivity.units import UnitHooks, resolve_units, unit_means
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -252,11 +253,11 @@ def zero_channels(model: nn.Module, layer_name: str, channels: Sequence[int] | t
     """Set the given channels of a named module's output to 0 for the duration (a forward hook).
 
     A deliberately small local mask for the orientation ablation; the project's general ablation
-    masks on residual-block outputs live in selectivity/ablation.py. Works for [B, U, ...] outputs
-    in any memory format; the output is replaced (not modified in place), so hooks registered
+    masks on residual-block outputs live in selectivity/analyses/ablation/. Works for [B, U, ...]
+    outputs in any memory format; the output is replaced (not modified in place), so hooks registered
     after this one, and the next layer, see the zeroed tensor.
     """
-    layer = resolve_modules(model, [layer_name])
+    layer = resolve_units(model, [layer_name], order="given", names_first=True)
     index = torch.as_tensor(channels, dtype=torch.long).flatten()
 
     def mask(_reported, output):

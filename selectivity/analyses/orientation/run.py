@@ -27,15 +27,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from selectivity.analyses.common import (calibration_for, keep_record, measured_epochs, measuring, run_label,
-                       val_loader)
-from selectivity.train.checkpoint import makedirs
-from selectivity.analyses.cka.cka import resolve_modules
-from selectivity.analyses.cka.run import STAGES, check_layers
+from selectivity.analyses.common import (calibration_for, keep_record, measured_epochs,
+                                         measuring, run_label, val_loader)
+from selectivity.analyses.features import refuse_logits, stage_names
+from selectivity.analyses.orientation.orientation import (
+    ablation_groups, channel_normalize, loss_and_shift_invariance, make_gratings,
+    orientation_indices, orientation_responses, permuted_control, zero_channels)
 from selectivity.errors import ConfigError, UnitsError
-from selectivity.analyses.orientation.orientation import (ablation_groups, channel_normalize, loss_and_shift_invariance,
-                          make_gratings, orientation_indices, orientation_responses,
-                          permuted_control, zero_channels)
+from selectivity.train.checkpoint import makedirs
 from selectivity.train.runs import choose_checkpoints, load_model, open_run
 from selectivity.units import resolve_units
 
@@ -59,9 +58,13 @@ def default_layers(model: nn.Module, cfg=None) -> list[str]:
 def default_shift_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
     """The stage outputs (``layer*``); for a model without stages, the last three ``layers``."""
     try:
-        return list(resolve_modules(model, [STAGES]))
+        return stage_names(model)
     except UnitsError:
         return list(layers[-3:])
+
+
+def _listed(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    return list(resolve_units(model, list(layers), order="given", names_first=True))
 
 
 def val_batches(loader, max_images: int) -> list:
@@ -164,8 +167,10 @@ class Plan:
         self.cfg = cfg = open_run(run, **overrides)
         self.ckpts = choose_checkpoints(run, epochs, steps)
         probe = load_model(cfg, self.ckpts[0], "cpu")
-        self.layers = check_layers(probe, layers) if layers else default_layers(probe, cfg)
-        self.shift_layers = check_layers(probe, shift_layers) if shift_layers else \
+        for given in (layers, shift_layers):
+            refuse_logits(given)
+        self.layers = _listed(probe, layers) if layers else default_layers(probe, cfg)
+        self.shift_layers = _listed(probe, shift_layers) if shift_layers else \
             default_shift_layers(probe, self.layers)
         measured = [c.epoch for c in self.ckpts]
         if no_ablation:

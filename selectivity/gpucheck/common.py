@@ -1,4 +1,4 @@
-"""What the GPU check's benchmarks share (tools/gpu_check.py runs them; docs/gpu.md).
+"""What the GPU check's benchmarks share (selectivity.gpucheck.stages runs them; docs/gpu.md).
 
 The same code runs on the GPU and, in the dry run, on the CPU at tiny sizes. Everything that
 differs between the two sits here, behind ``Bench``: the device, the timer (CUDA events on the
@@ -11,12 +11,9 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 class Bench:

@@ -19,7 +19,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from gpu_bench_common import Bench, write_json
+from selectivity.gpucheck.common import Bench, write_json
 from selectivity import SelectivityTracker, UnitHooks
 from selectivity.train.models import build_model
 
@@ -32,7 +32,7 @@ VARIANTS = ("off", "on", "si")
 TARGETS = {"on": 0.99, "si": 0.98}  # images/s ÷ off; "without slowing throughput"
 
 
-REL_TOL = 1e-6  # as in gpu_bench_ops: the CPU kernel's float32 runs; the CUDA kernel sums in float64
+REL_TOL = 1e-6  # as in bench_ops: the CPU kernel's float32 runs; the CUDA kernel sums in float64
 
 
 def tracker_matches_reference(model, num_classes, images, labels, dtype) -> dict:

@@ -1,108 +1,27 @@
-"""The study's claims that an analysis tool measures on checkpoints (tools/reproduce.py): unit
-ablation (tools/ablate.py), CKA linearity (tools/cka.py), orientation selectivity with its ablation
-and shift invariance (tools/orientation.py).
-
-Each tool runs on every seed of the unregularized condition, as a subprocess through its own
-command line (what a user would type), into ``<out>/analysis/<tool>/<seed>``; a finished one (its
-``.done`` marker holding the same arguments) is skipped, so the study stays resumable. Every
-difference below is paired within a seed and summarized over seeds (aggregate.summarize).
-"""
+"""The claims the study tests on checkpoints, each measured by an analysis tool (analysis_runs) on
+every seed of the unregularized condition: unit ablation and CKA linearity (paper 1), orientation
+selectivity with its ablation and shift invariance (paper 3). Every difference is paired within a
+seed and summarized over seeds (aggregate.summarize). Each claim returns its section of the
+findings."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from selectivity.study import aggregate as agg
+# The analyses' record formats: the logits' name in a CKA record, a record's entry, and the
+# layer groups orientation.jsonl reports by. Only these are read; the tools themselves run as
+# subprocesses.
 from selectivity.analyses.cka.cka import LOGITS
 from selectivity.analyses.cka.run import entry
-from selectivity.study.figures import plot_ablation, plot_cka, plot_orientation
 from selectivity.analyses.orientation.run import layer_groups
+from selectivity.study import aggregate as agg
+from selectivity.study.analysis_runs import failed_note, records, run_tool, tool_args
+from selectivity.study.figures import plot_ablation, plot_cka, plot_orientation
+from selectivity.study.verdicts import verdict_interval
 
-CKA_EPOCHS = (0, 1, 2, 3, 5)  # and the final one: the early epochs, where paper 1 looks, densely
-ORIENTATION_IMAGES = 1000     # val images for loss and shift invariance (the tool's default: all)
 LOW, HIGH = ("stem", "layer1"), ("layer3",)  # the layer groups paper 3's "low" and "high" mean here
-
-
-def verdict_interval(s: agg.Summary, above: float = 0.0) -> str:
-    """supports if the interval lies above ``above``, contradicts if below, else inconclusive."""
-    if s.n < 2 or not math.isfinite(s.half):
-        return "inconclusive"
-    if s.low > above:
-        return "supports"
-    if s.high < above:
-        return "contradicts"
-    return "inconclusive"
-
-
-def _final_epoch(run) -> float:
-    return float(run.config.get("epochs", 0))
-
-
-def tool_args(tool: str, run) -> list[str]:
-    """The bounded arguments each tool gets (the ablation: its defaults, every checkpoint)."""
-    final = _final_epoch(run)
-    if tool == "cka":
-        return ["--epochs"] + [f"{e:g}" for e in sorted({e for e in CKA_EPOCHS if e < final}
-                                                        | {final})]
-    if tool == "orientation":
-        return ["--epochs"] + [f"{e:g}" for e in sorted({0.0, 1.0, final})] + [
-            "--ablate-epochs", f"{final:g}", "--max-images", str(ORIENTATION_IMAGES)]
-    return []
-
-
-def run_tool(tool: str, runs, out: str, jobs: int) -> dict:
-    """``tools/<tool>.py RUN --out <out>/analysis/<tool>/<seed> [tool_args]`` for every run;
-    {run path: its output folder, or the error}. A folder whose .done marker holds the same
-    arguments is taken as it is; different arguments measure it again."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-    def one(run):
-        d = os.path.join(out, "analysis", tool, os.path.basename(run.path))
-        args = tool_args(tool, run)
-        marker = os.path.join(d, ".done")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                if f.read() == json.dumps(args):
-                    return run.path, d
-            os.remove(marker)
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{tool}.log"), "w") as log:
-            rc = subprocess.call([sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"),
-                                  run.path, "--out", d] + args, cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
-        if rc != 0:
-            return run.path, f"tools/{tool}.py exited {rc}; see {d}/{tool}.log"
-        with open(marker, "w") as f:
-            f.write(json.dumps(args))
-        return run.path, d
-
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        return dict(pool.map(one, runs))
-
-
-def _records(done: dict, name: str) -> tuple[list, list]:
-    """({epoch: record} per seed, the errors) from ``run_tool``'s result."""
-    per_seed, failed = [], []
-    for v in done.values():
-        if not os.path.isdir(v):
-            failed.append(v)
-            continue
-        with open(os.path.join(v, name)) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        per_seed.append({round(float(r["epoch"]), 6): r for r in recs
-                         if str(r.get("checkpoint", "")).startswith("epoch_")})
-    return per_seed, failed
-
-
-def _failed_note(failed, what) -> str:
-    return (f"\n\n{len(failed)} {what} run(s) failed: " + "; ".join(failed)) if failed else ""
 
 
 def _v(x) -> float | None:
@@ -173,7 +92,7 @@ accuracy more than ablating random ones.
 (ablated / unablated) averaged over the grid of ablated fractions, then over the stages; lower =
 the ablation hurts more. Every checkpoint of the runs; epoch 0 is the untrained network (chance).
 
-{table}{_failed_note(failed, "ablation")}
+{table}{failed_note(failed, "ablation")}
 
 **Rule.** At the first trained checkpoint (epoch {_ep(early)}):
 *supports* if the interval of (AUC random − AUC selective) lies above 0; *contradicts* if below 0;
@@ -197,7 +116,7 @@ def stage_logit_cka(rec: dict, key: str = "matrix") -> dict:
 def claim_cka(runs, base: str, out: str, figdir: str, jobs: int) -> str:
     if not runs:
         return "## CKA linearity\n\nNo α = 0 runs: nothing to test.\n"
-    per_seed, failed = _records(run_tool("cka", runs, out, jobs), "cka.jsonl")
+    per_seed, failed = records(run_tool("cka", runs, out, jobs), "cka.jsonl")
     epochs = sorted({e for s in per_seed for e in s})
     final = max(epochs) if epochs else None
     trained = [e for e in epochs if e > 0]
@@ -254,7 +173,7 @@ checkpoint (epoch {_ep(early)}); early − final is paired within a seed.
 {table}
 
 Fraction of active ReLU outputs (mean over the stages): epoch 0 {relu_row[0]}, epoch
-{_ep(early)} {relu_row[1]}, epoch {_ep(final)} {relu_row[2]}.{_failed_note(failed, "CKA")}
+{_ep(early)} {relu_row[1]}, epoch {_ep(final)} {relu_row[2]}.{failed_note(failed, "CKA")}
 
 **Rule.** *supports* if the interval of (early − final), the mean over stages, lies above 0;
 *contradicts* if below 0; else *inconclusive*.
@@ -304,7 +223,7 @@ def orientation_values(rec: dict) -> dict:
 def claim_orientation(runs, base: str, out: str, figdir: str, jobs: int) -> str:
     if not runs:
         return "## Orientation selectivity\n\nNo α = 0 runs: nothing to test.\n"
-    per_seed, failed = _records(run_tool("orientation", runs, out, jobs), "orientation.jsonl")
+    per_seed, failed = records(run_tool("orientation", runs, out, jobs), "orientation.jsonl")
     vals = [{e: orientation_values(r) for e, r in s.items()} for s in per_seed]
     epochs = sorted({e for s in vals for e in s})
     final = max(epochs) if epochs else None
@@ -381,7 +300,7 @@ mean removed) are averaged over the low layers. Every difference is paired withi
 
 {table}
 
-{abl_table}{_failed_note(failed, "orientation")}
+{abl_table}{failed_note(failed, "orientation")}
 
 **Rule.** Each row: *supports* if the interval of its statistic lies above 0, *contradicts* if
 below 0, else *inconclusive*; the first row needs both the low and the high layers' (gOSI −

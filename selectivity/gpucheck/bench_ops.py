@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from gpu_bench_common import Bench, write_json
+from selectivity.gpucheck.common import Bench, write_json
 from selectivity import ops
 
 BLOCK_SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # (U, H, W) per stage

@@ -1,7 +1,7 @@
-"""The GPU check's verdicts and its readable report, $OUT/gpu_check.md (tools/gpu_check.py report)."""
+"""The GPU check's verdicts and its readable report, $OUT/gpu_check.md (selectivity.gpucheck.stages report)."""
 from __future__ import annotations
 
-from gpu_bench_common import finite
+from selectivity.gpucheck.common import finite
 
 TRACKED_BLOCKS = 16  # ResNet-50's residual blocks: what units="blocks" must hook
 
@@ -59,6 +59,7 @@ def verdicts(stages: dict, dry_run: bool) -> list:
             out.append(_verdict(f"{label} ({amp}), images/s", f"{r['value']:.3f} (rounds "
                                 f"{r['per_round_min']:.3f}–{r['per_round_max']:.3f})",
                                 r["pass"], False, f"≥ {r['target']}"))
+    out += _trainer_verdicts(stages["trainer"]) + _ffcv_verdicts(stages["ffcv"])
     o = stages["ops"]
     if o["status"] != "not run":
         cases = o.get("cases", [])
@@ -76,6 +77,93 @@ def verdicts(stages: dict, dry_run: bool) -> list:
         else:
             out.append(_verdict("accumulate ÷ x.sum()", o["status"], None, False, "≤ 1.2"))
     return out
+
+
+def _trainer_verdicts(st: dict) -> list:
+    out = []
+    for amp, res in st.get("amps", {}).items():
+        if res.get("status") != "ok":
+            out.append(_verdict(f"the trainer trains ({amp})", res.get("status", st["status"]), None, False))
+            continue
+        for label, r in res["ratios"].items():
+            if r["target"] is not None:
+                out.append(_verdict(f"{label} (trainer, {amp}), images/s", f"{r['value']:.3f} (rounds "
+                                    f"{r['per_round_min']:.3f}–{r['per_round_max']:.3f})", r["pass"], False,
+                                    f"≥ {r['target']}"))
+    return out
+
+
+def _ffcv_verdicts(st: dict) -> list:
+    b = st.get("bundle")
+    if st["status"] == "not run" or b is None:
+        return [] if st["status"] == "not run" else [_verdict("FFCV bundle", st["status"], None, True)]
+    value = "; ".join(b["problems"]) if b["problems"] else \
+        f"verified (ldd closure, size), loads under {b.get('python')}: resize exact, JPEG within " \
+        f"{b.get('decode_max_diff')} levels"
+    return [_verdict("FFCV bundle is whole and FFCV's extension works from it", value, not b["problems"], True,
+                     "every library from the bundle or the system set")]
+
+
+def _trainer_markdown(tr: dict) -> list:
+    c = tr["config"]
+    lines = ["", f"## The trainer (tools/train.py's `Trainer`; ResNet-50, batch {c['batch']}, {c['size']} px, "
+             f"K = {c['classes']}, channels_last, {c['data']}; {c['rounds']} rounds × {c['steps']} steps per "
+             "variant after one warm-up round, interleaved)", "",
+             "| AMP | variant | images/s | ms per round (min–max) | peak memory GiB |", "|---|---|---|---|---|"]
+    for amp, res in tr["amps"].items():
+        for v, d in res.get("variants", {}).items():
+            if d.get("round_ms"):
+                lines.append(f"| {amp} | {v} | {_f(d.get('images_per_s'), '{:.0f}')} | {min(d['round_ms']):.1f}–"
+                             f"{max(d['round_ms']):.1f} | {_f(d.get('peak_memory_gib'))} |")
+        for label, r in res.get("ratios", {}).items():
+            lines.append(f"| {amp} | {label} | {r['value']:.3f} | rounds {r['per_round_min']:.3f}–"
+                         f"{r['per_round_max']:.3f} | target {'–' if r['target'] is None else r['target']} |")
+        ev = res.get("evaluation")
+        if ev:
+            lines.append(f"| {amp} | evaluation, BN {ev['bn_mode']} | acc1 {_f(ev['acc1'], '{:.3f}')} (running BN "
+                         f"{_f(ev.get('acc1_running'), '{:.3f}')}), SI mean {_f(ev.get('si_mean'), '{:.3f}')} | "
+                         f"{ev['seconds']} s | |")
+        if res.get("checkpoint"):
+            lines.append(f"| {amp} | checkpoint | {res['checkpoint']['mib']:.0f} MiB | {res['checkpoint']['seconds']} s | |")
+    for amp, res in tr["amps"].items():
+        p = res.get("profile")
+        if res.get("profile_error"):
+            lines += ["", f"Profile of one bare {amp} step: failed ({res['profile_error']})."]
+        if p:
+            lines += ["", f"Profile of one bare {amp} step ({p['clock']} time, {p['total_ms']:.1f} ms in all; "
+                      f"top {len(p['top'])}):", "", "| kernel / op | calls | ms | share |", "|---|---|---|---|"]
+            lines += [f"| `{e['name'].replace('|', '/')}` | {e['calls']} | {e['ms']:.2f} | {e['share']:.1%} |"
+                      for e in p["top"]]
+    return lines
+
+
+def _ffcv_markdown(ff: dict, trainer: dict) -> list:
+    c = ff["config"]
+    lines = ["", f"## FFCV's GPU pipeline (the trainer with `--data-backend ffcv`, {c['amp']}, tracking off, "
+             f"{c['augment']} to {c['size']} px, batch {c['batch']})", ""]
+    b = ff.get("bundle", {})
+    lines.append(f"Bundle: {'; '.join(b['problems']) if b.get('problems') else 'verified'}; FFCV from "
+                 f"`{ff.get('ffcv_file', '–')}`.")
+    im = ff.get("images")
+    if im:
+        lines.append(f"Data: {im['images']} generated JPEGs, mean {im['mean_kib']:.0f} KiB and "
+                     f"{im['mean_pixels'] / 1e3:.0f} kpixels, made in {im['seconds']} s; trainer set-up with "
+                     f"both .betons written: {_f(ff.get('trainer_setup_s'))} s; the loader's first epoch "
+                     f"(numba compiling): {_f((ff.get('loader_warmup_ms') or 0) / 1e3)} s.")
+    synth = trainer.get("amps", {}).get(c["amp"], {}).get("variants", {}).get("off", {}).get("images_per_s")
+    lines += ["", "| what | images/s | ÷ synthetic |", "|---|---|---|",
+              f"| trainer on synthetic batches made on the GPU (trainer stage, {c['amp']}, off) | {_f(synth, '{:.0f}')} | 1 |"]
+    for key, label in (("loader", "FFCV loader alone (decode, crop, to the GPU)"), ("train", "trainer through FFCV")):
+        r = ff.get(key)
+        if r:
+            ratio = r["images_per_s"] / synth if finite(synth) and synth else None
+            lines.append(f"| {label} | {r['images_per_s']:.0f} | {_f(ratio, '{:.3f}')} |")
+    if ff.get("loader") and finite(synth):
+        bound = ff["loader"]["images_per_s"] < synth
+        lines.append("")
+        lines.append("Data-loading bound: " + ("yes: the loader alone is slower than the synthetic step" if bound
+                                               else "no: the loader alone is faster than the synthetic step") + ".")
+    return lines
 
 
 def _mark(ok) -> str:
@@ -130,6 +218,10 @@ def write_markdown(report: dict, path: str) -> None:
                              f"tracked {res['grad_scale']['tracked']:g} (from 1024; each halving: a skipped step) | | |")
             if "peak_memory_gib" in res:
                 lines.append(f"| {amp} | peak memory | {res['peak_memory_gib']:.1f} GiB | | |")
+    if st["trainer"].get("amps"):
+        lines += _trainer_markdown(st["trainer"])
+    if st["ffcv"].get("config"):
+        lines += _ffcv_markdown(st["ffcv"], st["trainer"])
     o = st["ops"]
     if o.get("cases"):
         cp = o["copy"]

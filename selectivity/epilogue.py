@@ -1,0 +1,153 @@
+"""The fused residual-block epilogue: ``y = relu(out + identity)`` and the per-image unit means of y.
+
+``add_relu_means(out, identity) -> (y, means)`` is what a residual block does last (the add of the
+shortcut and the final ReLU) plus the block's unit activations, ``means[b, u]`` = the spatial mean of
+``y[b, u]`` (``units.unit_means`` of y), taken in the same pass over the block output (the compiled op
+``selectivity::add_relu_means``, csrc/ops/add_relu_means/). ``units.UnitHooks(means_fn=...)`` runs
+the blocks it recognises through it, so a tracked or regularized step reads each block output no
+more often than an untracked one.
+
+Contract (tests/test_epilogue.py):
+
+* ``y`` is bit-identical to stock ``torch.relu(out + identity)``: same dtype, same memory format
+  (NCHW or channels_last; also ``[B, U]``), the add computed in float32 and rounded once to the
+  dtype, then the ReLU of the rounded value (``-0`` and NaN pass through as in ``clamp_min``);
+* ``means`` is ``[B, U]`` float32 (float64 for float64 inputs), the mean of y **as rounded**, summed
+  in float32 runs of at most 8 values and float64 above;
+* autograd for both outputs: ``grad = (grad_y + grad_means[b, u] / (H*W)) * (y > 0)`` (exactly
+  ``threshold_backward(grad, y, 0)`` plus the means' share), the same tensor for ``out`` and
+  ``identity``; a missing ``grad_means`` (means not used by the loss) costs nothing extra;
+* ``add_relu_means_(out, identity)``: the same, y written into ``out`` where it can be (what the
+  fused block forwards use; stock torchvision blocks also overwrite ``out``);
+* fake implementations for ``torch.compile``: the op is one opaque node to inductor, so inductor
+  cannot fuse the add + ReLU into the BatchNorm before it (it can in an untracked compiled model).
+
+Inputs of different dtypes, devices without the kernel, or an unbuilt extension take the reference
+(``add_relu_means_reference``, torch ops, the same numbers), with one warning per process when the
+extension is missing (``ops._use_extension``); ``SELECTIVITY_FORCE_REFERENCE=1`` forces it.
+"""
+from __future__ import annotations
+
+import torch
+
+from selectivity.ops import _use_extension, has_extension
+from selectivity.units import unit_means
+
+OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HAS_OP = has_extension() and hasattr(torch.ops.selectivity, "add_relu_means")
+
+
+def add_relu_means_reference(out: torch.Tensor, identity: torch.Tensor):
+    """``(torch.relu(out + identity), unit_means of it)``: the stock computation, differentiable."""
+    y = torch.relu(out + identity)
+    return y, unit_means(y)
+
+
+def _fusable(out: torch.Tensor, identity: torch.Tensor) -> bool:
+    if not _HAS_OP or out.dtype not in OP_DTYPES or out.dim() not in (2, 4):
+        return False
+    if identity.dtype != out.dtype or identity.shape != out.shape or identity.device != out.device:
+        return False
+    dev = out.device.type
+    return dev == "cpu" or (dev == "cuda" and _has_kernel("CUDA"))
+
+
+def _has_kernel(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("selectivity::add_relu_means", key)
+
+
+def add_relu_means(out: torch.Tensor, identity: torch.Tensor):
+    """``(y, means)``: ``y = relu(out + identity)``, ``means`` [B, U] its per-image unit means."""
+    if _fusable(out, identity) and _use_extension():
+        y, means = torch.ops.selectivity.add_relu_means(out, identity)
+        return y, means
+    return add_relu_means_reference(out, identity)
+
+
+def add_relu_means_(out: torch.Tensor, identity: torch.Tensor):
+    """``add_relu_means`` that may write y into ``out`` (returned as y), as torchvision's blocks do
+    with ``out += identity; relu_(out)``; for a block's forward, where ``out`` (the last BN's
+    output) is dead after the epilogue. Writing into a buffer that was just written is faster on
+    the CPU than filling a new one (docs/extension.md). Where writing in place is not possible
+    (not a dense layout, a leaf requiring grad, ``identity`` sharing ``out``'s memory, under
+    ``torch.compile``, which takes the functional op) it is ``add_relu_means``."""
+    if (_fusable(out, identity) and _use_extension() and _layout_dense(out)
+            and not (out.requires_grad and out.is_leaf) and not out._is_view()
+            and identity.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+            and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (out.requires_grad or identity.requires_grad):
+            return _AddReluMeansInplace.apply(out, identity)
+        return out, torch.ops.selectivity.add_relu_means_(out, identity)
+    return add_relu_means(out, identity)
+
+
+# ----- the op's fake implementations and autograd formula ---------------------------------------
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    # As the kernels decide (csrc/ops/add_relu_means/add_relu_means.cpp, shape_and_layout).
+    if t.dim() == 4 and t.shape[2] * t.shape[3] > 1 and not t.is_contiguous() \
+            and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _layout_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=_layout(t))
+
+
+def _backward_both(ctx, grad_y, grad_means):
+    """The gradient of out and of identity (one tensor), or None when no output gradient came."""
+    if grad_y is None and grad_means is None:
+        return None, None
+    (y,) = ctx.saved_tensors
+    grad = torch.ops.selectivity.add_relu_means_backward(grad_y, grad_means, y)
+    return (grad if ctx.needs_input_grad[0] else None,
+            grad if ctx.needs_input_grad[1] else None)
+
+
+class _AddReluMeansInplace(torch.autograd.Function):
+    """Autograd of ``add_relu_means_``: out is marked dirty (it now holds y), the backward is the
+    functional op's. (A mutating op cannot take ``torch.library.register_autograd``.)"""
+
+    @staticmethod
+    def forward(ctx, out, identity):
+        means = torch.ops.selectivity.add_relu_means_(out, identity)
+        ctx.mark_dirty(out)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(out)
+        return out, means
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_means):
+        return _backward_both(ctx, grad_y, grad_means)
+
+
+if _HAS_OP:
+
+    @torch.library.register_fake("selectivity::add_relu_means_")
+    def _add_relu_means_inplace_fake(out, identity):
+        return out.new_empty((out.shape[0], out.shape[1]),
+                             dtype=torch.promote_types(out.dtype, torch.float32))
+
+    @torch.library.register_fake("selectivity::add_relu_means")
+    def _add_relu_means_fake(out, identity):
+        torch._check(identity.shape == out.shape and identity.dtype == out.dtype,
+                     lambda: "add_relu_means: identity must have out's shape and dtype")
+        y = torch.empty_like(out, memory_format=_layout(out))
+        means = out.new_empty((out.shape[0], out.shape[1]),
+                              dtype=torch.promote_types(out.dtype, torch.float32))
+        return y, means
+
+    @torch.library.register_fake("selectivity::add_relu_means_backward")
+    def _add_relu_means_backward_fake(grad_y, grad_means, y):
+        return torch.empty_like(y, memory_format=_layout(y))
+
+    def _setup_context(ctx, inputs, output):
+        # Unused outputs (the means, when only the tracker reads them) arrive as None, not as zeros:
+        # the backward is then the plain ReLU backward.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[0])
+
+    torch.library.register_autograd("selectivity::add_relu_means", _backward_both,
+                                    setup_context=_setup_context)

@@ -1,0 +1,379 @@
+"""The fused residual epilogue (selectivity/epilogue.py, csrc/ops/add_relu_means/) and the means mode
+of UnitHooks that runs residual blocks through it: the same numbers as stock add + ReLU and hooks."""
+import pytest
+import torch
+import torchvision
+
+from selectivity import epilogue, ops
+from selectivity.errors import UnitsError
+from selectivity.train.models import BasicBlock, build_model
+from selectivity.regularizer import SelectivityRegularizer
+from selectivity.units import UnitHooks, _FusedBlock, unit_means
+
+needs_op = pytest.mark.skipif(not epilogue._HAS_OP, reason="selectivity._C is not built with add_relu_means")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+LAYOUTS = ("nchw", "channels_last", "2d")
+
+
+def pair(dtype, layout, B=3, U=37, H=16, W=16, seed=0, device="cpu"):
+    """(out, identity) with exact zeros, -0 sums and ties: what a block epilogue meets."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, U) if layout == "2d" else (B, U, H, W)
+    out, identity = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    out.view(-1)[::11] = -0.0
+    identity.view(-1)[::11] = -0.0  # -0 + -0 = -0, which stock relu keeps
+    identity.view(-1)[5::13] = -out.view(-1)[5::13]  # exact zero sums
+    out.view(-1)[7::17] = -1e-30  # float32 underflow region: rounds to -0 in fp16/bf16
+    out, identity = out.to(device=device, dtype=dtype), identity.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        out, identity = (t.contiguous(memory_format=torch.channels_last) for t in (out, identity))
+    return out, identity
+
+
+def bits(t):
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def check_forward(out, identity):
+    y, means = torch.ops.selectivity.add_relu_means(out, identity)
+    stock = torch.relu(out + identity)
+    assert y.dtype == stock.dtype and y.stride() == stock.stride()
+    assert torch.equal(bits(y), bits(stock))
+    ref = unit_means(stock)
+    assert means.dtype == ref.dtype
+    torch.testing.assert_close(means, ref, rtol=1e-6, atol=1e-7 * ref.abs().max().item())
+
+
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_forward_is_stock_bit_for_bit_and_means_are_unit_means(dtype, layout):
+    check_forward(*pair(dtype, layout))
+
+
+@needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (4, 4), (3, 5), (8, 8)])
+def test_forward_small_planes(hw, layout):
+    """The NCHW kernel has its own paths for planes of 2, 4, 8 and 16 pixels."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_forward(*pair(dtype, layout, B=2, U=9, H=hw[0], W=hw[1]))
+
+
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_without_means_grad_is_stock_relu_backward(dtype, layout):
+    out, identity = pair(dtype, layout)
+    grad = torch.randn(out.shape).to(dtype).contiguous(memory_format=torch.channels_last
+                                                       if layout == "channels_last" else torch.contiguous_format)
+    a, b = (t.clone().requires_grad_() for t in (out, identity))
+    y, _ = epilogue.add_relu_means(a, b)
+    y.backward(grad)
+    c, d = (t.clone().requires_grad_() for t in (out, identity))
+    torch.relu(c + d).backward(grad)
+    assert torch.equal(bits(a.grad), bits(c.grad)) and torch.equal(bits(b.grad), bits(d.grad))
+
+
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_both_outputs_float64(layout):
+    out, identity = pair(torch.float64, layout, B=2, U=3, H=3, W=4)
+    out, identity = out.requires_grad_(), identity.requires_grad_()
+    # Away from the kink, the op's gradient is the true one, through y and through the means ...
+    assert torch.autograd.gradcheck(torch.ops.selectivity.add_relu_means, (out + 0.01, identity))
+    # ... and equal to autograd of the reference for any mix of the two output gradients.
+    g = torch.Generator().manual_seed(1)
+    for use_y, use_m in ((True, True), (False, True), (True, False)):
+        got = torch.autograd.grad(_loss(torch.ops.selectivity.add_relu_means(out, identity), g, use_y, use_m),
+                                  (out, identity))
+        g.manual_seed(1)
+        want = torch.autograd.grad(_loss(epilogue.add_relu_means_reference(out, identity), g, use_y, use_m),
+                                   (out, identity))
+        g.manual_seed(1)
+        for x, w in zip(got, want):
+            torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-15)
+
+
+def _loss(outputs, g, use_y, use_m):
+    y, means = outputs
+    wy, wm = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(means.shape, generator=g, dtype=y.dtype)
+    return (y * wy).sum() * use_y + (means * wm).sum() * use_m
+
+
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inplace_variant_equals_the_functional_op(layout):
+    out, identity = pair(torch.float32, layout)
+    y, means = torch.ops.selectivity.add_relu_means(out, identity)
+    a, b = (t.clone().requires_grad_() for t in (out, identity))
+    pre_a, pre_b = a * 1, b * 1  # non-leaf, as a block's BN output
+    y2, means2 = epilogue.add_relu_means_(pre_a, pre_b)
+    assert y2 is pre_a and torch.equal(y2, y) and torch.equal(means2, means)
+    (y2.sum() + means2.sum()).backward()
+    c, d = (t.clone().requires_grad_() for t in (out, identity))
+    y3, m3 = torch.ops.selectivity.add_relu_means(c, d)
+    (y3.sum() + m3.sum()).backward()
+    assert torch.equal(a.grad, c.grad) and torch.equal(b.grad, d.grad)
+    torch.library.opcheck(torch.ops.selectivity.add_relu_means_, (out.clone(), identity))
+
+
+@needs_op
+def test_opcheck():
+    for layout in LAYOUTS:
+        out, identity = pair(torch.float32, layout, B=2, U=5, H=3, W=3)
+        torch.library.opcheck(torch.ops.selectivity.add_relu_means,
+                              (out.requires_grad_(), identity.requires_grad_()))
+        y = torch.relu(out + identity).detach()
+        gm = torch.randn(2, 5)
+        for gy, m in ((torch.randn_like(y), None), (None, gm), (torch.randn_like(y), gm)):
+            torch.library.opcheck(torch.ops.selectivity.add_relu_means_backward, (gy, m, y))
+
+
+def test_wrapper_falls_back_to_the_reference(monkeypatch):
+    out, identity = pair(torch.float32, "nchw")
+    want = epilogue.add_relu_means_reference(out, identity)
+    mixed = epilogue.add_relu_means(out, identity.double())  # mixed dtypes: torch's promotion, as stock
+    assert mixed[0].dtype == torch.float64 and torch.equal(mixed[0], torch.relu(out + identity.double()))
+    monkeypatch.setenv("SELECTIVITY_FORCE_REFERENCE", "1")
+    got = epilogue.add_relu_means(out, identity)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_op
+def test_bad_input_is_one_line():
+    out = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="identity must have out's shape"):
+        torch.ops.selectivity.add_relu_means(out, torch.zeros(2, 3, 4, 5))
+    with pytest.raises(TypeError, match="identity must have out's dtype"):
+        torch.ops.selectivity.add_relu_means(out, out.half())
+
+
+# ----- UnitHooks' means mode: fused blocks against hooks ----------------------------------------
+
+
+def models():
+    torch.manual_seed(0)
+    return {"resnet18": (torchvision.models.resnet18(num_classes=10), 32),
+            "resnet50": (torchvision.models.resnet50(num_classes=10), 32),
+            "resnet20": (build_model("resnet20", 10), 16)}
+
+
+def capture(model, x, fused, units="blocks"):
+    seen = {}
+    with UnitHooks(model, units, means_fn=lambda n, m: seen.__setitem__(n, m), fused=fused) as h:
+        n_fused = sum(_FusedBlock.of(m) is not None for m in h.layers.values())
+        y = model(x)
+    return y, seen, n_fused
+
+
+@needs_op
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet20"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_models_output_unchanged_and_means_equal_hooks(name, channels_last, monkeypatch):
+    model, size = models()[name]
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=fmt)
+    calls = []
+    real = epilogue.add_relu_means_
+    monkeypatch.setattr(epilogue, "add_relu_means_", lambda o, i: calls.append(1) or real(o, i))
+    with torch.no_grad():
+        stock = model(x)
+        y_fused, fused, n_fused = capture(model, x, True)
+        y_hooks, hooked, n_hooked = capture(model, x, False)
+    blocks = sum(type(m).__name__ in ("BasicBlock", "Bottleneck") for m in model.modules())
+    assert n_fused == blocks == len(calls) and n_hooked == 0
+    assert torch.equal(y_fused, stock) and torch.equal(y_hooks, stock)
+    assert list(fused) == list(hooked)
+    for n in fused:
+        torch.testing.assert_close(fused[n], hooked[n], rtol=1e-6, atol=1e-7)
+    assert all("forward" not in vars(m) for m in model.modules())  # restored on remove
+
+
+@needs_op
+def test_training_step_bit_identical_with_capture():
+    """A tracked step (means detached, as the tracker keeps them) changes nothing: BN statistics,
+    outputs and gradients are those of the untracked step, bit for bit."""
+    def step(capture_on):
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10).train()
+        x = torch.randn(4, 3, 16, 16)
+        with UnitHooks(model, means_fn=lambda n, m: m.detach(), enabled=capture_on):
+            model(x).square().sum().backward()
+        return [p.grad for p in model.parameters()] + list(model.state_dict().values())
+    for a, b in zip(step(True), step(False)):
+        assert torch.equal(a, b)
+
+
+@needs_op
+def test_stock_forward_when_the_final_relu_or_an_output_hook_needs_it(monkeypatch):
+    calls = []
+    real = epilogue.add_relu_means_
+    monkeypatch.setattr(epilogue, "add_relu_means_", lambda o, i: calls.append(1) or real(o, i))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    # The relu preset sees torchvision's one Bottleneck.relu three times: the block runs stock.
+    relus = []
+    with torch.no_grad(), UnitHooks(model, "relu", lambda n, out: relus.append(n)):
+        _, fused, _ = capture(model, x, True)
+    assert "layer1.0.relu#2" in relus and len(relus) == 1 + 3 * 16 and not calls
+    # An output-replacing hook on a block (an ablation mask) registered first: the means describe
+    # the output it leaves.
+    block = model.layer2[0]
+    with torch.no_grad(), UnitHooks(model, "layer2.0", lambda n, out: torch.zeros_like(out)):
+        _, seen, _ = capture(model, x, True)
+    assert torch.equal(seen["layer2.0"], torch.zeros_like(seen["layer2.0"]))
+    assert len(calls) == 15 and "forward" not in vars(block)  # the other blocks ran fused
+
+
+@needs_op
+def test_two_consumers_share_one_fused_forward_and_switches():
+    model = build_model("resnet20", 10).eval()
+    a, b = [], []
+    ha = UnitHooks(model, "layer1.0", means_fn=lambda n, m: a.append(n))
+    hb = UnitHooks(model, "layer1.0", means_fn=lambda n, m: b.append(n))
+    block = model.layer1[0]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 8, 8))
+        ha.remove()
+        assert _FusedBlock.of(block) is not None
+        model(torch.randn(1, 3, 8, 8))
+        hb.remove()
+    assert a == ["layer1.0"] and b == ["layer1.0", "layer1.0"] and "forward" not in vars(block)
+    with pytest.raises(UnitsError, match="not both"):
+        UnitHooks(model, means_fn=print, fn=print)
+
+
+def test_env_switch_forces_the_hook_path(monkeypatch):
+    monkeypatch.setenv("SELECTIVITY_NO_FUSED", "1")
+    model = build_model("resnet20", 10)
+    with UnitHooks(model, means_fn=lambda n, m: None) as h:
+        assert not h.fused and all(_FusedBlock.of(m) is None for m in h.layers.values())
+
+
+def reg_step(fused, amp=False):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).train()
+    x, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    reg = SelectivityRegularizer(model, 10)
+    reg.hooks.fused = fused
+    if not fused:  # a regularizer built while the fused path was on: take the blocks off it
+        for hnd in list(reg.hooks.handles):
+            if hasattr(hnd, "fused"):
+                hnd.remove()
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+        logits = model(x)
+    term = reg.term(labels)
+    (logits.float().square().mean() - term).backward()
+    reg.remove()
+    return term.detach(), reg.last_layers, [p.grad.clone() for p in model.parameters()]
+
+
+@needs_op
+@pytest.mark.parametrize("amp", [False, True])
+def test_regularizer_value_and_gradient_fused_equal_hooks(amp):
+    (t1, l1, g1), (t2, l2, g2) = reg_step(True, amp), reg_step(False, amp)
+    torch.testing.assert_close(t1, t2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g2):
+        if amp:
+            # bf16 gradients: the hook path rounds the means' share to bf16 before adding it to
+            # grad_y (autograd of mean(dtype=float32) then the add), the op rounds the sum once;
+            # the difference is bf16 rounding (2^-8) carried through the network.
+            assert (a - b).norm() <= 3e-2 * b.norm()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_op
+def test_tracker_contract_accumulating_the_means_gives_the_hook_path_si():
+    """What the tracker does with means_fn (accumulate the [B, U] means per layer, then SI) equals
+    accumulating the block outputs seen by hooks."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    states_m, states_h = {}, {}
+
+    def add(states, name, t, labels):
+        if name not in states:
+            states[name] = ops.new_state(10, t.shape[1])
+        ops.accumulate(t, labels, *states[name])
+
+    for step in range(3):
+        x, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+        with torch.no_grad():
+            with UnitHooks(model, means_fn=lambda n, m: add(states_m, n, m, labels)):
+                model(x)
+            with UnitHooks(model, fn=lambda n, out: add(states_h, n, out, labels)):
+                model(x)
+    assert list(states_m) == list(states_h)
+    for n in states_m:
+        a, b = ops.selectivity_index(*states_m[n]), ops.selectivity_index(*states_h[n])
+        torch.testing.assert_close(a.si, b.si, rtol=1e-6, atol=1e-7)
+        assert torch.equal(states_m[n][1], states_h[n][1])
+
+
+@needs_op
+def test_compiled_model_gives_the_eager_means():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), BasicBlock(4, 8, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    eager, compiled = {}, {}
+    with torch.no_grad():
+        with UnitHooks(model, "1", means_fn=lambda n, m: eager.__setitem__(n, m)):
+            y_eager = model(x)
+        with UnitHooks(model, "1", means_fn=lambda n, m: compiled.__setitem__(n, m)):
+            y_comp = torch.compile(model, backend="inductor")(x)
+    assert list(compiled) == ["1"]
+    torch.testing.assert_close(compiled["1"], eager["1"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+
+
+# ----- CUDA (tools/gpu_check.py runs these on the GPU machine) -----------------------------------
+
+
+@cuda
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_forward_is_stock_bit_for_bit(dtype, layout):
+    check_forward(*pair(dtype, layout, B=4, U=70, H=9, W=9, device="cuda"))
+
+
+@cuda
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_backward_equals_reference(dtype, layout):
+    out, identity = pair(dtype, layout, B=4, U=70, H=9, W=9, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    grads = []
+    for f in (epilogue.add_relu_means, epilogue.add_relu_means_reference):
+        a, b = (t.clone().requires_grad_() for t in (out, identity))
+        y, m = f(a, b)
+        wy = torch.randn(y.shape, generator=g).to(device="cuda", dtype=dtype)
+        wm = torch.randn(m.shape, generator=g).to("cuda")
+        g.manual_seed(1)
+        y.backward(wy, retain_graph=True)
+        grads.append(a.grad.clone())
+        (m * wm).sum().backward()
+        grads.append(a.grad.clone())
+    assert torch.equal(bits(grads[0]), bits(grads[2]))  # grad_y alone: stock relu backward
+    torch.testing.assert_close(grads[1].float(), grads[3].float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
+                               atol=1e-6)
+
+
+@cuda
+@needs_op
+def test_cuda_models_means_fused_equal_hooks():
+    model, size = models()["resnet50"]
+    model = model.cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", torch.float16):
+        y1, fused, n = capture(model, x, True)
+        y2, hooked, _ = capture(model, x, False)
+    assert n == 16 and torch.equal(y1, y2)
+    for name in fused:
+        torch.testing.assert_close(fused[name], hooked[name], rtol=1e-5, atol=1e-6)
