@@ -1,6 +1,7 @@
-// The op schemas (one namespace, one schema per op; cpu_kernels.cpp and cuda_kernels.cu register
-// the backends) and an empty Python module, so that `import selectivity._C` loads this library and
-// runs the registrations. Nothing here uses the Python C API beyond creating that module, which
+// The library's Python module and its namespace. `import selectivity._C` loads this library, which
+// runs every registration in it: each op declares its schema in csrc/ops/<op>/<op>.cpp
+// (TORCH_LIBRARY_FRAGMENT) and registers its kernels in csrc/ops/<op>/cpu and csrc/ops/<op>/cuda
+// (TORCH_LIBRARY_IMPL). Nothing here uses the Python C API beyond creating an empty module, which
 // lets the .so be built against the stable ABI (one build for every Python >= 3.9).
 #include <Python.h>
 #include <torch/library.h>
@@ -22,9 +23,4 @@ TORCH_LIBRARY(selectivity, m) {
   // Fake (meta) implementations for torch.compile / opcheck live in Python; torch imports this
   // module to find them if they are needed before selectivity.ops was imported.
   m.set_python_module("selectivity.ops");
-  // sums[K, U] float64 and counts[K] int64 are updated in place.
-  m.def("accumulate(Tensor act, Tensor labels, Tensor(a!) sums, Tensor(b!) counts) -> ()");
-  m.def(
-      "selectivity_index(Tensor sums, Tensor counts, float eps) "
-      "-> (Tensor si, Tensor pref_class, Tensor mu_max, Tensor mu_rest)");
 }

@@ -1,6 +1,22 @@
 """The one door to the compiled selectivity ops (csrc/, loaded as ``selectivity._C``).
 
-Two ops, each with a pure-PyTorch reference below that computes the same thing in float64:
+Each op has a pure-PyTorch reference below that computes the same thing in float64.
+
+The tracker's ops work on one flat, **tiled** state for all tracked layers (``new_tiled_state``):
+``sums [R, tiles, K, T]`` float64 (row r of the label matrix, T units per tile, each tile's K x T
+block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
+
+* ``accumulate_means(means, labels, sums, counts, weight, cache, rescans)``: one step of every layer:
+  ``means [B, N]`` float32 (the per-image means of all N tracked units), ``labels [R, B]`` int64 (row 0
+  the real labels, rows 1.. the null's); adds ``weight * means[b]`` into class ``labels[r, b]`` of row
+  r and ``weight`` into its count. With ``cache`` (``new_index_cache``) row 0's per-unit μ_max,
+  preferred class and sum of class means are kept up to date in O(B·N): a tile is rescanned only when
+  a unit's preferred class fell below the bound of the others (``rescans[0]`` counts those units,
+  ``rescans[1]`` the calls).
+* ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
+  ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync.
+
+The per-layer ops, used by the analyses and the regularizer's tests:
 
 * ``accumulate(act, labels, sums, counts)``: for an activation ``[B, U, H, W]`` (NCHW or
   channels_last) or ``[B, U]`` in float32/float16/bfloat16 and int64 labels in ``[0, K)``, add each
@@ -13,7 +29,7 @@ Two ops, each with a pure-PyTorch reference below that computes the same thing i
   all-zero unit scores 0, never NaN). With no class present: si 0, pref_class -1, mu 0.
 
 Precision: the reference and the CUDA kernel sum in float64; the CPU kernel sums runs of at most 8
-inputs in float32 and the rest in float64, so |error| <= 7 * 2**-24 * sum|x| (csrc/cpu_accumulate.cpp).
+inputs in float32 and the rest in float64, so |error| <= 7 * 2**-24 * sum|x| (csrc/ops/accumulate/cpu/accumulate_cpu.cpp).
 
 If the extension is not built, both fall back to the reference with one warning per process.
 ``SELECTIVITY_FORCE_REFERENCE=1`` forces the reference (tests, benchmarks).
@@ -21,7 +37,9 @@ If the extension is not built, both fall back to the reference with one warning 
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -96,7 +114,98 @@ def selectivity_index(sums: torch.Tensor, counts: torch.Tensor, eps: float = 1e-
     return selectivity_index_reference(sums, counts, eps)
 
 
-# ----- checks (the C++ kernels make the same checks with the same wording: csrc/checks.cpp) -----
+# ----- the tiled state of all tracked layers -----
+
+TILE = 64  # units per tile (docs/extension.md: the scatter of a step against the rescans)
+
+
+def new_tiled_state(rows: int, num_classes: int, num_units: int, tile: int = TILE,
+                    device: torch.device | str | None = None):
+    """Zeroed ``(sums [rows, tiles, K, tile], counts [rows, K])`` float64 for ``accumulate_means``."""
+    if rows < 1 or num_classes < 1 or num_units < 1 or not 1 <= tile <= 64:
+        raise ValueError(f"new_tiled_state needs rows, num_classes, num_units >= 1 and 1 <= tile <= 64, "
+                         f"got {rows}, {num_classes}, {num_units}, {tile}")
+    tiles = -(-num_units // tile)
+    sums = torch.empty(rows, tiles, num_classes, tile, dtype=torch.float64, device=device)
+    _ask_for_huge_pages(sums)
+    return sums.zero_(), torch.zeros(rows, num_classes, dtype=torch.float64, device=device)
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def _ask_for_huge_pages(t: torch.Tensor) -> None:
+    """madvise(MADV_HUGEPAGE) the 2 MB pages inside a fresh CPU tensor before it is first written.
+
+    Why: a step writes B classes' rows in every tile, scattered over the whole ~100 MB state; with 4 KB
+    pages nearly every write is a TLB miss, which made the scatter several times slower
+    (docs/extension.md). Linux only; elsewhere, or when the kernel refuses, nothing happens."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    stop = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    try:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+
+
+def new_index_cache(sums: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """The cache of an empty state: ``[4 + G, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
+    class means 0, a bound of the other classes' means -inf; the last G rows, read unit-major as
+    ``[tiles * T, G]``, a bound per group of classes -inf).
+    ``groups``: G, default ceil(sqrt(K)) up to 64 (csrc/common/tile_scan.h: a rescan reads a few groups)."""
+    K = sums.shape[-2]
+    G = groups or min(64, max(1, math.ceil(math.sqrt(K))))
+    cache = sums.new_full((4 + G, sums.shape[-3] * sums.shape[-1]), -float("inf"))
+    cache[1] = -1
+    cache[2] = 0
+    return cache
+
+
+def accumulate_means(means: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                     weight: float = 1.0, cache: torch.Tensor | None = None,
+                     rescans: torch.Tensor | None = None) -> None:
+    """One step into the tiled state (module doc). In place; ``means`` is detached."""
+    if _use_extension():
+        torch.ops.selectivity.accumulate_means(means.detach(), labels, float(weight), sums, counts, cache, rescans)
+    else:
+        accumulate_means_reference(means.detach(), labels, sums, counts, weight, cache, rescans)
+
+
+def index_cache(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """The per-unit cache of one row (``sums [tiles, K, T]``, ``counts [K]``) from scratch."""
+    cache = new_index_cache(sums, groups)
+    if _use_extension():
+        torch.ops.selectivity.index_cache(sums, counts, cache)
+    else:
+        cache.copy_(index_cache_reference(sums, counts, cache.shape[0] - 4))
+    return cache
+
+
+def si_from_cache(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> SIResult:
+    """``SIResult`` of every unit of a cache (padding included) and its row's ``counts [K]``: the same
+    formulas as ``selectivity_index``, on the cache's device, with no host sync."""
+    present = (counts > 0).sum().to(cache.dtype)
+    any_present = present > 0
+    mu_max = torch.where(any_present, cache[0], 0.0)
+    rest = torch.where(present > 1, (cache[2] - cache[0]) / (present - 1).clamp(min=1), 0.0)
+    rest = torch.where(any_present, rest, 0.0)
+    den = mu_max + rest + eps
+    si = torch.where(den != 0, (mu_max - rest) / torch.where(den != 0, den, 1.0), 0.0)
+    return SIResult(si, cache[1].to(torch.int64), mu_max, rest)
+
+
+def tiled_to_dense(sums: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Units ``[start, stop)`` of one row ``sums [tiles, K, T]`` as a ``[K, stop - start]`` copy."""
+    K = sums.shape[1]
+    return sums.permute(1, 0, 2).reshape(K, -1)[:, start:stop].contiguous()
+
+
+# ----- checks (the C++ kernels make the same checks with the same wording: csrc/common/checks.cpp, csrc/common/tiled_state.cpp) -----
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -189,6 +298,73 @@ def selectivity_index_reference(sums: torch.Tensor, counts: torch.Tensor, eps: f
     return SIResult(si, pref, mu_max, mu_rest)
 
 
+def _check_tiled(means, labels, sums, counts, cache, rescans) -> None:
+    fix = "; make the state with selectivity.ops.new_tiled_state()"
+    if sums.dtype != torch.float64 or counts.dtype != torch.float64:
+        raise TypeError("sums and counts must be float64" + fix)
+    if sums.dim() != 4:
+        raise ValueError(f"sums must be [R, tiles, K, T], got shape {_shape(sums)}" + fix)
+    R, tiles, K, T = sums.shape
+    if means.dtype != torch.float32:
+        raise TypeError("means must be float32; use means.float()")
+    if labels.dtype != torch.int64:
+        raise TypeError("labels must be int64; use labels.long()")
+    if means.dim() != 2:
+        raise ValueError(f"means must be a contiguous [B, N], got shape {_shape(means)}")
+    if labels.dim() != 2 or labels.shape[0] != R or labels.shape[1] != means.shape[0]:
+        raise ValueError(f"labels must be [R, B] = [{R}, {means.shape[0]}] (a row per state row, a column "
+                         f"per image), got shape {_shape(labels)}")
+    N = means.shape[1]
+    if not (tiles - 1) * T < N <= tiles * T:
+        raise ValueError(f"the state holds {tiles} tiles of {T} units, which does not fit {N} units" + fix)
+    if cache is not None and (cache.dim() != 2 or not 5 <= cache.shape[0] <= 68 or cache.shape[1] != tiles * T):
+        raise ValueError(f"cache must be contiguous float64 [4 + G, {tiles * T}] with 1 <= G <= 64 on the state's "
+                         f"device, got {_shape(cache)}; make it with selectivity.ops.new_index_cache()")
+
+
+def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=None, rescans=None) -> None:
+    """``accumulate_means`` in float64 PyTorch. With a cache it recomputes the cache from scratch, i.e.
+    it rescans every unit, and counts them all in ``rescans``."""
+    _check_tiled(means, labels, sums, counts, cache, rescans)
+    R, tiles, K, T = sums.shape
+    for r in range(R):
+        _check_label_range(labels[r], K)
+    B, N = means.shape
+    padded = torch.zeros(B, tiles * T, dtype=torch.float64, device=means.device)
+    padded[:, :N] = means.double()
+    per_tile = padded.view(B, tiles, T).transpose(0, 1)  # [tiles, B, T]
+    for r in range(R):
+        group_sum = torch.zeros(tiles, K, T, dtype=torch.float64, device=means.device)
+        group_sum.index_add_(1, labels[r], per_tile)
+        sums[r] += weight * group_sum  # as the kernels: the class's sum, then times the weight
+        counts[r] += weight * torch.bincount(labels[r], minlength=K).double()
+    if cache is not None:
+        cache.copy_(index_cache_reference(sums[0], counts[0], cache.shape[0] - 4))
+        if rescans is not None:
+            rescans += torch.tensor([tiles * T, 1], device=rescans.device)
+
+
+def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    tiles, K, T = sums.shape
+    present = (counts > 0).nonzero().squeeze(1)
+    out = new_index_cache(sums, groups)
+    size = -(-K // (out.shape[0] - 4))  # classes per group
+    if present.numel():
+        means = sums.permute(1, 0, 2).reshape(K, tiles * T)[present] / counts[present, None]
+        best = means.max(0).values
+        rank = torch.arange(len(present), device=sums.device).unsqueeze(1).expand_as(means)
+        first = torch.where(means == best, rank, len(present)).min(0).values.clamp(max=len(present) - 1)
+        others = means.scatter(0, first.unsqueeze(0), -float("inf"))  # the runner-up: all but the maximum
+        out[0], out[1], out[2], out[3] = best, present[first].double(), means.sum(0), others.max(0).values
+        groups = out.new_full((tiles * T, out.shape[0] - 4), -float("inf"))  # unit-major, as the kernels
+        for g in range(groups.shape[1]):
+            chosen = (present >= g * size) & (present < (g + 1) * size)
+            if chosen.any():
+                groups[:, g] = means[chosen].max(0).values
+        out[4:] = groups.view(-1, tiles * T)
+    return out
+
+
 # ----- fake (meta) implementations: shapes only, for torch.compile and opcheck -----
 
 if _EXTENSION_ERROR is None:
@@ -202,3 +378,11 @@ if _EXTENSION_ERROR is None:
         _check_index_args(sums, counts)
         U = sums.shape[1]
         return sums.new_empty(U), sums.new_empty(U, dtype=torch.int64), sums.new_empty(U), sums.new_empty(U)
+
+    @torch.library.register_fake("selectivity::accumulate_means")
+    def _accumulate_means_fake(means, labels, weight, sums, counts, cache, rescans):
+        _check_tiled(means, labels, sums, counts, cache, rescans)
+
+    @torch.library.register_fake("selectivity::index_cache")
+    def _index_cache_fake(sums, counts, cache):
+        pass

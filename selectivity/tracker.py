@@ -4,22 +4,29 @@ Life cycle as in torchmetrics::
 
     tracker = SelectivityTracker(model, num_classes=10, units="blocks")
     for images, labels in loader:
-        with tracker.track(labels):          # the fused per-class accumulation of every layer
+        with tracker.track(labels):          # the forward's unit means, accumulated at the exit
             model(images)
     result = tracker.compute()              # {layer: LayerSelectivity}
     tracker.reset()
 
-or ``model(images); tracker.update(labels)`` for the forward that just ran (the hooks keep each
-layer's per-image unit means of the last forward until then).
+or ``model(images); tracker.update(labels)`` for the forward that just ran. The labels (and the
+null's dataset indices) go with the one forward they belong to and are not kept after it.
 
-Per layer the state is the fused per-class sums and counts of selectivity/ops.py; ``compute()``
-gives per-unit SI from class **means**, the preferred class, μ_max, μ_-max and the counts. Under
-DDP each rank accumulates its own images and ``compute()`` sums the states over ranks (one
-all_reduce; the local states are left as they are).
+The feed: during a forward every tracked layer's per-image unit means ``[B, U]`` land in their slice
+of one flat ``[B, ΣU]`` float32 buffer (``_MeansFeed``); at the end of ``track`` (or in ``update``) one
+``ops.accumulate_means`` call adds the whole step into one tiled state for all layers, with a
+``[1 + P, B]`` label matrix (row 0 the labels, rows 1.. the null's). ``compute()`` gives per-unit SI
+from class **means**, the preferred class, μ_max, μ_-max and the counts.
 
-On a GPU the accumulation is queued on a CUDA stream of the tracker's own, so that it runs under
-the rest of the forward and the backward; ``compute()``, ``state_dict()`` and every read of the
-states make the current stream wait for it first (``_SideStream``). Nothing for the caller to do.
+Per-step SI: ``incremental=True`` keeps row 0's per-unit μ_max, preferred class and sum of class means
+up to date in O(B·ΣU) a step (a unit is rescanned only when its preferred class's mean fell);
+``step_si()`` then gives every layer's mean SI as device tensors, without a host sync. ``decay=λ``
+makes the state exponentially weighted (class means = decayed sums / decayed counts), so that the
+per-step SI describes the recent network.
+
+Under DDP every step's means and labels are all-gathered (selectivity/reduce.py) and every rank adds
+the whole global batch into its state: the ranks' states are alike, and SI describes all ranks at
+every step without a reduction.
 
 The null. SI is not 0 for a unit with no class preference (about 0.04 at CIFAR-test size, 0.27 at
 ImageNet-val size), so a finding needs its null beside it. Given ``dataset_labels`` (the labels
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections import OrderedDict
 from typing import Sequence
 
@@ -42,11 +50,33 @@ import torch
 import torch.nn as nn
 
 from selectivity import ops
-from selectivity.reduce import all_reduce_states, is_distributed
-from selectivity.units import UnitHooks, unit_means, unwrap
+from selectivity.reduce import all_gather_batch
+from selectivity.units import UnitHooks, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95
+
+
+class _OnFirstRead:
+    """A dataclass field that may be given as a zero-argument function, called on the first read.
+
+    Why: a layer's ``[K, U]`` sums are a copy out of the tiled state (its units are spread over
+    tiles); most callers of ``compute()`` read only SI, and the copy of all layers at K = 1000 costs
+    more than the reduction itself."""
+
+    def __set_name__(self, owner, name):
+        self.key = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            raise AttributeError(self.key)  # no class-level default: the field stays required
+        value = obj.__dict__[self.key]
+        if callable(value):
+            value = obj.__dict__[self.key] = value()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = value
 
 
 @dataclasses.dataclass
@@ -56,8 +86,9 @@ class LayerSelectivity:
     pref_class: torch.Tensor    # [U], -1 where no class was seen
     mu_max: torch.Tensor        # [U]
     mu_rest: torch.Tensor       # [U] mean of the other present classes' means
-    sums: torch.Tensor          # [K, U] per-class sums of the per-image unit means
-    counts: torch.Tensor        # [K] images per class
+    sums: torch.Tensor = _OnFirstRead()  # [K, U] per-class sums of the per-image unit means (a copy,
+                                # made on first read: see _OnFirstRead)
+    counts: torch.Tensor        # [K] images per class (int64; float64 decayed counts with decay)
     null_si: torch.Tensor | None = None  # [P, U]: SI under each label permutation
 
     @property
@@ -96,83 +127,68 @@ class LayerSelectivity:
         return LayerSelectivity(*(None if t is None else t.cpu() for t in values))
 
 
-class _SideStream:
-    """Runs the accumulation of CUDA activations on a CUDA stream of its own.
+class _MeansFeed:
+    """The flat ``[B, ΣU]`` float32 buffer that one forward's unit means land in, layer by layer.
 
-    Why: the fused accumulation reads each tracked output once more after the forward wrote it.
-    That read is memory-bound while the convolutions around it are compute-bound, so on a side
-    stream it runs under the rest of the forward and the backward instead of adding to the step.
-    The side stream waits for the current one before each batch (the activation must exist), and
-    the current stream waits for the side one only where the states are read (``join``). Every
-    tensor the side stream touches is recorded with it, so the caching allocator does not hand
-    its memory to another stream before the side work is done. CPU tensors, and a stream being
-    captured into a CUDA graph (which cannot fork and join lazily), run on the current stream.
-    """
+    The layout (each layer's slice, in the order the layers first ran) is fixed by the first forward
+    (or by a loaded state); later forwards write each layer's means into its slice. ``take()`` gives
+    the buffer of the last forward once, after checking that every layer wrote its slice."""
 
     def __init__(self):
-        self.streams: dict = {}
-        self.pending: set = set()
-
-    def run(self, work, tensors) -> None:
-        device = tensors[0].device
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            work()
-            return
-        side = self.streams.get(device)
-        if side is None:
-            side = self.streams[device] = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            work()
-        for t in tensors:
-            t.record_stream(side)
-        self.pending.add(device)
-
-    def join(self) -> None:
-        for device in self.pending:
-            torch.cuda.current_stream(device).wait_stream(self.streams[device])
-        self.pending.clear()
-
-
-class _LayerStates:
-    """Per-layer (sums, counts), created on a layer's first batch (its unit count known then).
-
-    Reading ``states`` first makes the current CUDA stream wait for the side stream's pending
-    accumulation, so whoever reads them sees every batch.
-    """
-
-    def __init__(self, num_classes: int, side: _SideStream):
-        self.num_classes, self.side = num_classes, side
-        self._states: "OrderedDict[str, tuple]" = OrderedDict()
+        self.layout: "OrderedDict[str, tuple[int, int]]" = OrderedDict()  # name -> (start, stop)
+        self.buffer: torch.Tensor | None = None
+        self.first: "OrderedDict[str, torch.Tensor]" = OrderedDict()  # the first forward's means
+        self.written: set = set()
+        self.forwards = 0  # forwards started; take() remembers the one it consumed
+        self.taken = 0
 
     @property
-    def states(self) -> "OrderedDict[str, tuple]":
-        self.side.join()
-        return self._states
+    def width(self) -> int:
+        return next(reversed(self.layout.values()))[1] if self.layout else 0
 
-    @states.setter
-    def states(self, value) -> None:
-        self.side.join()
-        self._states = value
+    def start(self) -> None:
+        self.forwards += 1
+        self.written.clear()
+        self.first.clear()
 
-    def get(self, name: str, act: torch.Tensor) -> tuple:
-        """The layer's (sums, counts), made on the current stream if this is its first batch."""
-        if name not in self._states:
-            self._states[name] = ops.new_state(self.num_classes, act.shape[1], act.device)
-        return self._states[name]
+    def write(self, name: str, means: torch.Tensor) -> None:
+        if not self.layout:
+            self.first[name] = means
+            self.written.add(name)
+            return
+        span = self.layout.get(name)
+        if span is None:
+            raise RuntimeError(f"tracked layer {name!r} ran but was not in the tracker's layout "
+                               f"({', '.join(self.layout)}); reset() the tracker after changing the model")
+        B = means.shape[0]
+        if self.buffer is None or self.buffer.shape[0] != B or self.buffer.device != means.device:
+            self.buffer = torch.empty(B, self.width, dtype=torch.float32, device=means.device)
+        self.buffer[:, span[0]:span[1]].copy_(means)
+        self.written.add(name)
 
-    def reset(self) -> None:
-        self.states.clear()
+    def fix_layout(self, sizes: "OrderedDict[str, int]") -> None:
+        self.layout.clear()
+        start = 0
+        for name, units in sizes.items():
+            self.layout[name] = (start, start + units)
+            start += units
 
-    def reduced(self) -> "OrderedDict[str, tuple]":
-        """The states summed over DDP ranks, for reading only: under DDP a copy, so that every
-        rank goes on accumulating its own share; in one process the states themselves (a copy
-        would cost another full read and write of them before the SI read)."""
-        if not is_distributed():
-            return self.states
-        copy = OrderedDict((n, (s.clone(), c.clone())) for n, (s, c) in self.states.items())
-        all_reduce_states(list(copy.values()))
-        return copy
+    def take(self, since: int) -> torch.Tensor:
+        """The last forward's ``[B, ΣU]`` means; ``since``: the forward count before it was run."""
+        if self.forwards == since or self.taken == self.forwards:
+            raise RuntimeError("no tracked layer ran since the last accumulation: run the model's forward "
+                               "(with the tracker enabled) inside track(), or before update()")
+        if self.forwards > since + 1:
+            raise RuntimeError("track()/update() accumulate one forward pass; this batch ran "
+                               f"{self.forwards - since}: call track()/update() once per forward")
+        if not self.layout and self.first:
+            self.fix_layout(OrderedDict((n, m.shape[1]) for n, m in self.first.items()))
+            self.buffer = torch.cat([m.float() for m in self.first.values()], 1)
+        missing = [n for n in self.layout if n not in self.written]
+        if missing:
+            raise RuntimeError(f"tracked layers did not run in this forward pass: {', '.join(missing)}")
+        self.taken = self.forwards
+        return self.buffer
 
 
 def null_label_table(dataset_labels, permutations: int, seed: int) -> torch.Tensor:
@@ -183,34 +199,45 @@ def null_label_table(dataset_labels, permutations: int, seed: int) -> torch.Tens
     return torch.as_tensor(np.stack(rows) if rows else np.zeros((0, len(labels)), np.int64))
 
 
+# The decayed state's image weight grows by 1/λ a step; past this it is folded into the state.
+RENORMALIZE_ABOVE = 1e100
+
+
 class SelectivityTracker:
     """Per-unit class selectivity of ``units`` of ``model`` over the batches it is shown.
 
     ``num_classes``: K. ``units``: see selectivity/units.py (default ``"blocks"``).
     ``dataset_labels`` + ``null_permutations``: the label-shuffled null (module doc); then every
     ``track``/``update`` needs the batch's dataset ``indices``. ``seed`` fixes the permutations.
+    ``incremental``: keep the per-step SI (``step_si()``). ``decay``: None, or λ in (0, 1) for an
+    exponentially weighted state. ``tile``: units per tile of the state (ops.TILE).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, units="blocks", *,
                  dataset_labels: Sequence[int] | None = None, null_permutations: int = 0,
-                 seed: int = 0, eps: float = EPS):
+                 seed: int = 0, eps: float = EPS, incremental: bool = False,
+                 decay: float | None = None, tile: int = ops.TILE):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if null_permutations < 0:
             raise ValueError(f"null_permutations must be >= 0, got {null_permutations}")
         if null_permutations and dataset_labels is None:
             raise ValueError("a null needs dataset_labels (the split's labels by dataset index)")
+        if decay is not None and not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be None or in (0, 1), got {decay}")
         self.num_classes, self.eps = num_classes, eps
+        self.incremental, self.decay, self.tile = incremental, decay, tile
         self.model = unwrap(model)
-        self._side = _SideStream()
-        self.states = _LayerStates(num_classes, self._side)
-        self.null_states = [_LayerStates(num_classes, self._side)
-                            for _ in range(null_permutations)]
+        self.rows = 1 + null_permutations
         self._null_table = null_label_table(dataset_labels, null_permutations, seed) \
             if null_permutations else None
-        self._labels, self._null_labels = None, None
-        self._pending: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        self.hooks = UnitHooks(model, units, self._on_output, on_forward=self._pending.clear)
+        self._feed = _MeansFeed()
+        self._batch, self._batch_start = None, None  # begin()'s (labels, indices), feed's forward count
+        self.sums = self.counts = self.cache = None  # the state, made at the first step
+        self.rescans = torch.zeros(2, dtype=torch.int64)  # [units, tiles] rescanned (ops.accumulate_means)
+        self.steps = 0
+        self._weight = 1.0
+        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._feed.start)
 
     @property
     def layers(self) -> "OrderedDict[str, nn.Module]":
@@ -224,114 +251,207 @@ class SelectivityTracker:
     def enabled(self, value: bool) -> None:
         self.hooks.enabled = value
 
-    # -- accumulation ----------------------------------------------------------------------------
-    def _on_output(self, name: str, output: torch.Tensor):
-        if self._labels is not None:  # inside track(): fused accumulation of the raw output
-            self._accumulate(name, output)
-        else:  # update() follows: keep only the [B, U] unit means (float32, no graph)
-            self._pending[name] = unit_means(output.detach())
-        return None
+    # -- the feed --------------------------------------------------------------------------------
+    def _on_means(self, name: str, means: torch.Tensor) -> None:
+        """A layer's per-image unit means ``[B, U]`` of the running forward (UnitHooks' means_fn:
+        from a fused block's epilogue, or a hook's ``unit_means``), into its slice of the feed."""
+        self._feed.write(name, means.detach())
 
-    def _accumulate(self, name: str, act: torch.Tensor) -> None:
-        pairs = [(self.states, self._labels), *zip(self.null_states, self._null_labels or ())]
-        states = [table.get(name, act) for table, _ in pairs]
+    def _label_matrix(self, labels: torch.Tensor, indices, device) -> torch.Tensor:
+        labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)
+        if self._null_table is None:
+            return labels.unsqueeze(0)
+        if indices is None:
+            raise ValueError("this tracker has a null: pass the batch's dataset indices "
+                             "(indices=...) with its labels")
+        idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        if idx.shape != labels.shape:
+            raise ValueError(f"indices must match labels, got {list(idx.shape)} and {list(labels.shape)}")
+        null = self._null_table[:, idx].to(device, non_blocking=True)
+        return torch.cat([labels.unsqueeze(0), null])
 
-        def work():
-            for (sums, counts), (_, labels) in zip(states, pairs):
-                ops.accumulate(act, labels, sums, counts)
-        self._side.run(work, [act, *(labels for _, labels in pairs), *sum(states, ())])
+    def _accumulate(self, labels: torch.Tensor, indices, since: int) -> None:
+        means = self._feed.take(since)
+        if means.shape[0] != len(labels):
+            raise ValueError(f"labels must have one entry per image: the forward had {means.shape[0]} "
+                             f"images, got {len(labels)} labels")
+        matrix = self._label_matrix(labels, indices, means.device)
+        means, matrix = all_gather_batch(means, matrix)
+        if self.sums is None:
+            self._new_state(means.shape[1], means.device)
+        ops.accumulate_means(means, matrix, self.sums, self.counts, self._weight, self.cache, self.rescans)
+        self.steps += 1
+        if self.decay is not None:
+            self._weight /= self.decay
+            if self._weight > RENORMALIZE_ABOVE:
+                self._renormalize()
 
-    def _set_batch(self, labels: torch.Tensor, indices) -> None:
-        if self._null_table is not None:
-            if indices is None:
-                raise ValueError("this tracker has a null: pass the batch's dataset indices "
-                                 "(indices=...) with its labels")
-            idx = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            if idx.shape != labels.shape:
-                raise ValueError(f"indices must match labels, got {list(idx.shape)} and "
-                                 f"{list(labels.shape)}")
-            null = self._null_table[:, idx].to(labels.device, non_blocking=True)
-            self._null_labels = list(null.unbind(0))
-        self._labels = labels
+    def _new_state(self, units: int, device) -> None:
+        self.sums, self.counts = ops.new_tiled_state(self.rows, self.num_classes, units, self.tile, device)
+        self.cache = ops.new_index_cache(self.sums) if self.incremental else None
+        self.rescans = self.rescans.to(device)
 
+    def _renormalize(self) -> None:
+        """Fold the image weight into the state (class means unchanged up to rounding; the cache is
+        rebuilt so that it is again exact for the rescaled state)."""
+        self.sums /= self._weight
+        self.counts /= self._weight
+        self._weight = 1.0
+        if self.cache is not None:
+            self.cache = ops.index_cache(self.sums[0], self.counts[0])
+
+    # -- the public feed -------------------------------------------------------------------------
     def begin(self, labels: torch.Tensor, indices=None) -> None:
-        """Accumulate the next forward pass with these labels (``end()`` stops)."""
-        self._set_batch(labels, indices)
-        self._pending.clear()
+        """Start a batch: the next forward pass is accumulated with these labels at ``end()``
+        (``track`` is this pair as a context manager)."""
+        self._batch = (labels, indices)
+        self._batch_start = self._feed.forwards
 
     def end(self) -> None:
-        self._labels, self._null_labels = None, None
+        """Accumulate the forward run since ``begin()``; nothing when no batch was begun."""
+        if self._batch_start is None:
+            return
+        (labels, indices), since = self._batch, self._batch_start
+        self._batch, self._batch_start = None, None
+        self._accumulate(labels, indices, since)
 
     @contextlib.contextmanager
     def track(self, labels: torch.Tensor, indices=None):
-        """Accumulate the forward pass(es) run inside the block with ``labels`` (``[B]`` int64)."""
+        """Accumulate the forward pass run inside the block with ``labels`` (``[B]`` int64)."""
         self.begin(labels, indices)
         try:
             yield self
-        finally:
-            self.end()
+        except BaseException:
+            self._batch, self._batch_start = None, None
+            raise
+        self.end()
 
     def update(self, labels: torch.Tensor, indices=None) -> None:
         """Accumulate the forward pass that just ran (outside ``track``) with ``labels``."""
-        if not self._pending:
-            raise RuntimeError("update(): no tracked layer ran since the last update; run the "
-                               "model's forward first (with the tracker enabled)")
-        self._set_batch(labels, indices)
-        try:
-            for name, means in self._pending.items():
-                self._accumulate(name, means)
-        finally:
-            self._pending.clear()
-            self.end()
+        self._accumulate(labels, indices, self._feed.forwards - 1)
 
     # -- results ---------------------------------------------------------------------------------
+    def _units(self) -> "OrderedDict[str, tuple[int, int]]":
+        return self._feed.layout
+
     def compute(self) -> "OrderedDict[str, LayerSelectivity]":
-        """Every layer's selectivity over all batches since the last ``reset`` (summed over DDP
-        ranks; every rank must call it). Tensors stay on the states' device (no copy to the host:
-        SI can be computed at every step on a GPU); ``sums``/``counts`` are the states themselves
-        in one process — clone them to keep them past the next update."""
-        states = self.states.reduced()
-        nulls = [n.reduced() for n in self.null_states]
+        """Every layer's selectivity over all batches since the last ``reset`` (a full reduction of
+        the state; under DDP the state already holds every rank's images). Tensors stay on the
+        state's device; ``sums`` is copied out of the tiled state on first read."""
         out = OrderedDict()
-        for name, (s, c) in states.items():
-            r = ops.selectivity_index(s, c, self.eps)
-            null = torch.stack([ops.selectivity_index(*n[name], self.eps).si for n in nulls]) \
-                if nulls else None
-            out[name] = LayerSelectivity(r.si, r.pref_class, r.mu_max, r.mu_rest, s, c, null)
+        if self.sums is None:
+            return out
+        counts = self.counts[0] if self.decay is not None else self.counts[0].long()
+        r = ops.si_from_cache(ops.index_cache(self.sums[0], self.counts[0]), self.counts[0], self.eps)
+        null = torch.stack([ops.si_from_cache(ops.index_cache(self.sums[p], self.counts[p]),
+                                              self.counts[p], self.eps).si
+                            for p in range(1, self.rows)]) if self.rows > 1 else None
+        sums = self.sums[0]
+        for name, (a, b) in self._units().items():
+            out[name] = LayerSelectivity(r.si[a:b], r.pref_class[a:b], r.mu_max[a:b], r.mu_rest[a:b],
+                                         functools.partial(ops.tiled_to_dense, sums, a, b), counts,
+                                         None if null is None else null[:, a:b])
         return out
 
+    def step_si(self) -> "OrderedDict[str, torch.Tensor]":
+        """Every layer's mean SI over the state as it is now (0-d tensors on the state's device, no
+        host sync), from the incrementally kept cache; needs ``incremental=True``."""
+        if not self.incremental:
+            raise RuntimeError("step_si() needs SelectivityTracker(..., incremental=True)")
+        if self.sums is None:
+            return OrderedDict()
+        si = ops.si_from_cache(self.cache, self.counts[0], self.eps).si
+        return OrderedDict((name, si[a:b].mean()) for name, (a, b) in self._units().items())
+
+    def layer_states(self) -> "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]":
+        """``{layer: (sums [K, U], counts [K])}`` of the real labels: copies out of the tiled state."""
+        if self.sums is None:
+            return OrderedDict()
+        counts = self.counts[0] if self.decay is not None else self.counts[0].long()
+        return OrderedDict((n, (ops.tiled_to_dense(self.sums[0], a, b), counts))
+                           for n, (a, b) in self._units().items())
+
+    @property
+    def states(self) -> "_StatesView":
+        """Kept for callers of the per-layer tracker: ``tracker.states.states`` is
+        ``layer_states()``."""
+        return _StatesView(self)
+
     def synchronize(self) -> None:
-        """Make the current CUDA stream wait for the accumulation queued on the tracker's side
-        stream. ``compute()``, ``state_dict()`` and reading the states do it themselves; call it
-        to time a loop with CUDA events, or before reading the states from another stream."""
-        self._side.join()
+        """Nothing to wait for: every op of the tracker runs on the current stream. Kept so that
+        loops written for the side-stream tracker keep working."""
 
     def reset(self) -> None:
-        self.states.reset()
-        for n in self.null_states:
-            n.reset()
-        self._pending.clear()
+        """Forget every batch (the state is dropped; the layers' layout is kept)."""
+        self.sums = self.counts = self.cache = None
+        self.rescans.zero_()
+        self.steps, self._weight = 0, 1.0
 
     def remove(self) -> None:
         """Detach the hooks from the model."""
         self.hooks.remove()
 
     def state_dict(self) -> dict:
-        def cpu(states):
-            return {n: (s.cpu(), c.cpu()) for n, (s, c) in states.states.items()}
-        return {"states": cpu(self.states), "null_states": [cpu(n) for n in self.null_states]}
+        if self.sums is None:
+            return {"format": "tiled", "layers": {}}
+        return {"format": "tiled", "layers": {n: b - a for n, (a, b) in self._units().items()},
+                "sums": self.sums.cpu(), "counts": self.counts.cpu(), "weight": self._weight,
+                "steps": self.steps, "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        if state.get("format") != "tiled":
+            state = _from_per_layer_states(state, self.rows, self.tile)
+        if not state["layers"]:
+            self.sums = self.counts = self.cache = None
+            return
+        if state["sums"].shape[0] != self.rows or state["sums"].shape[2] != self.num_classes:
+            raise ValueError(f"the saved state has {state['sums'].shape[0]} label rows and "
+                             f"{state['sums'].shape[2]} classes; this tracker has {self.rows} and "
+                             f"{self.num_classes}: make the tracker as the saved one was made")
+        self._feed.fix_layout(OrderedDict(state["layers"]))
+        self.sums, self.counts = state["sums"].to(device), state["counts"].to(device)
+        self.tile = self.sums.shape[3]
+        self._weight, self.steps = state.get("weight", 1.0), state.get("steps", 0)
+        self.rescans = self.rescans.to(device)
+        self.cache = ops.index_cache(self.sums[0], self.counts[0]) if self.incremental else None
 
-        def load(target, saved):
-            target.states = OrderedDict((n, (s.to(device), c.to(device)))
-                                        for n, (s, c) in saved.items())
-        load(self.states, state.get("states", {}))
-        for target, saved in zip(self.null_states, state.get("null_states", [])):
-            load(target, saved)
 
+class _StatesView:
+    def __init__(self, tracker: SelectivityTracker):
+        self.tracker = tracker
+
+    @property
+    def states(self) -> "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]":
+        return self.tracker.layer_states()
+
+    def reduced(self) -> "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]":
+        return self.tracker.layer_states()
+
+
+def _from_per_layer_states(state: dict, rows: int, tile: int) -> dict:
+    """A state_dict of the per-layer tracker (``{"states": {layer: (sums [K, U], counts [K])},
+    "null_states": [...]}``) as a tiled one."""
+    tables = [state.get("states", {}), *state.get("null_states", [])]
+    if len(tables) != rows:
+        raise ValueError(f"the saved tracker state has {len(tables) - 1} null permutations, this tracker "
+                         f"{rows - 1}: make the tracker with the saved null_permutations")
+    layers = OrderedDict((n, s.shape[1]) for n, (s, _) in tables[0].items())
+    if not layers:
+        return {"format": "tiled", "layers": {}}
+    K, N = next(iter(tables[0].values()))[0].shape[0], sum(layers.values())
+    sums, counts = ops.new_tiled_state(rows, K, N, tile)
+    flat = torch.zeros(rows, K, sums.shape[1] * tile, dtype=torch.float64)
+    for r, table in enumerate(tables):
+        first = next(iter(table.values()))[1]
+        if any(not torch.equal(c, first) for _, c in table.values()):
+            raise ValueError("the saved per-layer states counted different images per layer; they cannot "
+                             "form one state (start the tracker afresh)")
+        counts[r] = first.double()
+        flat[r, :, :N] = torch.cat([table[n][0].double() for n in layers], 1)
+    sums.copy_(flat.view(rows, K, sums.shape[1], tile).permute(0, 2, 1, 3))
+    return {"format": "tiled", "layers": layers, "sums": sums, "counts": counts}
 
 def summarize(results: "OrderedDict[str, LayerSelectivity]") -> dict:
     """Scalars for logs: per-layer mean SI and, with a null, its mean, 95 % quantile and the

@@ -128,7 +128,7 @@ def batches(draw):
 
 def assert_state_close(sums, counts, act, labels, initial=0.0):
     """sums within 1e-6 * sum|x| of the oracle: the CPU kernel sums runs of <= 8 values in float32
-    (error <= 7 * 2^-24 * sum|x|, csrc/cpu_accumulate.cpp); everything else is float64."""
+    (error <= 7 * 2^-24 * sum|x|, csrc/ops/accumulate/cpu/accumulate_cpu.cpp); everything else is float64."""
     K = sums.shape[0]
     expected_sums, expected_counts = oracle_accumulate(act, labels, K)
     scale, _ = oracle_accumulate(act.abs(), labels, K)
@@ -467,7 +467,7 @@ def strided_act(layout, B, U, H, W, dtype, gen):
     return base[1:].view(B, H, W, U).permute(0, 3, 1, 2)
 
 
-# Each CUDA accumulate path and its fallbacks (csrc/cuda_kernels.cu): (layout, B, U, H, W).
+# Each CUDA accumulate path and its fallbacks (csrc/ops/accumulate/cuda/accumulate_cuda.cu): (layout, B, U, H, W).
 CUDA_PATHS = [
     ("channels_last", 5, 64, 7, 7),  # 16-byte packs, one pixel split
     ("channels_last", 3, 16, 40, 40),  # packs, several pixel splits

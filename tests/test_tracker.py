@@ -245,29 +245,109 @@ def test_run_outputs_metrics_tensorboard_figures(demo_run, tool):
 
 
 def test_tracker_state_is_o_k_times_u():
-    """State per layer is sums [K, U] fp64 + counts [K] int64, whatever the batches seen."""
+    """One tiled state for all layers: sums [1, tiles, K, T] fp64 + counts [1, K] fp64, whatever the
+    batches seen; the per-layer view keeps the [K, U] sums and int64 counts."""
     from selectivity.train.models import build_model, unit_registry
 
     model = build_model("resnet20", 10).eval()
     tracker = SelectivityTracker(model, 1000)
-    expected = {n: 1000 * u * 8 + 1000 * 8 for n, u in unit_registry(model).items()}
+    units = sum(unit_registry(model).values())
+    tiles = -(-units // tracker.tile)
     with torch.no_grad():
         for b in (1, 7, 33):
             with tracker.track(torch.randint(0, 1000, (b,))):
                 model(torch.randn(b, 3, 32, 32))
-            got = {n: s.numel() * s.element_size() + c.numel() * c.element_size()
-                   for n, (s, c) in tracker.states.states.items()}
-            assert got == expected
-    assert int(tracker.states.states["layer1.0"][1].sum()) == 41
+            assert tuple(tracker.sums.shape) == (1, tiles, 1000, tracker.tile)
+            assert tuple(tracker.counts.shape) == (1, 1000)
+    per_layer = tracker.states.states
+    assert {n: tuple(s.shape) for n, (s, _) in per_layer.items()} == \
+        {n: (1000, u) for n, u in unit_registry(model).items()}
+    assert int(per_layer["layer1.0"][1].sum()) == 41 and per_layer["layer1.0"][1].dtype == torch.int64
 
 
-def test_reduced_reads_the_states_in_place_in_one_process():
-    """Without a process group the SI is read from the live states (no 121 MB copy per log step);
-    the DDP path, a reduced copy, is tested in test_ops_ddp.py and test_faults.py."""
+def test_compute_copies_per_layer_sums_only_when_read():
+    """compute() reduces the live state; a layer's [K, U] sums are copied out on first read only
+    (the copy of every layer at K = 1000 costs more than the reduction)."""
     model = Planted()
     tracker = SelectivityTracker(model, 3, "relu")
-    with tracker.track(torch.tensor([0, 2, 2, 1])):
-        model(torch.rand(4, 5, 2, 2))
-    (sums, counts), = tracker.states.reduced().values()
-    live = tracker.states.states["relu"]
-    assert sums is live[0] and counts is live[1]
+    x, labels = torch.rand(4, 5, 2, 2), torch.tensor([0, 2, 2, 1])
+    with tracker.track(labels):
+        model(x)
+    r = tracker.compute()["relu"]
+    assert callable(r.__dict__["_sums"])
+    expected = torch.zeros(3, 5, dtype=torch.float64).index_add_(0, labels, x.relu().mean((2, 3)).double())
+    torch.testing.assert_close(r.sums, expected)
+    assert isinstance(r.__dict__["_sums"], torch.Tensor)
+
+
+def test_step_si_is_the_mean_si_of_compute_every_step_also_decayed(monkeypatch):
+    """step_si() (the incremental cache) equals compute()'s full reduction at every step; with decay
+    the state equals a direct recomputation, across renormalizations (forced often here)."""
+    import selectivity.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "RENORMALIZE_ABOVE", 50.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 1), nn.ReLU())
+    lam = 0.7
+    plain = SelectivityTracker(model, 6, "relu", incremental=True)
+    decayed = SelectivityTracker(model, 6, "relu", incremental=True, decay=lam)
+    seen = []
+    with torch.no_grad():
+        for step in range(25):
+            x, y = torch.rand(8, 3, 5, 5), torch.randint(0, min(6, 2 + step), (8,))
+            model(x)
+            plain.update(y)
+            decayed.update(y)
+            seen.append((x, y))
+            for t in (plain, decayed):
+                full = t.compute()
+                for name, si in t.step_si().items():
+                    assert abs(float(si) - full[name].mean) <= 1e-12
+    assert decayed._weight < 50.0  # renormalized on the way
+    # Direct recomputation of the decayed class means of layer "1".
+    sums = torch.zeros(6, 6, dtype=torch.float64)
+    counts = torch.zeros(6, dtype=torch.float64)
+    with torch.no_grad():
+        for t, (x, y) in enumerate(seen):
+            w = lam ** (len(seen) - 1 - t)
+            sums.index_add_(0, y, model[0](x).relu().mean((2, 3)).double() * w)
+            counts.index_add_(0, y, torch.full((8,), w, dtype=torch.float64))
+    r = decayed.compute()["1"]
+    present = counts > 0
+    torch.testing.assert_close(r.sums[present] / r.counts[present, None], sums[present] / counts[present, None],
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(decayed.compute()["1"].si, plain.compute()["1"].si)
+
+
+def test_a_per_layer_state_dict_still_loads():
+    """A state_dict of the per-layer tracker ({"states": {layer: (sums, counts)}, "null_states"})."""
+    x, y = planted_data()
+    model = Planted()
+    t = SelectivityTracker(model, 10, "relu")
+    with t.track(y[:100]):
+        model(x[:100])
+    expected = t.compute()["relu"]
+    old = {"states": {"relu": (expected.sums.clone(), expected.counts.clone())}, "null_states": []}
+    u = SelectivityTracker(model, 10, "relu")
+    u.load_state_dict(old)
+    torch.testing.assert_close(u.compute()["relu"].si, expected.si, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="null permutations"):
+        SelectivityTracker(model, 10, "relu", dataset_labels=y, null_permutations=2).load_state_dict(old)
+
+
+def test_labels_belong_to_one_forward():
+    model = Planted()
+    t = SelectivityTracker(model, 3, "relu")
+    x, y = torch.rand(4, 5, 2, 2), torch.tensor([0, 2, 2, 1])
+    with pytest.raises(RuntimeError, match="one forward pass"):
+        with t.track(y):
+            model(x)
+            model(x)
+    with pytest.raises(ValueError, match="one entry per image"):
+        with t.track(y[:3]):
+            model(x)
+    model(x)
+    t.update(y)
+    with pytest.raises(RuntimeError, match="no tracked layer ran"):
+        t.update(y)
+    assert int(t.compute()["relu"].counts.sum()) == 4

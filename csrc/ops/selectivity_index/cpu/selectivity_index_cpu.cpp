@@ -1,6 +1,6 @@
 // CPU kernel of selectivity_index: one pass over sums[K, U], parallel over tiles of units.
-#include "cpu_clones.h"
-#include "selectivity.h"
+#include "../../../common/checks.h"
+#include "../../../common/cpu_clones.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,5 @@
-// Shared declarations for the selectivity ops: argument checks and the strided view of an
-// activation that both backends (cpu_accumulate.cpp, cuda_kernels.cu) read.
+// Shared declarations of the selectivity ops: argument checks (checks.cpp) and the strided view of an
+// activation that both backends of accumulate read (ops/accumulate/{cpu,cuda}).
 //
 // Definitions (docs/extension.md has the long form):
 //   accumulate:        sums[labels[b], u] += mean over pixels p of act[b, u, p];  counts[labels[b]] += 1

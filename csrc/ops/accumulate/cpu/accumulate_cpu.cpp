@@ -11,8 +11,8 @@
 // above that is float64 (the mean is a multiply by 1/P). So |error| <= 7 * 2^-24 * sum|x| (~4e-7
 // relative for ReLU outputs) whatever the batch or image size, while the inner loops run at float32
 // SIMD width (all-float64 sums are markedly slower: docs/extension.md); tests/test_ops.py checks the bound.
-#include "cpu_clones.h"
-#include "selectivity.h"
+#include "../../../common/checks.h"
+#include "../../../common/cpu_clones.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels. The wording matches the Python reference
 // in selectivity/ops.py (tests/test_ops.py asserts both give the same message fragments).
-#include "selectivity.h"
+#include "checks.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>

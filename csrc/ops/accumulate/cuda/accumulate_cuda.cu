@@ -1,14 +1,8 @@
-// CUDA kernels for the selectivity ops. Sums are float64 and added with atomicAdd (many images of
-// one class add into one row), so results can differ from run to run in the last bits.
-//
-// Label check without a device sync: the counts kernel skips an image whose label is outside
-// [0, K) and writes the label and K into a flag in mapped (zero-copy) pinned host memory. The host
-// reads that flag at the start of every later CUDA accumulate/selectivity_index call and raises
-// the same ValueError as the CPU path. So a bad label is reported one call late (or later: the
-// flag is read without waiting for running kernels), and the batch that had it was accumulated
-// without its out-of-range images. A device-side assert was the other choice; it would kill the
-// CUDA context, which is worse for a training run than a late error.
-#include "selectivity.h"
+// CUDA kernels of accumulate. Sums are float64 and added with atomicAdd (many images of one class add
+// into one row), so results can differ from run to run in the last bits. Labels are checked by the
+// counts kernel, reported one call late (common/cuda/label_error.h).
+#include "../../../common/checks.h"
+#include "../../../common/cuda/label_error.h"
 
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would also need the cuBLAS/cuSPARSE headers,
 // which a minimal CUDA toolkit does not ship.
@@ -19,44 +13,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 
 namespace selectivity {
 namespace {
-
-constexpr int64_t kNoError = INT64_MIN;
-
-struct LabelError {
-  int64_t label;  // kNoError, or an out-of-range label seen by a kernel
-  int64_t K;
-};
-
-// One flag for the process: mapped pinned memory has one address on the host and on every device
-// (unified virtual addressing), and is read by the host without a copy or a sync.
-LabelError* label_error_flag() {
-  static LabelError* flag = [] {
-    LabelError* f = nullptr;
-    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&f), sizeof(LabelError),
-                                 cudaHostAllocMapped | cudaHostAllocPortable));
-    f->label = kNoError;
-    f->K = 0;
-    return f;
-  }();
-  return flag;
-}
-
-void raise_pending_label_error() {
-  static std::mutex mutex;
-  volatile LabelError* f = label_error_flag();
-  if (f->label == kNoError) return;  // the common case: one read of host memory
-  std::lock_guard<std::mutex> lock(mutex);
-  const int64_t label = f->label, K = f->K;
-  if (label == kNoError) return;
-  f->label = kNoError;
-  throw_label_error(label, K,
-                    "; found on CUDA by an earlier accumulate call, which skipped the images with that "
-                    "label: the accumulated state is incomplete, rebuild it");
-}
 
 // Counts images per class; also the one place that checks labels (every image visited once).
 __global__ void count_kernel(const int64_t* labels, int64_t B, int64_t K, unsigned long long* counts,
@@ -64,11 +23,7 @@ __global__ void count_kernel(const int64_t* labels, int64_t B, int64_t K, unsign
   for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < B; b += (int64_t)gridDim.x * blockDim.x) {
     const int64_t label = labels[b];
     if (label < 0 || label >= K) {
-      // Racing plain stores are fine: any one bad label makes the message. K is made visible
-      // to the host before the label, which is what the host polls.
-      err->K = K;
-      __threadfence_system();
-      err->label = label;
+      report_bad_label(err, label, K);
       continue;
     }
     atomicAdd(counts + label, 1ULL);  // int64 two's complement: adding 1 as unsigned is the same
@@ -317,82 +272,10 @@ void accumulate_cuda(const at::Tensor& act, const at::Tensor& labels, const at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Block (32 units x 16 class rows): each thread walks every 16th class of its unit (reads of
-// sums[c, u] coalesced across the warp), then row 0 merges the rows. One thread walking all K
-// classes was latency-bound (docs/gpu.md). The maximum is the CPU's (ties go to the lowest
-// class); the sum of means is added in another order, so mu_rest and SI can differ from the
-// CPU's in the last bits.
-constexpr int kSIUnits = 32, kSIRows = 16;
-
-__global__ void selectivity_index_kernel(const double* __restrict__ S, const int64_t* __restrict__ C, int64_t K,
-                                         int64_t U, double eps, double* si, int64_t* pref, double* mu_max,
-                                         double* mu_rest) {
-  __shared__ double s_best[kSIRows][kSIUnits], s_total[kSIRows][kSIUnits];
-  __shared__ int64_t s_arg[kSIRows][kSIUnits], s_n[kSIRows][kSIUnits];
-  const int64_t u = blockIdx.x * (int64_t)kSIUnits + threadIdx.x;
-  int64_t n_present = 0, arg = -1;
-  double best = 0.0, total = 0.0;
-  if (u < U) {
-    for (int64_t c = threadIdx.y; c < K; c += kSIRows) {
-      const int64_t cnt = C[c];
-      if (cnt <= 0) continue;
-      const double m = S[c * U + u] / static_cast<double>(cnt);
-      total += m;
-      if (n_present == 0 || m > best) {
-        best = m;
-        arg = c;
-      }
-      ++n_present;
-    }
-  }
-  s_best[threadIdx.y][threadIdx.x] = best;
-  s_total[threadIdx.y][threadIdx.x] = total;
-  s_arg[threadIdx.y][threadIdx.x] = arg;
-  s_n[threadIdx.y][threadIdx.x] = n_present;
-  __syncthreads();
-  if (threadIdx.y != 0 || u >= U) return;
-  for (int r = 1; r < kSIRows; ++r) {
-    const int64_t n = s_n[r][threadIdx.x];
-    if (n == 0) continue;
-    const double b = s_best[r][threadIdx.x];
-    const int64_t a = s_arg[r][threadIdx.x];
-    if (n_present == 0 || b > best || (b == best && a < arg)) {
-      best = b;
-      arg = a;
-    }
-    total += s_total[r][threadIdx.x];
-    n_present += n;
-  }
-  const double rest = n_present > 1 ? (total - best) / static_cast<double>(n_present - 1) : 0.0;
-  const double den = best + rest + eps;
-  si[u] = den != 0.0 ? (best - rest) / den : 0.0;
-  pref[u] = arg;
-  mu_max[u] = best;
-  mu_rest[u] = rest;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> selectivity_index_cuda(const at::Tensor& sums,
-                                                                                   const at::Tensor& counts,
-                                                                                   double eps) {
-  check_index_args(sums, counts);
-  const c10::cuda::CUDAGuard guard(sums.device());
-  raise_pending_label_error();
-  auto [si, pref, mu_max, mu_rest] = empty_index_outputs(sums);
-  const int64_t K = sums.size(0), U = sums.size(1);
-  if (U == 0) return {si, pref, mu_max, mu_rest};
-  selectivity_index_kernel<<<(U + kSIUnits - 1) / kSIUnits, dim3(kSIUnits, kSIRows), 0,
-                             c10::cuda::getCurrentCUDAStream()>>>(
-      sums.const_data_ptr<double>(), counts.const_data_ptr<int64_t>(), K, U, eps, si.mutable_data_ptr<double>(),
-      pref.mutable_data_ptr<int64_t>(), mu_max.mutable_data_ptr<double>(), mu_rest.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {si, pref, mu_max, mu_rest};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(selectivity, CUDA, m) {
   m.impl("accumulate", &accumulate_cuda);
-  m.impl("selectivity_index", &selectivity_index_cuda);
 }
 
 }  // namespace selectivity

@@ -1,0 +1,172 @@
+// CPU kernel of accumulate_means: threads own tiles of units (at::parallel_for), so no two write one
+// element of the state. Per tile and row, the images are taken class by class (sorted once per call):
+// the class's images' means are summed in float64, then its T sums are updated once. For row 0 with a
+// cache, the same pass brings each unit's cache up to date with each touched class's new mean
+// (update_unit, common/tile_scan.h; classes ascending, so ties go to the lowest class as in the full
+// reduction), and a unit whose preferred class fell below the bound of the others is rescanned
+// (rescan_unit) while its tile is still in cache.
+#include "../../../common/cpu_clones.h"
+#include "../../../common/tile_scan.h"
+#include "../../../common/tiled_state.h"
+#include "../../../common/checks.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+namespace selectivity {
+namespace {
+
+constexpr int64_t kMaxTile = 64;  // units per tile the kernel's stack buffers hold
+
+// One row's images grouped by label: group j is class cls[j] with images order[start[j] .. start[j+1]).
+struct Groups {
+  std::vector<int64_t> order, cls, start;
+};
+
+Groups group_by_label(const int64_t* labels, int64_t B) {
+  Groups g;
+  g.order.resize(B);
+  std::iota(g.order.begin(), g.order.end(), int64_t{0});
+  std::stable_sort(g.order.begin(), g.order.end(), [&](int64_t a, int64_t b) { return labels[a] < labels[b]; });
+  for (int64_t k = 0; k < B; ++k) {
+    if (k == 0 || labels[g.order[k]] != labels[g.order[k - 1]]) {
+      g.cls.push_back(labels[g.order[k]]);
+      g.start.push_back(k);
+    }
+  }
+  g.start.push_back(B);
+  return g;
+}
+
+struct Step {
+  TiledState s;
+  const float* M;
+  double* S;
+  const double* C;
+  double w;
+  std::vector<Groups> rows;
+  std::vector<double> old0, new0;  // row 0's touched classes' counts before / after the step
+  double* cache = nullptr;  // [4 + G, tiles * T], or null
+};
+
+// acc[i] = the sum of group j's images' means of units t*T + i (0 for the padding past N).
+inline void group_sums(const Step& st, const Groups& g, int64_t j, int64_t t, int64_t n, double* acc) {
+  for (int64_t i = 0; i < st.s.T; ++i) acc[i] = 0.0;
+  for (int64_t k = g.start[j]; k < g.start[j + 1]; ++k) {
+    const float* m = st.M + g.order[k] * st.s.N + t * st.s.T;
+    SELECTIVITY_SIMD
+    for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(m[i]);
+  }
+}
+
+// Tile t of every row; returns the number of row-0 units that went stale (and were rescanned).
+SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
+  const int64_t T = st.s.T, K = st.s.K, nt = st.s.nt;
+  const int64_t n = std::min(T, st.s.N - t * T);
+  double acc[kMaxTile];
+  int64_t stale[kMaxTile] = {};
+  const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
+  for (int64_t r = 0; r < st.s.R; ++r) {
+    const Groups& g = st.rows[r];
+    const bool cached = r == 0 && st.cache != nullptr;
+    for (int64_t j = 0; j + 1 < static_cast<int64_t>(g.start.size()); ++j) {
+      group_sums(st, g, j, t, n, acc);
+      double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
+      if (!cached) {
+        SELECTIVITY_SIMD
+        for (int64_t i = 0; i < T; ++i) row[i] += st.w * acc[i];
+        continue;
+      }
+      if (j + 2 < static_cast<int64_t>(g.start.size())) {  // the next class's row: its misses overlap this one's work
+        const double* next = st.S + ((r * nt + t) * K + g.cls[j + 1]) * T;
+        for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
+      }
+      const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
+      // An absent class had no mean in the sum. The division is done either way: a division under a
+      // condition is control flow GCC does not vectorize (it may trap, -ftrapping-math).
+      const bool had = oc > 0.0;
+      const double od = had ? oc : 1.0;
+      double nm[kMaxTile];
+      SELECTIVITY_SIMD
+      for (int64_t i = 0; i < T; ++i) {
+        const double x = row[i] + st.w * acc[i];
+        const double q = row[i] / od;
+        const double om = had ? q : 0.0;
+        row[i] = x;
+        nm[i] = x / nc;
+        update_unit(om, nm[i], cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
+      }
+      double* group = o.groups + g.cls[j] / o.gs;  // unit i's bound of this class's group: group[i * G]
+      for (int64_t i = 0; i < T; ++i) raise_bound(group[i * o.G], nm[i]);
+    }
+  }
+  if (st.cache == nullptr) return 0;
+  int64_t n_stale = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    if (!stale[i]) continue;
+    rescan_unit(st.S + t * K * T, st.C, K, T, o, i);
+    ++n_stale;
+  }
+  return n_stale;
+}
+
+void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, double weight, const at::Tensor& sums,
+                          const at::Tensor& counts, const std::optional<at::Tensor>& cache,
+                          const std::optional<at::Tensor>& rescans) {
+  check_means_args(means, labels, sums);
+  const at::Tensor none;
+  Step st;
+  st.s = check_tiled_state(sums, counts, cache.value_or(none), rescans.value_or(none), means.size(1));
+  TORCH_CHECK_VALUE(st.s.T <= kMaxTile, "tiles of at most ", kMaxTile, " units, got ", st.s.T);
+  TORCH_CHECK_VALUE(weight > 0.0, "weight must be > 0");
+  const int64_t R = st.s.R, K = st.s.K, B = means.size(0);
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* l = lab.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < R * B; ++k) {  // before anything is touched: a bad batch changes nothing
+    if (l[k] < 0 || l[k] >= K) throw_label_error(l[k], K, "");
+  }
+  st.M = means.const_data_ptr<float>();
+  st.S = sums.mutable_data_ptr<double>();
+  st.w = weight;
+  double* C = counts.mutable_data_ptr<double>();
+  st.C = C;  // row 0: the rescans read the counts after the step
+  for (int64_t r = 0; r < R; ++r) {
+    st.rows.push_back(group_by_label(l + r * B, B));
+    const Groups& g = st.rows.back();
+    for (size_t j = 0; j < g.cls.size(); ++j) {
+      double& c = C[r * K + g.cls[j]];
+      if (r == 0) st.old0.push_back(c);
+      c += weight * static_cast<double>(g.start[j + 1] - g.start[j]);
+      if (r == 0) st.new0.push_back(c);
+    }
+  }
+  if (cache.has_value()) {
+    st.cache = cache->mutable_data_ptr<double>();
+  }
+  if (B == 0) return;
+  std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, R * B * st.s.T));
+  at::parallel_for(0, st.s.nt, grain, [&](int64_t t0, int64_t t1) {
+    int64_t units = 0;
+    for (int64_t t = t0; t < t1; ++t) units += step_tile(st, t);
+    stale_units[at::get_thread_num()] += units;
+  });
+  if (rescans.has_value()) {
+    int64_t* out = rescans->mutable_data_ptr<int64_t>();
+    for (const int64_t n : stale_units) out[0] += n;
+    out[1] += 1;  // calls
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
+  m.impl("accumulate_means", &accumulate_means_cpu);
+}
+
+}  // namespace selectivity

@@ -1,0 +1,182 @@
+"""The tracker's ops on the tiled state (selectivity/ops.py: accumulate_means, index_cache,
+si_from_cache): the kernels against the float64 reference, the incremental per-step SI against the full
+reduction, and the decayed state against a direct recomputation."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selectivity import ops
+
+HYPOTHESIS = settings(max_examples=40, deadline=None)
+needs_extension = pytest.mark.skipif(not ops.has_extension(), reason="selectivity._C is not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# A few values only, zeros among them: exact ties between classes and between units are common, as
+# with dead ReLU units.
+VALUES = torch.tensor([0.0, 0.0, 0.25, 0.5, 1.0, 3.0])
+
+
+def draw_means(gen, B, N):
+    m = VALUES[torch.randint(0, len(VALUES), (B, N), generator=gen)]
+    if N > 1:
+        m[:, 0] = 0.0  # a dead unit: every class mean is exactly 0
+        m[:, -1] = m[:, 0 if N == 2 else 1]  # two units with the same activations
+    return m
+
+
+def dense(sums_row, N):
+    return ops.tiled_to_dense(sums_row, 0, N)
+
+
+@st.composite
+def steps(draw):
+    return dict(R=draw(st.integers(1, 3)), K=draw(st.integers(1, 12)), N=draw(st.integers(1, 70)),
+                T=draw(st.sampled_from([1, 3, 8, 64])), weights=draw(st.lists(st.sampled_from([1.0, 0.5, 3.0]),
+                                                                              min_size=1, max_size=4)),
+                B=draw(st.integers(0, 9)), seed=draw(st.integers(0, 2 ** 31)))
+
+
+@needs_extension
+@HYPOTHESIS
+@given(case=steps())
+def test_accumulate_means_matches_the_reference_and_the_cache_the_full_reduction(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    R, K, N, T, B = case["R"], case["K"], case["N"], case["T"], case["B"]
+    sums, counts = ops.new_tiled_state(R, K, N, T)
+    ref_sums, ref_counts = sums.clone(), counts.clone()
+    cache, ref_cache = ops.new_index_cache(sums), ops.new_index_cache(sums)
+    rescans = torch.zeros(2, dtype=torch.int64)
+    for w in case["weights"]:
+        means, labels = draw_means(gen, B, N), torch.randint(0, K, (R, B), generator=gen)
+        ops.accumulate_means(means, labels, sums, counts, w, cache, rescans)
+        ops.accumulate_means_reference(means, labels, ref_sums, ref_counts, w, ref_cache)
+        torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(counts, ref_counts, rtol=1e-12, atol=0)
+        full = ops.index_cache(sums[0], counts[0])
+        # μ_max and the preferred class bit for bit, as the full reduction of the same state gives them.
+        assert torch.equal(cache[:2], full[:2])
+        torch.testing.assert_close(cache[2], full[2], rtol=1e-12, atol=1e-12)
+        assert torch.equal(full[1], ref_cache[1])
+        torch.testing.assert_close(full[[0, 2, 3]], ref_cache[[0, 2, 3]], rtol=1e-12, atol=1e-12)
+        # Between scans, bounds of the runner-up and of each class group.
+        assert bool((cache[3] >= full[3]).all()) and bool((cache[4:] >= full[4:]).all())
+        assert torch.equal(full[4:], ref_cache[4:])
+
+
+@needs_extension
+def test_incremental_si_equals_the_full_reduction_after_1000_steps_at_k_1000():
+    """1,000 random steps at K = 1000: exact zeros, a dead unit, tied units, and classes first seen
+    late (the label range grows until the last step). Small U keeps it fast."""
+    K, N, B, steps = 1000, 40, 16, 1000
+    gen = torch.Generator().manual_seed(0)
+    sums, counts = ops.new_tiled_state(1, K, N, 16)
+    cache, rescans = ops.new_index_cache(sums), torch.zeros(2, dtype=torch.int64)
+    worst = 0.0
+    for step in range(steps):
+        seen = min(K, 20 + step)  # a new class can appear at every step
+        labels = torch.randint(0, seen, (1, B), generator=gen)
+        ops.accumulate_means(draw_means(gen, B, N), labels, sums, counts, 1.0, cache, rescans)
+        if step % 97 == 0 or step == steps - 1:
+            inc = ops.si_from_cache(cache, counts[0])
+            full = ops.selectivity_index_reference(dense(sums[0], N), counts[0].long())
+            assert torch.equal(inc.pref_class[:N], full.pref_class)
+            for a, b in zip(inc[1:], full[1:]):
+                worst = max(worst, float((a[:N].double() - b.double()).abs().max()))
+            worst = max(worst, float((inc.si[:N] - full.si).abs().max()))
+    assert worst <= 1e-12, worst
+    assert int((counts[0] > 0).sum()) > 900  # classes kept appearing
+    assert 0 < int(rescans[0]) < steps * N // 2  # rescans happened, and far from every unit every step
+
+
+@needs_extension
+def test_decayed_state_equals_a_direct_recomputation():
+    """Weights λ^-t (the tracker's lazy scaling) give class means = Σ λ^(t_end - t) x / Σ λ^(t_end - t)."""
+    K, N, B, lam = 7, 10, 5, 0.8
+    gen = torch.Generator().manual_seed(1)
+    sums, counts = ops.new_tiled_state(1, K, N, 8)
+    cache = ops.new_index_cache(sums)
+    history = []
+    for t in range(30):
+        means, labels = draw_means(gen, B, N) + torch.rand(B, N, generator=gen), torch.randint(0, K, (1, B), generator=gen)
+        ops.accumulate_means(means, labels, sums, counts, lam ** -t, cache)
+        history.append((means.double(), labels[0]))
+    end = len(history) - 1
+    direct_sums = torch.zeros(K, N, dtype=torch.float64)
+    direct_counts = torch.zeros(K, dtype=torch.float64)
+    for t, (means, labels) in enumerate(history):
+        direct_sums.index_add_(0, labels, means * lam ** (end - t))
+        direct_counts.index_add_(0, labels, torch.full((B,), lam ** (end - t), dtype=torch.float64))
+    present = direct_counts > 0
+    got_means = dense(sums[0], N)[present] / counts[0, present, None]
+    torch.testing.assert_close(got_means, direct_sums[present] / direct_counts[present, None], rtol=1e-12, atol=1e-12)
+    inc = ops.si_from_cache(cache, counts[0])
+    # The full reduction of the directly decayed state: means from decayed sums and counts.
+    means = direct_sums[present] / direct_counts[present, None]
+    mu_max = means.max(0).values
+    rest = (means.sum(0) - mu_max) / (int(present.sum()) - 1)
+    torch.testing.assert_close(inc.si[:N], (mu_max - rest) / (mu_max + rest + 1e-7), rtol=1e-12, atol=1e-12)
+
+
+@needs_extension
+def test_bad_labels_and_shapes_are_one_line_errors_and_change_nothing():
+    sums, counts = ops.new_tiled_state(2, 4, 10, 8)
+    cache = ops.new_index_cache(sums)
+    means = torch.rand(3, 10)
+    with pytest.raises(ValueError, match=r"labels out of range: label 4 is not in \[0, K\) with K = 4"):
+        ops.accumulate_means(means, torch.tensor([[0, 1, 2], [0, 4, 1]]), sums, counts, 1.0, cache)
+    assert not sums.any() and not counts.any()
+    with pytest.raises(ValueError, match=r"labels must be \[R, B\] = \[2, 3\]"):
+        ops.accumulate_means(means, torch.tensor([0, 1, 2]), sums, counts)
+    with pytest.raises(ValueError, match="does not fit 20 units"):
+        ops.accumulate_means(torch.rand(3, 20), torch.zeros(2, 3, dtype=torch.int64), sums, counts)
+    with pytest.raises(ValueError, match="cache must be contiguous float64"):
+        ops.accumulate_means(means, torch.zeros(2, 3, dtype=torch.int64), sums, counts, 1.0, cache[:3])
+    with pytest.raises(TypeError, match="means must be float32"):
+        ops.accumulate_means(means.double(), torch.zeros(2, 3, dtype=torch.int64), sums, counts)
+
+
+@needs_extension
+def test_opcheck_tiled_ops():
+    sums, counts = ops.new_tiled_state(2, 5, 11, 4)
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 5, (2, 6), generator=gen)
+    torch.library.opcheck(torch.ops.selectivity.accumulate_means.default,
+                          (torch.rand(6, 11, generator=gen), labels, 2.0, sums, counts, ops.new_index_cache(sums),
+                           torch.zeros(2, dtype=torch.int64)))
+    torch.library.opcheck(torch.ops.selectivity.accumulate_means.default,
+                          (torch.rand(6, 11, generator=gen), labels, 1.0, sums, counts, None, None))
+    torch.library.opcheck(torch.ops.selectivity.index_cache.default, (sums[0], counts[0], ops.new_index_cache(sums)))
+
+
+def test_reference_fallback_gives_the_kernels_results(monkeypatch):
+    """SELECTIVITY_FORCE_REFERENCE=1 (or no extension) runs the reference through the same calls."""
+    monkeypatch.setenv("SELECTIVITY_FORCE_REFERENCE", "1")
+    gen = torch.Generator().manual_seed(3)
+    sums, counts = ops.new_tiled_state(1, 6, 9, 4)
+    cache = ops.new_index_cache(sums)
+    for _ in range(5):
+        ops.accumulate_means(draw_means(gen, 4, 9), torch.randint(0, 6, (1, 4), generator=gen), sums, counts, 1.0, cache)
+    full = ops.selectivity_index_reference(dense(sums[0], 9), counts[0].long())
+    inc = ops.si_from_cache(cache, counts[0])
+    assert torch.equal(inc.pref_class[:9], full.pref_class)
+    torch.testing.assert_close(inc.si[:9], full.si, rtol=1e-12, atol=1e-12)
+
+
+@needs_cuda
+@needs_extension
+def test_cuda_tiled_ops_match_the_cpu():
+    gen = torch.Generator().manual_seed(4)
+    R, K, N, B = 2, 50, 300, 32
+    cpu, gpu = ops.new_tiled_state(R, K, N), ops.new_tiled_state(R, K, N, device="cuda")
+    cpu_cache, gpu_cache = ops.new_index_cache(cpu[0]), ops.new_index_cache(gpu[0])
+    for step in range(40):
+        means, labels = draw_means(gen, B, N), torch.randint(0, min(K, 5 + step), (R, B), generator=gen)
+        ops.accumulate_means(means, labels, *cpu, 1.0, cpu_cache)
+        ops.accumulate_means(means.cuda(), labels.cuda(), *gpu, 1.0, gpu_cache)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+    full = ops.index_cache(gpu[0][0], gpu[1][0])
+    assert torch.equal(gpu_cache[:2], full[:2])
+    assert torch.equal(full[1].cpu(), ops.index_cache(cpu[0][0], cpu[1][0])[1])
