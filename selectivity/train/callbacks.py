@@ -36,17 +36,27 @@ class Callback:
 
 
 class Tracking(Callback):
-    """Selectivity of ``cfg.track_units`` at every step (train) and every evaluation (val + null)."""
+    """Selectivity of ``cfg.track_units`` at every step (train) and every evaluation (val + null).
 
-    def __init__(self, units: str = "blocks", seed: int = 0, null_permutations: int = 10):
+    The train SI of every step (``SelectivityTracker.step_si``, kept incrementally) stays on the
+    device until the log cadence, when the buffered steps go to TensorBoard in one host copy
+    (``si_train_step/<layer>`` and ``/mean``). ``decay`` λ makes the train state exponentially
+    weighted by step (the recent network); without it the state covers the current epoch.
+    """
+
+    def __init__(self, units: str = "blocks", seed: int = 0, null_permutations: int = 10,
+                 decay: float = 0.0):
         self.units, self.seed, self.null_permutations = units, seed, null_permutations
+        self.decay = decay or None
         self.train_epoch = None
         self._layout_done = False
+        self._steps: list = []  # (step, [layers] SI on the device) since the last log
 
     def setup(self, trainer) -> None:
         self.trainer = trainer
         K = trainer.num_classes
-        self.train = SelectivityTracker(trainer.model, K, self.units)
+        self.train = SelectivityTracker(trainer.model, K, self.units, incremental=True,
+                                        decay=self.decay)
         self.val = SelectivityTracker(trainer.model, K, self.units,
                                       dataset_labels=trainer.val_loader.labels,
                                       null_permutations=self.null_permutations, seed=self.seed)
@@ -54,8 +64,8 @@ class Tracking(Callback):
 
     def before_batch(self, trainer, images, labels, train: bool, indices=None) -> None:
         if train:
-            if self.train_epoch != trainer.epoch:  # the running train SI covers the current epoch
-                self.train.reset()
+            if self.decay is None and self.train_epoch != trainer.epoch:
+                self.train.reset()  # the running train SI covers the current epoch
                 self.train_epoch = trainer.epoch
             self.train.begin(labels)
             self.train.enabled = True
@@ -68,17 +78,40 @@ class Tracking(Callback):
             t.enabled = False
             t.end()
 
+    def after_step(self, trainer, images, labels, logits) -> None:
+        si = self.train.step_si()
+        if si:
+            self._steps.append((trainer.step + 1, torch.stack(list(si.values()))))
+
+    def _write_steps(self, trainer) -> torch.Tensor | None:
+        """The buffered per-step SI to TensorBoard, in one host copy; returns the last step's."""
+        if not self._steps:
+            return None
+        steps = [s for s, _ in self._steps]
+        values = torch.stack([v for _, v in self._steps]).double().cpu()
+        self._steps.clear()
+        tb = trainer.log.tb if trainer.dist.is_main else None
+        if tb is not None:
+            names = list(self.train.layers)
+            for step, row in zip(steps, values.tolist()):
+                for name, v in zip(names, row):
+                    tb.add_scalar(f"si_train_step/{name}", v, step)
+                tb.add_scalar("si_train_step/mean", sum(row) / len(row), step)
+        return values[-1]
+
     def train_log(self, trainer) -> dict:
-        return {"si_train": summarize(self.train.compute())["si_mean"]}
+        last = self._write_steps(trainer)
+        return {} if last is None else {"si_train": float(last.mean())}
 
     def eval_begin(self, trainer) -> None:
+        self._write_steps(trainer)  # the steps since the last log (an epoch's end)
         self.val.reset()
 
     def eval_end(self, trainer, record: dict) -> dict:
         # Every rank joins every all_reduce, in the same order; only rank 0 writes afterwards.
         results = self.val.compute()
-        train_mean = summarize(self.train.compute())["si_mean"] if self.train.states.states \
-            else None
+        train = self.train.compute()
+        train_mean = summarize(train)["si_mean"] if train else None
         if trainer.dist.is_main:
             self._save(trainer, record, results)
             self._tensorboard(trainer, record["step"], results)
@@ -119,11 +152,16 @@ class Tracking(Callback):
     def state_dict(self) -> dict:
         # The running train state restarts with its epoch; a mid-epoch resume restores it so the
         # reported si_train equals an uninterrupted run's.
-        return {"train_epoch": self.train_epoch, "train_states": self.train.state_dict()}
+        # The per-step SI not yet logged goes with it, so the resumed run logs every step.
+        return {"train_epoch": self.train_epoch, "train_states": self.train.state_dict(),
+                "step_si": [(s, v.tolist()) for s, v in self._steps]}
 
     def load_state_dict(self, state: dict) -> None:
         self.train_epoch = state.get("train_epoch")
         self.train.load_state_dict(state.get("train_states", {}))
+        device = self.trainer.device
+        self._steps = [(s, torch.tensor(v, dtype=torch.float64, device=device))
+                       for s, v in state.get("step_si", [])]
 
 
 class Regularizing(Callback):
@@ -191,7 +229,7 @@ class Regularizing(Callback):
 
 
 def tracking_callbacks(cfg) -> list:
-    return [Tracking(cfg.track_units, cfg.seed, cfg.null_permutations)]
+    return [Tracking(cfg.track_units, cfg.seed, cfg.null_permutations, cfg.train_si_decay)]
 
 
 def regularizer_callbacks(cfg, alpha: float | None = None) -> list:

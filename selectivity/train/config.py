@@ -105,6 +105,9 @@ class Config:
         "selectivity tracking: per-class unit statistics every step and at every evaluation")
     track_units: str = _opt("tracking", "blocks",
         "the units tracked: blocks (residual block outputs) | relu | bn")
+    train_si_decay: float = _opt("tracking", 0.0,
+        "train SI state: 0 = the current epoch's images; λ in (0, 1) = exponentially weighted "
+        "by step (the recent network); its SI is logged every step")
     null_permutations: int = _opt("tracking", 10,
         "label permutations of the val null, accumulated in the same pass")
     bn_mode: str = _opt("tracking", "recalibrate",
@@ -148,10 +151,10 @@ POSITIVE = ("batch_size", "eval_batch_size", "image_size", "epochs", "eval_every
             "log_every_steps", "save_every_epochs", "synthetic_classes", "bn_images")
 # Ranges beyond the type: [0, ∞) here, [0, 1) in BELOW_ONE (a value the optimizer or the loss
 # would reject only after the run directory was written, or would take without meaning anything).
-NON_NEGATIVE = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "workers",
-                "threads", "eval_every_steps", "eval_steps_epochs", "save_every_steps",
-                "save_steps_epochs")
-BELOW_ONE = ("momentum", "label_smoothing")
+NON_NEGATIVE = ("train_si_decay", "lr", "momentum", "weight_decay", "warmup_epochs",
+                "label_smoothing", "workers", "threads", "eval_every_steps", "eval_steps_epochs",
+                "save_every_steps", "save_steps_epochs")
+BELOW_ONE = ("momentum", "label_smoothing", "train_si_decay")
 # An image side the loaders would try to allocate without a second thought (100000 px: 30 GB
 # per image); 4096 is 18x ImageNet's 224 and still fits a batch in memory.
 MAX_IMAGE_SIZE = 4096
