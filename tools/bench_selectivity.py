@@ -14,7 +14,8 @@ import os
 import torch
 
 from selectivity import ops
-from selectivity.benchmarks.selectivity import measure, percent_rows
+from selectivity.cli import run_cli
+from selectivity.benchmarks.selectivity import measure, percent_rows, whole_step_ratio
 
 
 def main(argv=None):
@@ -38,7 +39,10 @@ def main(argv=None):
         print(f"  {name:<64}{med:6.3f}% [{low:.3f}-{high:.3f}]{verdict}")
     print(f"  rescan rate: {result['stale_per_step']:.0f} units rescanned a step "
           f"({100 * result['stale_per_step'] / result['units']:.2f} % of units)")
+    med, low, high = whole_step_ratio(result)
+    print(f"  whole step, tracked with fused blocks and SI every step / stock untracked: {med:.3f} "
+          f"[{low:.3f}-{high:.3f}] (informational: whole steps vary by more than the tracker takes)")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,7 +30,8 @@ K, B, SIZE = 1000, 64, 64
 @dataclass
 class Costs:
     """Seconds per round (each round's median over its steps)."""
-    step: list = field(default_factory=list)           # untracked training step
+    step: list = field(default_factory=list)           # untracked training step (stock blocks)
+    tracked_step: list = field(default_factory=list)   # whole step, tracked (fused blocks), SI every step
     hooks: list = field(default_factory=list)          # means_fn: each layer's means into the feed
     every_step: list = field(default_factory=list)     # accumulate_means with the cache + step_si()
     accumulate: list = field(default_factory=list)     # accumulate_means without a cache
@@ -91,11 +92,13 @@ def measure(rounds: int = 5, steps_per_round: int = 2, si_every: int = 20, warm_
 
     costs = Costs()
     for r in range(rounds + 1):  # round 0 warms up
-        plain_steps, every, acc, hooks_every = [], [], [], []
+        plain_steps, tracked, every, acc, hooks_every = [], [], [], [], []
         for _ in range(steps_per_round):
             plain_steps.append(step()[0])
             hook_time[0] = 0.0
-            every.append(step(incremental, si=True)[1])
+            whole, spent = step(incremental, si=True)
+            tracked.append(whole)
+            every.append(spent)
             hooks_every.append(hook_time[0])
             acc.append(step(plain)[1])
             if r:
@@ -107,6 +110,7 @@ def measure(rounds: int = 5, steps_per_round: int = 2, si_every: int = 20, warm_
             incremental.rescans.zero_()
             continue
         costs.step.append(statistics.median(plain_steps))
+        costs.tracked_step.append(statistics.median(tracked))
         costs.every_step.append(statistics.median(every))
         costs.hooks.append(statistics.median(hooks_every))
         costs.accumulate.append(statistics.median(acc))
@@ -135,3 +139,12 @@ def percent_rows(result: dict) -> list[tuple[str, float, float, float, float | N
         ("  compute() (full reduction), once", *pct(c.compute), None),
         ("the feed: each layer's means copied into the flat buffer", *pct(c.hooks), None),
     ]
+
+
+def whole_step_ratio(result: dict) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of a whole tracked step (fused blocks, SI every step) ÷ the
+    same round's stock untracked step. Informational: whole steps vary by more than the tracker
+    takes, which is why the costs above are timed inside the steps."""
+    c = result["costs"]
+    ratios = [t / s for t, s in zip(c.tracked_step, c.step)]
+    return statistics.median(ratios), min(ratios), max(ratios)
