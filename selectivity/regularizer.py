@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from selectivity.errors import ConfigError
 from selectivity.reduce import is_distributed
 from selectivity.tracker import EPS
-from selectivity.units import unit_means, UnitHooks
+from selectivity.units import UnitHooks, check_negative, check_responses, unit_means
 
 WINDOW_KEYS = ("alpha", "start", "end")
 
@@ -230,13 +230,17 @@ class SelectivityRegularizer:
     nothing at all.
     """
 
-    def __init__(self, model, num_classes: int, units="blocks", eps: float = EPS, group=None):
+    def __init__(self, model, num_classes: int, units="blocks", eps: float = EPS, group=None,
+                 negative: str = "error"):
         self.num_classes, self.eps, self.group = num_classes, eps, group
+        self.negative = check_negative(negative)  # the tracker's rule (units.NEGATIVE)
+        self._responses_checked = False
         self._acts: list[torch.Tensor] = []
         self.last_layers: torch.Tensor | None = None
         # The per-image unit means, differentiable; residual blocks compute them in their fused
         # epilogue (units.UnitHooks, means mode), other layers in a hook.
-        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._clear)
+        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._clear,
+                               rectify=self.negative == "relu")
 
     @property
     def enabled(self) -> bool:
@@ -252,6 +256,8 @@ class SelectivityRegularizer:
         self._acts = []
 
     def _on_means(self, name, means):
+        if not self._responses_checked:
+            check_responses(name, means, self.negative)
         self._acts.append(means)
 
     def term(self, labels: torch.Tensor) -> torch.Tensor:
@@ -260,6 +266,7 @@ class SelectivityRegularizer:
             raise RuntimeError("term(): no regularized layer ran since the last term(); run the "
                                "model's forward first (with the regularizer enabled)")
         acts, self._acts = self._acts, []
+        self._responses_checked = True
         with torch.autocast(labels.device.type, enabled=False):
             states = [class_sums(a, labels, self.num_classes) for a in acts]
             si_reg, self.last_layers = reduce_states(states, self.eps, self.group)

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from selectivity import ops
 from selectivity.reduce import all_gather_batch
-from selectivity.units import UnitHooks, unwrap
+from selectivity.units import UnitHooks, check_negative, check_responses, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95
@@ -90,6 +90,9 @@ class LayerSelectivity:
                                 # made on first read: see _OnFirstRead)
     counts: torch.Tensor        # [K] images per class (int64; float64 decayed counts with decay)
     null_si: torch.Tensor | None = None  # [P, U]: SI under each label permutation
+    negative: str = "error"     # what was measured: "error" (responses as they are, all >= 0) or
+                                # "relu" (their positive part); see units.NEGATIVE
+    tokens: str = "mean"        # [B, T, U] layers: the token mean or the class token ("cls")
 
     @property
     def mean(self) -> float:
@@ -124,7 +127,7 @@ class LayerSelectivity:
     def cpu(self) -> "LayerSelectivity":
         """A copy on the CPU (what the trainer saves)."""
         values = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return LayerSelectivity(*(None if t is None else t.cpu() for t in values))
+        return LayerSelectivity(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in values))
 
 
 class _MeansFeed:
@@ -216,7 +219,7 @@ class SelectivityTracker:
     def __init__(self, model: nn.Module, num_classes: int, units="blocks", *,
                  dataset_labels: Sequence[int] | None = None, null_permutations: int = 0,
                  seed: int = 0, eps: float = EPS, incremental: bool = False,
-                 decay: float | None = None, tile: int = ops.TILE):
+                 decay: float | None = None, tile: int = ops.TILE, negative: str = "error"):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if null_permutations < 0:
@@ -226,6 +229,8 @@ class SelectivityTracker:
         if decay is not None and not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be None or in (0, 1), got {decay}")
         self.num_classes, self.eps = num_classes, eps
+        self.negative = check_negative(negative)
+        self._responses_checked = False  # the sign check of the first tracked batch
         self.incremental, self.decay, self.tile = incremental, decay, tile
         self.model = unwrap(model)
         self.rows = 1 + null_permutations
@@ -237,7 +242,8 @@ class SelectivityTracker:
         self.rescans = torch.zeros(2, dtype=torch.int64)  # [units, tiles] rescanned (ops.accumulate_means)
         self.steps = 0
         self._weight = 1.0
-        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._feed.start)
+        self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._feed.start,
+                               rectify=self.negative == "relu")
 
     @property
     def layers(self) -> "OrderedDict[str, nn.Module]":
@@ -255,6 +261,8 @@ class SelectivityTracker:
     def _on_means(self, name: str, means: torch.Tensor) -> None:
         """A layer's per-image unit means ``[B, U]`` of the running forward (UnitHooks' means_fn:
         from a fused block's epilogue, or a hook's ``unit_means``), into its slice of the feed."""
+        if not self._responses_checked:
+            check_responses(name, means, self.negative)
         self._feed.write(name, means.detach())
 
     def _label_matrix(self, labels: torch.Tensor, indices, device) -> torch.Tensor:
@@ -280,6 +288,7 @@ class SelectivityTracker:
         if self.sums is None:
             self._new_state(means.shape[1], means.device)
         ops.accumulate_means(means, matrix, self.sums, self.counts, self._weight, self.cache, self.rescans)
+        self._responses_checked = True
         self.steps += 1
         if self.decay is not None:
             self._weight /= self.decay
@@ -347,10 +356,16 @@ class SelectivityTracker:
                                               self.counts[p], self.eps).si
                             for p in range(1, self.rows)]) if self.rows > 1 else None
         sums = self.sums[0]
+        # The sign again, over the class means (one host sync): a negative μ_max or μ_-max.
+        if self.negative == "error" and bool(((r.mu_max < 0) | (r.mu_rest < 0)).any()):
+            for name, (a, b) in self._units().items():
+                check_responses(name, torch.stack([r.mu_max[a:b], r.mu_rest[a:b]]), "error",
+                                "class-mean")
         for name, (a, b) in self._units().items():
             out[name] = LayerSelectivity(r.si[a:b], r.pref_class[a:b], r.mu_max[a:b], r.mu_rest[a:b],
                                          functools.partial(ops.tiled_to_dense, sums, a, b), counts,
-                                         None if null is None else null[:, a:b])
+                                         None if null is None else null[:, a:b],
+                                         negative=self.negative, tokens=self.hooks.tokens)
         return out
 
     def step_si(self) -> "OrderedDict[str, torch.Tensor]":

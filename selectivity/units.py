@@ -356,6 +356,35 @@ def unit_means(act: torch.Tensor, layout: str | None = None, tokens: str = "mean
     return act.mean((2, 3), dtype=dtype) if act.dim() == 4 else act.to(dtype)
 
 
+# What SI means for responses that go negative: SI = (μ_max − μ_-max)/(μ_max + μ_-max) assumes
+# non-negative ones (the papers measure after a ReLU); with negative class means it leaves [0, 1]
+# and means nothing. "error" refuses them, "relu" measures the positive part of the activation.
+NEGATIVE = ("error", "relu")
+
+
+def check_negative(negative: str) -> str:
+    if negative not in NEGATIVE:
+        raise UnitsError(f"negative must be one of {', '.join(NEGATIVE)}, got {negative!r}")
+    return negative
+
+
+def check_responses(layer: str, values: torch.Tensor, negative: str, what: str = "per-image") -> None:
+    """With ``negative="error"``: a one-line ``UnitsError`` when any of ``values`` ([..., U]: the
+    layer's per-image unit means, or its class means) is negative, naming the layer, the fraction
+    of its units affected and the choices. One host sync: called on a first batch and at compute()."""
+    if negative != "error":
+        return
+    values = values.detach()
+    bad = (values < 0).reshape(-1, values.shape[-1]).any(0)
+    if bool(bad.any()):
+        raise UnitsError(
+            f"layer {layer}: {float(bad.double().mean()):.1%} of its {bad.numel()} units have "
+            f"negative {what} responses (lowest {float(values.min()):.3g}); SI assumes non-negative "
+            f"ones (the papers measure after a ReLU): choose negative='relu' (the positive part, as "
+            f"if a ReLU followed the module; the trainer's track_negative: relu) or units after a "
+            f"non-negative activation")
+
+
 class UnitHooks:
     """The resolved layers, seen while enabled: ``fn(layer, output)`` or ``means_fn(layer, means)``.
 
@@ -378,7 +407,7 @@ class UnitHooks:
                  fn: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
                  on_forward: Callable[[], None] | None = None, enabled: bool = True, *,
                  means_fn: Callable[[str, torch.Tensor], None] | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, rectify: bool = False):
         if fn is not None and means_fn is not None:
             raise UnitsError("UnitHooks: give fn (the layer outputs) or means_fn (the per-image unit "
                              "means), not both; use two UnitHooks for both")
@@ -391,6 +420,9 @@ class UnitHooks:
         if fused is None:
             fused = os.environ.get("SELECTIVITY_NO_FUSED") != "1"
         self.fused = means_fn is not None and fused
+        # negative="relu" of the consumers: the means of the activation's positive part (a fused
+        # block's output is after its ReLU already).
+        self.rectify = rectify
         self._calls: dict[str, int] = {}
         self._delivered: set[str] = set()  # layers whose fused forward already called means_fn
         root = unwrap(model)
@@ -426,7 +458,8 @@ class UnitHooks:
                     self._delivered.discard(name)
                     return None
                 with torch.autocast(output.device.type, enabled=False):
-                    means = unit_means(as_units(output, layout, self.tokens, where, count))
+                    view = as_units(output, layout, self.tokens, where, count)
+                    means = unit_means(view.clamp_min(0) if self.rectify else view)
                 self.means_fn(self._layer_name(name), means)
                 return None
             if self.fn is None:

@@ -2,7 +2,8 @@
 
 Each (model, preset) resolves, every layer's per-image unit means are [B, U] with U read from the
 module's own unit dim, and the tracker's class sums equal a reduction of the raw outputs done here
-by hand (mean over every dim but batch and units; tokens: all of them). Each case also produces
+by hand (mean over every dim but batch and units; tokens: all of them). Responses that go negative
+are the tracker's one-line error by default, and with negative="relu" every SI is in [0, 1]. Each case also produces
 its row of the table in docs/library.md and checks the row is there as produced, so the table
 cannot drift from what the models do.
 """
@@ -71,30 +72,50 @@ def _row(lib, name, preset, layers, widths, negative):
             f"{'yes' if negative else 'no'} ({negative}/{len(layers)} layers) |")
 
 
-@pytest.mark.parametrize("lib,name,build,size,preset", CASES,
-                         ids=[f"{c[1]}-{c[4]}" for c in CASES])
-def test_preset_gives_unit_means_of_the_right_width(lib, name, build, size, preset):
-    model = _model(lib, name, build)
-    tracker = sel.SelectivityTracker(model, K, units=Units(preset))
-    raw, seen = {}, {}
+def _track(model, preset, labels, images, negative):
+    """The tracker's results over one batch, and the raw outputs of its layers."""
+    tracker = sel.SelectivityTracker(model, K, units=Units(preset), negative=negative)
+    raw = {}
     handles = [m.register_forward_hook(lambda m, a, out, n=n: raw.setdefault(n, out.detach()))
                for n, m in tracker.layers.items()]
-
-    def keep(layer, units):
-        seen[layer] = sel.unit_means(units)
-    hooks = sel.UnitHooks(model, Units(preset), keep)
-    images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
-    labels = torch.tensor([0, 1, 0, 1])
     try:
         with torch.no_grad(), tracker.track(labels):
             model(images)
     finally:
-        hooks.remove()
         tracker.remove()
         for h in handles:
             h.remove()
+    return tracker, raw
+
+
+@pytest.mark.parametrize("lib,name,build,size,preset", CASES,
+                         ids=[f"{c[1]}-{c[4]}" for c in CASES])
+def test_preset_gives_unit_means_of_the_right_width(lib, name, build, size, preset):
+    """Every layer's [B, U] means equal a reduction by hand. Responses that go negative anywhere
+    stop the default tracker with the one-line error; with negative="relu" the tracker measures
+    their positive part (its class sums equal the hand reduction of relu(output)) and every SI is
+    in [0, 1]."""
+    model = _model(lib, name, build)
+    seen = {}
+    hooks = sel.UnitHooks(model, Units(preset), lambda layer, units: seen.update(
+        {layer: sel.unit_means(units)}))
+    images = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 0, 1])
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        hooks.remove()
+    goes_negative = any(bool((m < 0).any()) for m in seen.values())
+    if goes_negative:
+        with pytest.raises(sel.UnitsError) as error:
+            _track(model, preset, labels, images, "error")
+        message = str(error.value)
+        assert "\n" not in message and "negative per-image responses" in message, message
+        assert message.split(":")[0].removeprefix("layer ") in seen, message
+    tracker, raw = _track(model, preset, labels, images, "relu" if goes_negative else "error")
     results = tracker.compute()
-    assert list(results) == [n for n in tracker.layers if n in raw]
+    assert list(results) == [n for n in tracker.layers if n in raw] == list(seen)
     widths, negative = [], 0
     for layer, r in results.items():
         layout = hooks.layouts[layer]
@@ -103,9 +124,13 @@ def test_preset_gives_unit_means_of_the_right_width(lib, name, build, size, pres
         assert seen[layer].shape == expected.shape == (B, r.si.numel())
         torch.testing.assert_close(seen[layer].double(), expected, rtol=1e-5, atol=1e-5)
         by_class = torch.stack([expected[labels == k].sum(0) for k in range(K)])
-        torch.testing.assert_close(r.sums, by_class, rtol=1e-5, atol=1e-5)
+        negative += bool((by_class < 0).any())
+        measured = _by_hand(raw[layer].clamp_min(0), layout) if goes_negative else expected
+        torch.testing.assert_close(r.sums, torch.stack([measured[labels == k].sum(0)
+                                                        for k in range(K)]), rtol=1e-5, atol=1e-5)
+        assert r.negative == ("relu" if goes_negative else "error")
+        assert bool(((r.si >= 0) & (r.si <= 1)).all()), (layer, float(r.si.min()), float(r.si.max()))
         widths.append(r.si.numel())
-        negative += bool((r.sums < 0).any())
     row = _row(lib, name, preset, list(results), widths, negative)
     assert row in DOC.read_text().splitlines(), f"docs/library.md lacks the row, as produced:\n{row}"
 

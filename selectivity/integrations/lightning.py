@@ -86,10 +86,12 @@ class SelectivityCallback(pl.Callback):
     def __init__(self, num_classes: int, units="blocks", *, null_permutations: int = 0,
                  dataset_labels=None, seed: int = 0, bn_mode: str = "recalibrate",
                  calibration=None, calibration_batches: int = 8, regularizer=None,
-                 fields: Callable = default_fields, stage_of: Callable[[str], str] = default_stage):
+                 fields: Callable = default_fields, stage_of: Callable[[str], str] = default_stage,
+                 negative: str = "error"):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
         self.num_classes, self.units, self.seed = num_classes, units, seed
+        self.negative = negative  # units.NEGATIVE: the tracker's and the regularizer's rule
         self.null_permutations, self.dataset_labels = null_permutations, dataset_labels
         self.bn_mode, self.calibration = bn_mode, calibration
         self.calibration_batches = calibration_batches
@@ -104,7 +106,8 @@ class SelectivityCallback(pl.Callback):
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.windows and self.reg is None:
-            self.reg = SelectivityRegularizer(pl_module, self.num_classes, self.units)
+            self.reg = SelectivityRegularizer(pl_module, self.num_classes, self.units,
+                                              negative=self.negative)
             self.reg.enabled = False
             self._wrap_training_step(pl_module)
 
@@ -145,7 +148,7 @@ class SelectivityCallback(pl.Callback):
             self.tracker = SelectivityTracker(pl_module, self.num_classes, self.units,
                                               dataset_labels=labels,
                                               null_permutations=self.null_permutations,
-                                              seed=self.seed)
+                                              seed=self.seed, negative=self.negative)
         self.tracker.reset()
         calibration = self.calibration
         if calibration is None and self.bn_mode == "recalibrate":
@@ -204,7 +207,8 @@ class SelectivityCallback(pl.Callback):
     def _settings(self) -> dict:
         return {"num_classes": self.num_classes, "units": repr(self.units), "seed": self.seed,
                 "null_permutations": self.null_permutations, "bn_mode": self.bn_mode,
-                "regularizer": [(w.alpha, w.start, w.end) for w in self.windows]}
+                "regularizer": [(w.alpha, w.start, w.end) for w in self.windows],
+                "negative": self.negative}
 
     def state_dict(self) -> dict:
         return {"settings": self._settings(), "history": self.history}

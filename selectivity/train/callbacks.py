@@ -45,8 +45,11 @@ class Tracking(Callback):
     """
 
     def __init__(self, units: str = "blocks", seed: int = 0, null_permutations: int = 10,
-                 decay: float = 0.0):
+                 decay: float = 0.0, negative: str = "error"):
         self.units, self.seed, self.null_permutations = units, seed, null_permutations
+        self.negative = negative
+        # TensorBoard tags name what was measured when it is not the responses as they are.
+        self.tag = "si" if negative == "error" else f"si_{negative}"
         self.decay = decay or None
         self.train_epoch = None
         self._layout_done = False
@@ -56,10 +59,11 @@ class Tracking(Callback):
         self.trainer = trainer
         K = trainer.num_classes
         self.train = SelectivityTracker(trainer.model, K, self.units, incremental=True,
-                                        decay=self.decay)
+                                        decay=self.decay, negative=self.negative)
         self.val = SelectivityTracker(trainer.model, K, self.units,
                                       dataset_labels=trainer.val_loader.labels,
-                                      null_permutations=self.null_permutations, seed=self.seed)
+                                      null_permutations=self.null_permutations, seed=self.seed,
+                                      negative=self.negative)
         self.train.enabled = self.val.enabled = False
 
     def before_batch(self, trainer, images, labels, train: bool, indices=None) -> None:
@@ -95,8 +99,8 @@ class Tracking(Callback):
             names = list(self.train.layers)
             for step, row in zip(steps, values.tolist()):
                 for name, v in zip(names, row):
-                    tb.add_scalar(f"si_train_step/{name}", v, step)
-                tb.add_scalar("si_train_step/mean", sum(row) / len(row), step)
+                    tb.add_scalar(f"{self.tag}_train_step/{name}", v, step)
+                tb.add_scalar(f"{self.tag}_train_step/mean", sum(row) / len(row), step)
         return values[-1]
 
     def train_log(self, trainer) -> dict:
@@ -116,12 +120,12 @@ class Tracking(Callback):
             self._save(trainer, record, results)
             self._tensorboard(trainer, record["step"], results)
         return {**summarize(results), "si_train": train_mean, "null_permutations":
-                self.null_permutations}
+                self.null_permutations, "track_negative": self.negative}
 
     def _save(self, trainer, record, results) -> None:
         from selectivity.train.checkpoint import atomic_torch_save
         out = {"epoch": record["epoch"], "step": record["step"], "units": self.units,
-               "bn_mode": record.get("bn_mode"), "layers": {}}
+               "bn_mode": record.get("bn_mode"), "negative": self.negative, "layers": {}}
         for name, r in results.items():
             r = r.cpu()
             out["layers"][name] = {
@@ -136,16 +140,17 @@ class Tracking(Callback):
         if tb is None:
             return
         for name, r in results.items():
-            tb.add_scalar(f"si/{name}", r.mean, step)
+            tb.add_scalar(f"{self.tag}/{name}", r.mean, step)
             if r.null_si is not None:
-                tb.add_scalar(f"si_null/{name}", r.null_mean, step)
-            tb.add_histogram(f"si_hist/{name}", r.si.float().cpu(), step)
+                tb.add_scalar(f"{self.tag}_null/{name}", r.null_mean, step)
+            tb.add_histogram(f"{self.tag}_hist/{name}", r.si.float().cpu(), step)
         if not self._layout_done:
             stages = OrderedDict()
             for name in results:
                 stages.setdefault(stage_of(name), []).append(name)
             tb.add_custom_scalars({"selectivity by stage": {
-                stage: ["Multiline", [f"si/{stage}\\.", f"si_null/{stage}\\.", f"si/{stage}$"]]
+                stage: ["Multiline", [f"{self.tag}/{stage}\\.", f"{self.tag}_null/{stage}\\.",
+                                      f"{self.tag}/{stage}$"]]
                 for stage in stages}})
             self._layout_done = True
 
@@ -171,14 +176,15 @@ class Regularizing(Callback):
     steps since the last log; absent when none was) into the train records and TensorBoard.
     """
 
-    def __init__(self, windows, units: str = "blocks"):
-        self.windows, self.units = windows, units
+    def __init__(self, windows, units: str = "blocks", negative: str = "error"):
+        self.windows, self.units, self.negative = windows, units, negative
         self.alpha = 0.0
         self._si_sum, self._si_n = None, 0
 
     def setup(self, trainer) -> None:
         self.trainer = trainer
-        self.reg = SelectivityRegularizer(trainer.model, trainer.num_classes, self.units)
+        self.reg = SelectivityRegularizer(trainer.model, trainer.num_classes, self.units,
+                                          negative=self.negative)
         self.reg.enabled = False
         self._si_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
 
@@ -229,14 +235,15 @@ class Regularizing(Callback):
 
 
 def tracking_callbacks(cfg) -> list:
-    return [Tracking(cfg.track_units, cfg.seed, cfg.null_permutations, cfg.train_si_decay)]
+    return [Tracking(cfg.track_units, cfg.seed, cfg.null_permutations, cfg.train_si_decay,
+                     cfg.track_negative)]
 
 
 def regularizer_callbacks(cfg, alpha: float | None = None) -> list:
     """The regularizer for ``cfg.selectivity_reg`` (validated: ConfigError); ``alpha``: a
     constant α instead (benchmarks). No windows (the default) → no callback at all."""
     windows = regularizer_windows(cfg, alpha)
-    return [Regularizing(windows)] if windows else []
+    return [Regularizing(windows, negative=cfg.track_negative)] if windows else []
 
 
 def default_callbacks(cfg) -> list:

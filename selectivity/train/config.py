@@ -105,6 +105,9 @@ class Config:
         "selectivity tracking: per-class unit statistics every step and at every evaluation")
     track_units: str = _opt("tracking", "blocks",
         "the units tracked: blocks (residual block outputs) | relu | bn")
+    track_negative: str = _opt("tracking", "error",
+        "units whose responses go negative (bn, GELU, ...): error (stop with one line) | relu "
+        "(measure their positive part); tracking and the regularizer")
     train_si_decay: float = _opt("tracking", 0.0,
         "train SI state: 0 = the current epoch's images; λ in (0, 1) = exponentially weighted "
         "by step (the recent network); its SI is logged every step")
@@ -144,6 +147,7 @@ CHOICES = {
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
     "track_units": ("blocks", "relu", "bn"),
+    "track_negative": ("error", "relu"),
     "bn_mode": ("recalibrate", "running", "batch"),
     "ffcv_order": ("random", "quasi_random"),
 }
