@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from selectivity.errors import ConfigError
 from selectivity.reduce import is_distributed
 from selectivity.tracker import EPS
-from selectivity.units import UnitHooks, check_negative, check_responses, unit_means
+from selectivity.units import HooksOwner, UnitHooks, check_negative, check_responses, unit_means
 
 WINDOW_KEYS = ("alpha", "start", "end")
 
@@ -217,7 +217,7 @@ def reduce_states(states, eps: float = EPS, group=None) -> tuple[torch.Tensor, t
 # ----- the library face: a term for the user's own loss ---------------------------------------
 
 
-class SelectivityRegularizer:
+class SelectivityRegularizer(HooksOwner):
     """The minibatch ``SI_reg`` of ``units`` of ``model``, for a loss of the user's own::
 
         reg = SelectivityRegularizer(model, num_classes=10)
@@ -242,14 +242,8 @@ class SelectivityRegularizer:
         self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._clear,
                                rectify=self.negative == "relu")
 
-    @property
-    def enabled(self) -> bool:
-        return self.hooks.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self.hooks.enabled = value
-        if not value:
+    def _switched(self, enabled: bool) -> None:
+        if not enabled:
             self._acts = []
 
     def _clear(self) -> None:  # a new forward pass: only its layers enter the next term()
@@ -271,9 +265,6 @@ class SelectivityRegularizer:
             states = [class_sums(a, labels, self.num_classes) for a in acts]
             si_reg, self.last_layers = reduce_states(states, self.eps, self.group)
         return si_reg
-
-    def remove(self) -> None:
-        self.hooks.remove()
 
 
 def regularizer_windows(cfg, alpha: float | None = None) -> list[Window]:

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from selectivity import ops
 from selectivity.reduce import all_gather_batch
-from selectivity.units import UnitHooks, check_negative, check_responses, unwrap
+from selectivity.units import HooksOwner, UnitHooks, check_negative, check_responses, unwrap
 
 EPS = 1e-7  # Leavitt & Morcos' ε; the regularizer uses the same
 NULL_QUANTILE = 0.95
@@ -206,7 +206,7 @@ def null_label_table(dataset_labels, permutations: int, seed: int) -> torch.Tens
 RENORMALIZE_ABOVE = 1e100
 
 
-class SelectivityTracker:
+class SelectivityTracker(HooksOwner):
     """Per-unit class selectivity of ``units`` of ``model`` over the batches it is shown.
 
     ``num_classes``: K. ``units``: see selectivity/units.py (default ``"blocks"``).
@@ -244,18 +244,6 @@ class SelectivityTracker:
         self._weight = 1.0
         self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._feed.start,
                                rectify=self.negative == "relu")
-
-    @property
-    def layers(self) -> "OrderedDict[str, nn.Module]":
-        return self.hooks.layers
-
-    @property
-    def enabled(self) -> bool:
-        return self.hooks.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self.hooks.enabled = value
 
     # -- the feed --------------------------------------------------------------------------------
     def _on_means(self, name: str, means: torch.Tensor) -> None:
@@ -401,10 +389,6 @@ class SelectivityTracker:
         self.sums = self.counts = self.cache = None
         self.rescans.zero_()
         self.steps, self._weight = 0, 1.0
-
-    def remove(self) -> None:
-        """Detach the hooks from the model."""
-        self.hooks.remove()
 
     def state_dict(self) -> dict:
         if self.sums is None:

@@ -624,3 +624,30 @@ def count_units(model: nn.Module, example: torch.Tensor, units="blocks") -> "Ord
     finally:
         model.train(was)
     return seen
+
+
+class HooksOwner:
+    """``layers``, ``enabled`` and ``remove()`` of a consumer that sees its units through
+    ``self.hooks`` (a ``UnitHooks``): the tracker and the regularizer. ``_switched(enabled)`` is
+    called after ``enabled`` is set."""
+    hooks: UnitHooks
+
+    @property
+    def layers(self) -> "OrderedDict[str, nn.Module]":
+        return self.hooks.layers
+
+    @property
+    def enabled(self) -> bool:
+        return self.hooks.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.hooks.enabled = value
+        self._switched(value)
+
+    def _switched(self, enabled: bool) -> None:
+        pass
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        self.hooks.remove()
