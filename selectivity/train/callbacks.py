@@ -1,8 +1,9 @@
 """The trainer's extension points, and the thin adapters that put the library into its loop.
 
 ``Tracking`` runs two ``SelectivityTracker``s (selectivity/tracker.py): one over the training
-batches of the current epoch (labels as seen; its SI is logged every ``log_every_steps``), one
-over each evaluation (with the label-shuffled null). It writes what they compute: the
+batches of the current epoch, or exponentially weighted (labels as seen; its SI of every step goes
+to TensorBoard, and to the train records every ``log_every_steps``), one over each evaluation (with
+the label-shuffled null). It writes what they compute: the
 selectivity records, TensorBoard, and the keys of the val record. ``Regularizing`` adds
 ``-α · SI_reg`` of a ``SelectivityRegularizer`` (selectivity/regularizer.py), α from the config's
 epoch windows. Neither computes anything the library does not.
