@@ -47,13 +47,13 @@ def probe_loop(bench: Bench, cfg: dict, loop: str) -> dict:
     on = copy.deepcopy(off)
     tracker = SelectivityTracker(on, num_classes=K, units="blocks")
     hook_s = [0.0]
-    inner = tracker._on_output
+    inner = tracker.hooks.means_fn
 
-    def timed_hook(name, output):  # host seconds inside the tracker's hooks
+    def timed_hook(name, means):  # host seconds inside the tracker's means_fn (its feed)
         t0 = time.perf_counter()
-        inner(name, output)
+        inner(name, means)
         hook_s[0] += time.perf_counter() - t0
-    tracker.hooks.fn = timed_hook
+    tracker.hooks.means_fn = timed_hook
 
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(B, 3, S, S, device=dev, generator=gen).contiguous(memory_format=torch.channels_last)
