@@ -123,8 +123,8 @@ def class_sums(means: torch.Tensor, labels: torch.Tensor, num_classes: int):
     return onehot.t() @ means, onehot.sum(0)
 
 
-def si_from_sums(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Per-unit SI [U] from class sums and counts over the present classes; differentiable.
+def mu_parts(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ_max [U], μ_-max [U]) over the present classes; differentiable.
 
     Shapes stay static (no boolean indexing): absent classes are masked out of the max and the sum.
     """
@@ -135,7 +135,12 @@ def si_from_sums(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> 
     mu_max = masked.max(0).values
     mu_max = torch.where(n_present > 0, mu_max, torch.zeros_like(mu_max))
     rest_sum = (means * present.unsqueeze(1)).sum(0) - mu_max
-    mu_rest = rest_sum / (n_present - 1).clamp(min=1)  # 0 when one class is present
+    return mu_max, rest_sum / (n_present - 1).clamp(min=1)  # μ_-max 0 when one class is present
+
+
+def si_from_sums(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Per-unit SI [U] from class sums and counts over the present classes; differentiable."""
+    mu_max, mu_rest = mu_parts(sums, counts)
     den = mu_max + mu_rest + eps
     ok = den != 0
     return torch.where(ok, (mu_max - mu_rest) / torch.where(ok, den, torch.ones_like(den)),
@@ -237,6 +242,8 @@ class SelectivityRegularizer(HooksOwner):
         self._responses_checked = False
         self._acts: list[torch.Tensor] = []
         self.last_layers: torch.Tensor | None = None
+        # keep_acts: term() keeps the layers' means in last_acts (term_diagnostics reads them)
+        self.keep_acts, self.last_acts = False, []
         # The per-image unit means, differentiable; residual blocks compute them in their fused
         # epilogue (units.UnitHooks, means mode), other layers in a hook.
         self.hooks = UnitHooks(model, units, means_fn=self._on_means, on_forward=self._clear,
@@ -264,7 +271,34 @@ class SelectivityRegularizer(HooksOwner):
         with torch.autocast(labels.device.type, enabled=False):
             states = [class_sums(a, labels, self.num_classes) for a in acts]
             si_reg, self.last_layers = reduce_states(states, self.eps, self.group)
+        if self.keep_acts:
+            self.last_acts = acts
         return si_reg
+
+
+# A unit is near-silent in a minibatch when μ_max + μ_-max is below this: SI's gradient through
+# its class means scales as 1/(μ_max + μ_-max + ε), so such units dominate the term's gradient.
+NEAR_SILENT = 1e-3
+
+
+def term_diagnostics(si_reg: torch.Tensor, acts: list[torch.Tensor], labels: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖∂SI_reg/∂A‖, the fraction of near-silent units) of one minibatch, on the device.
+
+    A: the per-image unit means of every regularized layer (what the term differentiates); the
+    gradient stops there, so the parameters' gradients are untouched. The fraction is over every
+    unit of every layer, from the batch's own class means (single process: under DDP the local
+    batch's).
+    """
+    grads = torch.autograd.grad(si_reg, acts, retain_graph=True, allow_unused=True)
+    norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads if g is not None))
+    silent, units = 0, 0
+    with torch.no_grad():
+        for a in acts:
+            mu_max, mu_rest = mu_parts(*class_sums(a.detach().float(), labels, num_classes))
+            silent = silent + ((mu_max + mu_rest) < NEAR_SILENT).sum()
+            units += mu_max.numel()
+    return norm, silent / max(units, 1)
 
 
 def regularizer_windows(cfg, alpha: float | None = None) -> list[Window]:

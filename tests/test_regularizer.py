@@ -23,7 +23,8 @@ from selectivity.train.callbacks import Regularizing, regularizer_callbacks
 from selectivity.train.checkpoint import load_state
 from selectivity.train.config import Config, ConfigError, load_config
 from selectivity.train.models import build_model
-from selectivity.regularizer import (SelectivityRegularizer, Window, alpha_at, parse_windows,
+from selectivity.regularizer import (NEAR_SILENT, SelectivityRegularizer, Window, alpha_at,
+                                     class_sums, parse_windows, reduce_states, term_diagnostics,
                                      selectivity_reg)
 from selectivity.units import resolve_units
 
@@ -220,9 +221,10 @@ def test_callback_term_alpha_zero_and_channels_last_autocast():
     tr.cfg, tr.step = SimpleNamespace(log_every_steps=3), 7
     assert cb.state_dict()["si_n"] == 2
     tr.step = 9
-    assert cb.state_dict() == {"si_sum": 0.0, "si_n": 0}
+    assert cb.state_dict() == {"si_sum": 0.0, "si_n": 0, "grad_max": 0.0, "silent_max": 0.0}
     log = cb.train_log(tr)
     assert log["alpha"] == -2.0 and 0 < log["si_reg"] < 1
+    assert log["reg_grad_norm"] > 0 and 0 <= log["reg_silent_frac"] <= 1
     # Outside the window (epoch 0.5 = batch 5 of 10): α = 0, hooks off, nothing computed.
     tr.batch_in_epoch = 5
     cb.before_batch(tr, images, labels, True)
@@ -456,3 +458,32 @@ def test_plot_regularization_figures_and_table(tmp_path, capsys):
     rows = [l for l in out.splitlines() if l.startswith("| a") or l.startswith("| late")]
     assert [r.split("|")[1].strip() for r in rows] == ["am1", "a0", "ap1", "late"]
     assert "α=-1 [1, ∞)" in out and "| 0.0800 |" in out
+
+
+def test_term_diagnostics_gradient_norm_and_near_silent_units():
+    """‖∂SI_reg/∂A‖ equals autograd's gradient of the same term, and the near-silent fraction
+    counts exactly the units whose μ_max + μ_-max is below NEAR_SILENT."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    a1 = torch.rand(6, 4, dtype=torch.float64)
+    a1[:, 0] = 1e-5  # silent in every class: μ_max + μ_-max = 2e-5
+    a2 = torch.rand(6, 3, dtype=torch.float64)
+    acts = [a1.clone().requires_grad_(), a2.clone().requires_grad_()]
+    si, _ = reduce_states([class_sums(a, labels, 3) for a in acts])
+    norm, silent = term_diagnostics(si, acts, labels, 3)
+    ref = torch.autograd.grad(si, acts)
+    assert math.isclose(float(norm), float(torch.cat([g.flatten() for g in ref]).norm()),
+                        rel_tol=1e-6)
+    assert float(silent) == pytest.approx(1 / 7)
+    assert float(norm) > 0 and NEAR_SILENT > 2e-5
+
+
+def test_trainer_logs_the_terms_gradient_and_silent_units(tmp_path):
+    from conftest import run_tool
+    run_tool("tools/train.py", "-c", "configs/demo.yaml", "--epochs", "1", "--image-size", "8",
+             "--model", "resnet20", "--selectivity-reg", "[{alpha: -1}]", "--log-every-steps", "5",
+             "--eval-every-steps", "0", "--tensorboard", "false", "--progress", "false",
+             "--out-dir", str(tmp_path), "--name", "r", check=True)
+    train = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
+    train = [r for r in train if r.get("split") == "train"]
+    assert train and all(r["reg_grad_norm"] > 0 and 0 <= r["reg_silent_frac"] <= 1 for r in train)

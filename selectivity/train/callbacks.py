@@ -16,7 +16,8 @@ from collections import OrderedDict
 import torch
 
 from selectivity.train.models import stage_of
-from selectivity.regularizer import SelectivityRegularizer, alpha_at, regularizer_windows
+from selectivity.regularizer import (SelectivityRegularizer, alpha_at, regularizer_windows,
+                                     term_diagnostics)
 from selectivity.tracker import SelectivityTracker, summarize
 
 
@@ -174,20 +175,27 @@ class Regularizing(Callback):
     """Adds ``-α · SI_reg`` to the training loss; α from epoch windows.
 
     Logs ``alpha`` (of the last step) and ``si_reg`` (mean minibatch SI_reg over the regularized
-    steps since the last log; absent when none was) into the train records and TensorBoard.
+    steps since the last log; absent when none was) into the train records and TensorBoard, and,
+    to see a collapse coming, the largest ``reg_grad_norm`` (‖∂(α·SI_reg)/∂A‖ over the layers'
+    per-image means A) and ``reg_silent_frac`` (units with μ_max + μ_-max below
+    ``regularizer.NEAR_SILENT``) of those steps (``regularizer.term_diagnostics``).
     """
 
     def __init__(self, windows, units: str = "blocks", negative: str = "error"):
         self.windows, self.units, self.negative = windows, units, negative
         self.alpha = 0.0
         self._si_sum, self._si_n = None, 0
+        self._grad_max = self._silent_max = None
 
     def setup(self, trainer) -> None:
         self.trainer = trainer
         self.reg = SelectivityRegularizer(trainer.model, trainer.num_classes, self.units,
                                           negative=self.negative)
         self.reg.enabled = False
+        self.reg.keep_acts = True
         self._si_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        self._grad_max = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        self._silent_max = torch.zeros((), dtype=torch.float64, device=trainer.device)
 
     def epoch_position(self, trainer) -> float:
         return trainer.epoch + trainer.batch_in_epoch / trainer.steps_per_epoch
@@ -196,8 +204,7 @@ class Regularizing(Callback):
         if train:
             self.alpha = alpha_at(self.windows, self.epoch_position(trainer))
             if trainer.batch_in_epoch == 0:  # log intervals restart with the epoch, as the loop's
-                self._si_sum.zero_()
-                self._si_n = 0
+                self._reset()
         # A step with α = 0 does nothing at all: the hooks are off and no term is added.
         self.reg.enabled = train and self.alpha != 0.0
 
@@ -207,6 +214,10 @@ class Regularizing(Callback):
         si_reg = self.reg.term(labels)
         self._si_sum += si_reg.detach().to(torch.float64)
         self._si_n += 1
+        norm, silent = term_diagnostics(si_reg, self.reg.last_acts, labels, trainer.num_classes)
+        self.reg.last_acts = []
+        torch.maximum(self._grad_max, abs(self.alpha) * norm.to(torch.float64), out=self._grad_max)
+        torch.maximum(self._silent_max, silent.to(torch.float64), out=self._silent_max)
         return {"selectivity_reg": -self.alpha * si_reg}
 
     def after_batch(self, trainer) -> None:
@@ -216,9 +227,16 @@ class Regularizing(Callback):
         out = {"alpha": self.alpha}
         if self._si_n:
             out["si_reg"] = self._si_sum.item() / self._si_n
-        self._si_sum.zero_()
-        self._si_n = 0
+            out["reg_grad_norm"] = self._grad_max.item()
+            out["reg_silent_frac"] = self._silent_max.item()
+        self._reset()
         return out
+
+    def _reset(self) -> None:
+        self._si_sum.zero_()
+        self._grad_max.zero_()
+        self._silent_max.zero_()
+        self._si_n = 0
 
     def state_dict(self) -> dict:
         # α needs no state (a function of epoch and step, which the trainer restores). The si_reg
@@ -227,12 +245,15 @@ class Regularizing(Callback):
         # log, which will consume the interval, so it holds an empty one.
         t = self.trainer
         if t.step % t.cfg.log_every_steps == 0:
-            return {"si_sum": 0.0, "si_n": 0}
-        return {"si_sum": float(self._si_sum), "si_n": self._si_n}
+            return {"si_sum": 0.0, "si_n": 0, "grad_max": 0.0, "silent_max": 0.0}
+        return {"si_sum": float(self._si_sum), "si_n": self._si_n,
+                "grad_max": float(self._grad_max), "silent_max": float(self._silent_max)}
 
     def load_state_dict(self, state: dict) -> None:
         self._si_sum.fill_(state.get("si_sum", 0.0))
         self._si_n = state.get("si_n", 0)
+        self._grad_max.fill_(state.get("grad_max", 0.0))
+        self._silent_max.fill_(state.get("silent_max", 0.0))
 
 
 def tracking_callbacks(cfg) -> list:
