@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from selectivity.study import analysis_runs, checkpoint_claims, conditions, design, runner
+from selectivity.study import analysis_runs, analysis_values, claims, conditions, design, runner
 from selectivity.train.config import ConfigError
 
 
@@ -61,33 +61,49 @@ def test_window_scaling_for_tiny():
     w = design.scale_windows(parse_windows([{"alpha": -10.0, "start": 5, "end": 8}]), 0.1)
     assert w == [{"alpha": -10.0, "start": 0.5, "end": pytest.approx(0.8)}]
     conds = design.study_conditions(tiny=True)
-    assert {design.BASE, design.EARLY, design.LATE, design.STRONG} <= set(conds)
+    assert {c for pair in design.COMPARISONS.values() for c in pair} <= set(conds)
     assert all(c["epochs"] == design.TINY["epochs"] for c in conds.values())
 
 
 @pytest.mark.timeout(3700)  # the two commands' own limits; the suite's default 1200 s is less
 def test_reproduce_tiny_end_to_end_and_resumable(tool, tmp_path):
+    """pilot → n → main runs → analyses → findings, then a rerun that trains nothing and writes
+    the same findings; a changed rule after the pilot is refused."""
     out = tmp_path / "tiny"
     proc = tool("tools/reproduce.py", "--tiny", "--out", str(out), "--jobs", "2", timeout=3000)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "findings.md").read_text()
-    assert "Tiny mode" in text and "Student-t" in text
-    for section in ("SI emergence and recession", "The α sweep", "Early-only vs late",
-                    "Ablation: selective vs random", "CKA linearity", "Orientation selectivity"):
-        assert section in text
-    assert "run(s) failed" not in text  # ablation, CKA and orientation ran on both seeds
-    for name in ("ablate", "cka", "orientation"):
-        assert sorted(os.listdir(out / "analysis" / name)) == ["s0", "s1"]
+    assert "Tiny mode" in text and "paired difference per seed" in text
+    for section in ("The design: pilot, power, n", "Seeds that did not learn",
+                    "SI emergence and recession", "The α sweep", "When the regularizer starts",
+                    "Ablation: selective vs random", "CKA linearity", "Orientation selectivity",
+                    "Split-half check", "Why strong α collapses"):
+        assert section in text, section
+    pilot = json.loads((out / "findings" / "pilot.json").read_text())
+    assert pilot["seeds"] == design.TINY_PILOT_SEEDS and set(pilot["n"]) <= set(
+        design.study_conditions(tiny=True))
+    n_main = sum(pilot["n"].values())
+    for name in ("ablate", "cka", "orientation"):  # the pilot's α = 0 seeds, then the main ones
+        assert sorted(os.listdir(out / "analysis" / name)) == sorted(
+            [f"s{s}" for s in design.TINY_PILOT_SEEDS + list(range(pilot["n"]["alpha_0"]))])
+    # every claim: one verdict in the summary, one in its section; the halves in the summary
+    from selectivity.study.rules import RULES
     verdicts = re.findall(r"\*\*(supports|contradicts|inconclusive)\*\*", text)
-    assert len(verdicts) == 12
-    assert "(n = 2)" in text  # two seeds in tiny mode, and the tables say so
+    assert len(verdicts) == 2 * len(RULES)
+    assert "(n = 2)" in text and "Wilcoxon p" in text
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert os.path.getsize(out / fig) > 5_000, fig
-    # every run finished; a second call trains nothing and writes the same findings
+    # a second call trains nothing and writes the same findings
     again = tool("tools/reproduce.py", "--tiny", "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "12 of 12 runs finished already" in again.stdout
+    assert f"{n_main} of {n_main} runs finished already" in again.stdout
     assert (out / "findings.md").read_text() == text
+    # the rules are pinned by the pilot: another threshold is refused, in one line
+    record = json.loads((out / "pilot.json").read_text())
+    (out / "pilot.json").write_text(json.dumps(dict(record, rules="0" * 16)))
+    bad = tool("tools/reproduce.py", "--tiny", "--out", str(out), "--analyse-only", timeout=600)
+    assert bad.returncode == 2 and "rules changed since the pilot" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
 
 
 def test_orientation_and_cka_reductions():
@@ -108,27 +124,30 @@ def test_orientation_and_cka_reductions():
                # a high layer's ablation is not one of the low layers' ablations
                {"layer": "layer3.0", "group": "top", "loss_increase": 9.0,
                 "shift_invariance_centered": {"layer1": 0.0, "layer3": 0.0}}]}
-    v = checkpoint_claims.orientation_values(rec)
-    assert v["gosi"] == {"stem": 0.5, "layer1": 0.3, "layer3": 0.2}
-    assert v["control"]["layer3"] == pytest.approx(0.15)
-    assert v["ablation"][("loss", "top")] == pytest.approx(0.3)
-    assert v["ablation"][("loss", "bottom")] == pytest.approx(0.1)
+    v = analysis_values.orientation_values(rec)
+    assert v.gosi_by_group == {"stem": 0.5, "layer1": 0.3, "layer3": 0.2}
+    assert v.control_by_group["layer3"] == pytest.approx(0.15)
+    assert v.excess(("layer3",)) == pytest.approx(0.05)
+    assert v.ablation[("loss", "top")] == pytest.approx(0.3)
+    assert v.ablation[("loss", "bottom")] == pytest.approx(0.1)
     # shift invariance of the stages above the low ones (layer3), not of the ablated layer1
-    assert v["ablation"][("shift", "top")] == pytest.approx(0.3)
-    assert v["ablation"][("shift", "bottom")] == pytest.approx(0.4)
-    assert v["shift_base"] == pytest.approx(0.4)
+    assert v.ablation[("shift", "top")] == pytest.approx(0.3)
+    assert v.ablation[("shift", "bottom")] == pytest.approx(0.4)
+    assert v.shift_base == pytest.approx(0.4)
     cka = {"rows": ["layer1", "layer2", "logits"], "cols": ["layer1", "layer2", "logits"],
            "matrix": [[1, 0.5, 0.8], [0.5, 1, None], [0.8, None, 1]],
            "random_init": {"matrix": [[1, 0.2, 0.3], [0.2, 1, 0.4], [0.3, 0.4, 1]]}}
-    assert checkpoint_claims.stage_logit_cka(cka) == {"layer1": 0.8, "layer2": None}
-    assert checkpoint_claims.stage_logit_cka(cka, "random_init") == {"layer1": 0.3, "layer2": 0.4}
+    assert claims.stage_logit_cka(cka) == {"layer1": 0.8, "layer2": None}
+    assert claims.stage_logit_cka(cka, "random_init") == {"layer1": 0.3, "layer2": 0.4}
+    assert claims.cka_mean(cka, "random_init") == pytest.approx(0.35)
 
 
 def test_analysis_arguments_are_bounded():
-    run = type("R", (), {"config": {"epochs": 10}})()
-    assert analysis_runs.tool_args("cka", run) == ["--epochs", "0", "1", "2", "3", "5", "10"]
-    assert analysis_runs.tool_args("orientation", run) == ["--epochs", "0", "1", "10", "--ablate-epochs",
-                                                 "10", "--max-images", "1000"]
-    tiny = type("R", (), {"config": {"epochs": 1}})()
-    assert analysis_runs.tool_args("cka", tiny) == ["--epochs", "0", "1"]
-    assert analysis_runs.tool_args("ablate", tiny) == []
+    run = type("R", (), {"config": {"epochs": 8}, "seed": 3})()
+    assert analysis_runs.tool_args("cka", run) == ["--epochs", "0", "1", "2", "8", "--seed", "3"]
+    assert analysis_runs.tool_args("ablate", run) == ["--epochs", "1", "8", "--no-figures"]
+    assert analysis_runs.tool_args("orientation", run) == [
+        "--epochs", "0", "1", "8", "--ablate-epochs", "8", "--max-images", "1000"]
+    tiny = type("R", (), {"config": {"epochs": 1}, "seed": 0})()
+    assert analysis_runs.tool_args("cka", tiny) == ["--epochs", "0", "1", "--seed", "0"]
+    assert analysis_runs.tool_args("ablate", tiny) == ["--epochs", "1", "--no-figures"]

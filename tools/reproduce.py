@@ -1,27 +1,24 @@
 #!/usr/bin/env python
-"""One command for the small-scale study: train conditions × seeds, test each claim, write findings.
+"""One command for the small-scale study: pilot → n → main runs → findings.
 
-    python tools/reproduce.py [--out runs/reproduce] [--seeds 0 1 2] [--jobs 2]
+    python tools/reproduce.py [--out runs/reproduce] [--jobs 2]
     python tools/reproduce.py --tiny --out /tmp/repro_tiny      # CI: the same path, in minutes
 
-Trains every condition of configs/study/ (ResNet-20 on digits_hard: α = 0, the α grid, and
-paper 1's early-only / late windows of equal length) for every seed with tools/study.py's runner
-(resumable: finished runs are skipped, unfinished ones resumed), then writes
+Trains every condition of configs/study/ (ResNet-20 on digits_hard at 16 px: α = 0, the α grid,
+paper 1's later starts and equal windows) on the pilot seeds, chooses each condition's n by power
+from them, trains the main seeds, analyses the α = 0 checkpoints (tools/ablate.py, cka.py,
+orientation.py) and writes
 
-  <docs>/findings.md         a table per claim: our value ± its 95 % t-interval over seeds and n,
-                             the paper's statement, and a verdict (supports / contradicts /
-                             inconclusive) decided by the rule printed beside the table;
-  <docs>/findings/*.png      the figures it cites (mean over seeds, 95 % band).
+  <docs>/findings.md         per claim: the pilot, the n, paired intervals with Wilcoxon and sign
+                             tests, rates of seeds that did not learn with Fisher's test, and a
+                             verdict by the rule printed beside it; the split-half check;
+  <docs>/findings/           its figures and pilot.json (the pilot's record, pinning the rules).
 
 ``<docs>`` is ``docs/`` for the full study and the ``--out`` directory with ``--tiny`` (a tiny run
-never overwrites the committed findings). Every number in findings.md comes from the runs; nothing
-is typed. ``--tiny`` keeps every condition and every step of the analysis but trains 1 epoch at
-16 px on 2 seeds, the α windows scaled to the shorter training: its numbers test the pipeline, not
-the papers. ``--analyse-only`` skips training and writes the findings from the runs there are.
-
-The claims measured on checkpoints run tools/ablate.py, tools/cka.py and tools/orientation.py on
-every α = 0 seed, ``RUN --out <out>/analysis/<tool>/<seed>`` with bounded arguments (resumable too:
-a finished one is skipped; selectivity/study/analysis_runs.py).
+never overwrites the committed findings). Every step is resumable: a rerun skips finished runs and
+analyses and reproduces the findings exactly. ``--tiny`` keeps every condition, claim and step but
+trains 1 epoch on 2 pilot and 2 main seeds: its numbers test the pipeline, not the papers.
+``--analyse-only`` trains nothing and writes the findings from the runs there are.
 """
 from __future__ import annotations
 
@@ -39,12 +36,11 @@ def main(argv=None):
                    help="the study's run directory (default runs/reproduce)")
     p.add_argument("--docs", help="where findings.md and findings/ go (default: docs/, or --out "
                                   "with --tiny)")
-    p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (tiny: 0 1)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     p.add_argument("--tiny", action="store_true", help="the CI version (minutes)")
     p.add_argument("--analyse-only", action="store_true", help="no training; findings only")
     args = p.parse_args(argv)
-    done = reproduce(args.out, args.docs, args.seeds, args.jobs, args.tiny, args.analyse_only)
+    done = reproduce(args.out, args.docs, args.jobs, args.tiny, args.analyse_only)
     if done.failed:
         print(f"error: {len(done.failed)} run(s) failed ({', '.join(done.failed)}); rerun the "
               f"same command to resume them", file=sys.stderr)

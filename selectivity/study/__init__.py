@@ -13,9 +13,12 @@ type); the study reads the files they write (the analyses' records through their
   runner         conditions × seeds: the plan and the runs (tools/study.py)
   sweep          a list of configs one after another (tools/sweep.py)
   aggregate      runs → conditions, means with intervals, curves, tables
-  design         the small-scale study's conditions and its tiny mode
-  verdicts       the interval rule most verdicts use
-  training_claims, analysis_runs, checkpoint_claims   the claims of the findings
-  findings, figures, reproduce   docs/findings.md and its figures (tools/reproduce.py)
+  design         the small-scale study's conditions, comparisons, seeds and its tiny mode
+  stats          paired intervals and tests, exact rates, Fisher's test, power → n
+  rules          the verdict rules and the effects they name (fixed before the main runs)
+  analysis_runs, analysis_values   the analysis tools run on checkpoints, and what is read back
+  claims         each claim's per-seed statistics and its verdict
+  pilot          the pilot: peak epoch and each condition's n, pinned with the rules
+  findings, sections, figures, reproduce   docs/findings.md and its figures (tools/reproduce.py)
   regularization_report   figures and table of regularizer runs (tools/plot_regularization.py)
 """

@@ -1,4 +1,4 @@
-"""The analysis tools run on a study's runs (checkpoint_claims): tools/ablate.py, tools/cka.py and
+"""The analysis tools run on a study's runs (reproduce.py, for the claims on checkpoints): tools/ablate.py, tools/cka.py and
 tools/orientation.py, each as a subprocess through its own command line (what a user would type)
 on every seed, into ``<out>/analysis/<tool>/<seed>``, with bounded arguments. A finished one (its
 ``.done`` marker holding the same arguments) is skipped, so the study stays resumable."""
@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from selectivity.study.launch import ROOT
 
-CKA_EPOCHS = (0, 1, 2, 3, 5)  # and the final one: the early epochs, where paper 1 looks, densely
+CKA_EPOCHS = (0, 1, 2)        # and the final one: the early epochs, where paper 1 looks
+ABLATION_EPOCHS = (1,)        # the first trained checkpoint, and the final one
 ORIENTATION_IMAGES = 1000     # val images for loss and shift invariance (the tool's default: all)
 
 
@@ -20,16 +21,22 @@ def _final_epoch(run) -> float:
     return float(run.config.get("epochs", 0))
 
 
-def tool_args(tool: str, run) -> list[str]:
-    """The bounded arguments each tool gets (the ablation: its defaults, every checkpoint)."""
+def _epochs(early, run) -> list[str]:
     final = _final_epoch(run)
+    return [f"{e:g}" for e in sorted({e for e in early if e < final} | {final})]
+
+
+def tool_args(tool: str, run) -> list[str]:
+    """The bounded arguments each tool gets. CKA's fresh random-init baseline is seeded from the
+    run's own seed, so the baseline spans as many initialisations as there are seeds."""
     if tool == "cka":
-        return ["--epochs"] + [f"{e:g}" for e in sorted({e for e in CKA_EPOCHS if e < final}
-                                                        | {final})]
+        return ["--epochs"] + _epochs(CKA_EPOCHS, run) + ["--seed", str(run.seed)]
+    if tool == "ablate":
+        return ["--epochs"] + _epochs(ABLATION_EPOCHS, run) + ["--no-figures"]
     if tool == "orientation":
-        return ["--epochs"] + [f"{e:g}" for e in sorted({0.0, 1.0, final})] + [
-            "--ablate-epochs", f"{final:g}", "--max-images", str(ORIENTATION_IMAGES)]
-    return []
+        return ["--epochs"] + _epochs((0.0, 1.0), run) + [
+            "--ablate-epochs", f"{_final_epoch(run):g}", "--max-images", str(ORIENTATION_IMAGES)]
+    raise ValueError(f"no analysis tool {tool!r}")
 
 
 def run_tool(tool: str, runs, out: str, jobs: int) -> dict:
@@ -62,18 +69,21 @@ def run_tool(tool: str, runs, out: str, jobs: int) -> dict:
         return dict(pool.map(one, runs))
 
 
-def records(done: dict, name: str) -> tuple[list, list]:
-    """({epoch: record} per seed, the errors) from ``run_tool``'s result: the records of the
+def records(runs, done: dict, name: str) -> tuple[dict, list]:
+    """({seed: {epoch: record}}, the errors) from ``run_tool``'s result: the records of the
     tool's ``name`` (e.g. cka.jsonl) measured on a checkpoint of an epoch."""
-    per_seed, failed = [], []
-    for v in done.values():
+    per_seed, failed = {}, []
+    for run in runs:
+        v = done.get(run.path)
+        if v is None:
+            continue
         if not os.path.isdir(v):
             failed.append(v)
             continue
         with open(os.path.join(v, name)) as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        per_seed.append({round(float(r["epoch"]), 6): r for r in recs
-                         if str(r.get("checkpoint", "")).startswith("epoch_")})
+        per_seed[run.seed] = {round(float(r["epoch"]), 6): r for r in recs
+                              if str(r.get("checkpoint", "")).startswith("epoch_")}
     return per_seed, failed
 
 

@@ -10,7 +10,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from selectivity.study import aggregate as agg  # noqa: E402
 from selectivity.io import save_figure  # noqa: E402
@@ -98,46 +97,6 @@ def plot_ablation(per_seed, epochs, path: str, base: str) -> str:
     axes[1].set_ylabel("AUC random − AUC selective")
     _checkpoint_axes(axes)
     fig.suptitle(f"{base}: n = {len(per_seed)} seeds; band: {agg.INTERVAL}", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_cka(stage_curves, random_curves, relu, path: str, title: str) -> str:
-    """CKA(stage output, logits) per stage vs epoch ({stage: Curve}), the freshly initialised
-    network's dashed; the fraction of active ReLUs (a Curve)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for i, (stage, c) in enumerate(stage_curves.items()):
-        agg.plot_band(axes[0], c, stage, f"C{i}")
-        if stage in random_curves:
-            agg.plot_band(axes[0], random_curves[stage], None, f"C{i}", linestyle="--", marker=None)
-    agg.plot_band(axes[1], relu, "mean over stages", "C0")
-    axes[0].set_ylabel("linear CKA with the logits")
-    axes[1].set_ylabel("fraction of ReLU outputs > 0")
-    _checkpoint_axes(axes)
-    fig.suptitle(f"{title}; dashed: a fresh random init; band: {agg.INTERVAL}", fontsize=8)
-    return _save(fig, path)
-
-
-def plot_orientation(excess_curves, bars, path: str, title: str) -> str:
-    """gOSI − control per layer group vs epoch ({group: Curve}); then one bar panel per entry of
-    ``bars`` ({panel ylabel: [(label, Summary), ...]}), mean ± the 95 % interval."""
-    fig, axes = plt.subplots(1, 1 + len(bars), figsize=(4.6 * (1 + len(bars)), 3.4), squeeze=False)
-    axes = axes[0]
-    for i, (group, c) in enumerate(excess_curves.items()):
-        agg.plot_band(axes[0], c, group, f"C{i}")
-    axes[0].axhline(0, color="k", linewidth=0.6)
-    axes[0].set_xlabel("checkpoint epoch")
-    axes[0].set_ylabel("mean gOSI − permuted control")
-    axes[0].legend(fontsize=7)
-    for ax, (ylabel, items) in zip(axes[1:], bars.items()):
-        x = np.arange(len(items))
-        ax.bar(x, [s.mean for _, s in items], yerr=[s.half if math.isfinite(s.half) else 0
-                                                   for _, s in items], capsize=3,
-               color=[f"C{i}" for i in range(len(items))])
-        ax.set_xticks(x, [label for label, _ in items], fontsize=7)
-        ax.set_ylabel(ylabel)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}; band and bars: {agg.INTERVAL}", fontsize=8)
     return _save(fig, path)
 
 

@@ -22,18 +22,23 @@ from selectivity.train.config import ConfigError, parse_sets
 _print_lock = threading.Lock()
 
 
-def plan_study(conditions: dict, seeds: list[int], out: str) -> list[dict]:
-    """conditions: {name: config values (dict)} → one entry per (condition, seed), checked.
+def plan_study(conditions: dict, seeds, out: str) -> list[dict]:
+    """conditions: {name: config values (dict)} → one entry per (condition, seed), checked;
+    ``seeds``: one list for every condition, or {name: its seeds}.
 
     Nothing is written here: every condition is validated before the first run starts."""
     if not conditions:
         raise ConfigError("no conditions given")
-    if not seeds:
-        raise ConfigError("no seeds given (--seeds 0 1 2)")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"a seed is given twice: {seeds}")
+    per = seeds if isinstance(seeds, dict) else {name: seeds for name in conditions}
+    for some in per.values():
+        if not some:
+            raise ConfigError("no seeds given (--seeds 0 1 2)")
+        if len(set(some)) != len(some):
+            raise ConfigError(f"a seed is given twice: {some}")
     plan = []
     for name, values in conditions.items():
+        if name not in per:
+            continue
         bad = [k for k in PER_RUN if k in values]
         if bad:
             raise ConfigError(f"condition {name!r} sets {bad[0]!r}, which the study decides per "
@@ -49,7 +54,7 @@ def plan_study(conditions: dict, seeds: list[int], out: str) -> list[dict]:
                 raise ConfigError(f"condition {name!r} differs from the one already in "
                                   f"{cond_dir} ({', '.join(changed)}); use another --out or "
                                   f"delete {cond_dir}")
-        for seed in seeds:
+        for seed in per[name]:
             run_dir = os.path.join(cond_dir, f"s{seed}")
             plan.append({"condition": name, "seed": seed, "config": cfg, "cond_dir": cond_dir,
                          "run_dir": run_dir, "status": run_status(run_dir, cfg["epochs"])})
@@ -80,9 +85,10 @@ def _run_one(entry: dict, env: dict, quiet: bool) -> int:
     return rc
 
 
-def run_study(conditions: dict, seeds: list[int], out: str, jobs: int = 1,
+def run_study(conditions: dict, seeds, out: str, jobs: int = 1,
               dry_run: bool = False, quiet: bool = False) -> list[str]:
-    """Train every (condition, seed) not yet finished; returns the failed runs' tags."""
+    """Train every (condition, seed) not yet finished (``seeds`` as in ``plan_study``); returns
+    the failed runs' tags."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     plan = plan_study(conditions, seeds, out)
