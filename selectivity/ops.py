@@ -186,17 +186,35 @@ def index_cache(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = N
     return cache
 
 
-def si_from_cache(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7) -> SIResult:
+def si_from_cache(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7,
+                  shift: torch.Tensor | None = None) -> SIResult:
     """``SIResult`` of every unit of a cache (padding included) and its row's ``counts [K]``: the same
-    formulas as ``selectivity_index``, on the cache's device, with no host sync."""
+    formulas as ``selectivity_index``, on the cache's device, with no host sync.
+
+    ``shift`` (``[tiles * T]``, ``lowest_class_means``): subtracted from every class mean first, so
+    ``mu_max`` and ``mu_rest`` are of the shifted means (``mu_rest`` stays 0 with one class present);
+    both are clamped at 0, which only undoes rounding (each is >= the lowest class mean)."""
     present = (counts > 0).sum().to(cache.dtype)
     any_present = present > 0
     mu_max = torch.where(any_present, cache[0], 0.0)
     rest = torch.where(present > 1, (cache[2] - cache[0]) / (present - 1).clamp(min=1), 0.0)
     rest = torch.where(any_present, rest, 0.0)
+    if shift is not None:
+        mu_max = torch.where(any_present, mu_max - shift, 0.0).clamp_min(0.0)
+        rest = torch.where(present > 1, rest - shift, 0.0).clamp_min(0.0)
     den = mu_max + rest + eps
     si = torch.where(den != 0, (mu_max - rest) / torch.where(den != 0, den, 1.0), 0.0)
     return SIResult(si, cache[1].to(torch.int64), mu_max, rest)
+
+
+def lowest_class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[tiles * T]``: every unit's lowest class mean over the present classes of one row
+    (``sums [tiles, K, T]``, ``counts [K]``); 0 where no class is present. A full pass over the
+    row (what ``negative="shift"`` costs ``compute()`` and ``step_si()``), no host sync."""
+    present = (counts > 0).view(1, -1, 1)
+    means = sums / counts.clamp(min=torch.finfo(counts.dtype).tiny).view(1, -1, 1)
+    lowest = means.masked_fill(~present, float("inf")).amin(1).reshape(-1)
+    return torch.where(present.any(), lowest, 0.0)
 
 
 def tiled_to_dense(sums: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -123,10 +123,13 @@ def class_sums(means: torch.Tensor, labels: torch.Tensor, num_classes: int):
     return onehot.t() @ means, onehot.sum(0)
 
 
-def mu_parts(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mu_parts(sums: torch.Tensor, counts: torch.Tensor,
+             shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_max [U], μ_-max [U]) over the present classes; differentiable.
 
     Shapes stay static (no boolean indexing): absent classes are masked out of the max and the sum.
+    ``shift`` (``negative="shift"``): each unit's lowest present class mean is subtracted from all
+    its present class means first (the gradient also flows through that minimum).
     """
     present = counts > 0
     n_present = present.sum()
@@ -135,12 +138,19 @@ def mu_parts(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, to
     mu_max = masked.max(0).values
     mu_max = torch.where(n_present > 0, mu_max, torch.zeros_like(mu_max))
     rest_sum = (means * present.unsqueeze(1)).sum(0) - mu_max
-    return mu_max, rest_sum / (n_present - 1).clamp(min=1)  # μ_-max 0 when one class is present
+    mu_rest = rest_sum / (n_present - 1).clamp(min=1)  # 0 when one class is present
+    if shift:
+        lowest = means.masked_fill(~present.unsqueeze(1), math.inf).min(0).values
+        lowest = torch.where(n_present > 0, lowest, torch.zeros_like(lowest))
+        mu_max = (mu_max - lowest).clamp_min(0)  # the clamps only undo rounding
+        mu_rest = torch.where(n_present > 1, mu_rest - lowest, torch.zeros_like(mu_rest)).clamp_min(0)
+    return mu_max, mu_rest
 
 
-def si_from_sums(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+def si_from_sums(sums: torch.Tensor, counts: torch.Tensor, eps: float = EPS,
+                 shift: bool = False) -> torch.Tensor:
     """Per-unit SI [U] from class sums and counts over the present classes; differentiable."""
-    mu_max, mu_rest = mu_parts(sums, counts)
+    mu_max, mu_rest = mu_parts(sums, counts, shift)
     den = mu_max + mu_rest + eps
     ok = den != 0
     return torch.where(ok, (mu_max - mu_rest) / torch.where(ok, den, torch.ones_like(den)),
@@ -212,10 +222,11 @@ def selectivity_reg(acts: list[torch.Tensor], labels: torch.Tensor, num_classes:
         return reduce_states(states, eps, group)
 
 
-def reduce_states(states, eps: float = EPS, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_states(states, eps: float = EPS, group=None,
+                  shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer class (sums, counts) → (SI_reg, per-layer mean SI), summed over ranks first."""
     states = global_sums(states, group)
-    per_layer = torch.stack([si_from_sums(s, c, eps).mean() for s, c in states])
+    per_layer = torch.stack([si_from_sums(s, c, eps, shift).mean() for s, c in states])
     return per_layer.mean(), per_layer
 
 
@@ -270,7 +281,8 @@ class SelectivityRegularizer(HooksOwner):
         self._responses_checked = True
         with torch.autocast(labels.device.type, enabled=False):
             states = [class_sums(a, labels, self.num_classes) for a in acts]
-            si_reg, self.last_layers = reduce_states(states, self.eps, self.group)
+            si_reg, self.last_layers = reduce_states(states, self.eps, self.group,
+                                                     self.negative == "shift")
         if self.keep_acts:
             self.last_acts = acts
         return si_reg

@@ -90,9 +90,12 @@ class LayerSelectivity:
                                 # made on first read: see _OnFirstRead)
     counts: torch.Tensor        # [K] images per class (int64; float64 decayed counts with decay)
     null_si: torch.Tensor | None = None  # [P, U]: SI under each label permutation
-    negative: str = "error"     # what was measured: "error" (responses as they are, all >= 0) or
-                                # "relu" (their positive part); see units.NEGATIVE
+    negative: str = "error"     # what was measured: "error" (responses as they are, all >= 0),
+                                # "relu" (their positive part) or "shift" (si, mu_max, mu_rest of
+                                # the class means less each unit's lowest); see units.NEGATIVE
     tokens: str = "mean"        # [B, T, U] layers: the token mean or the class token ("cls")
+    shifted_by: torch.Tensor | None = None  # [U], "shift" only: the lowest class mean subtracted
+                                # (sums and counts stay as accumulated; null rows have their own)
 
     @property
     def mean(self) -> float:
@@ -339,9 +342,11 @@ class SelectivityTracker(HooksOwner):
         if self.sums is None:
             return out
         counts = self.counts[0] if self.decay is not None else self.counts[0].long()
-        r = ops.si_from_cache(ops.index_cache(self.sums[0], self.counts[0]), self.counts[0], self.eps)
+        lowest = self._lowest(0)
+        r = ops.si_from_cache(ops.index_cache(self.sums[0], self.counts[0]), self.counts[0], self.eps,
+                              lowest)
         null = torch.stack([ops.si_from_cache(ops.index_cache(self.sums[p], self.counts[p]),
-                                              self.counts[p], self.eps).si
+                                              self.counts[p], self.eps, self._lowest(p)).si
                             for p in range(1, self.rows)]) if self.rows > 1 else None
         sums = self.sums[0]
         # The sign again, over the class means (one host sync): a negative μ_max or μ_-max.
@@ -353,8 +358,15 @@ class SelectivityTracker(HooksOwner):
             out[name] = LayerSelectivity(r.si[a:b], r.pref_class[a:b], r.mu_max[a:b], r.mu_rest[a:b],
                                          functools.partial(ops.tiled_to_dense, sums, a, b), counts,
                                          None if null is None else null[:, a:b],
-                                         negative=self.negative, tokens=self.hooks.tokens)
+                                         negative=self.negative, tokens=self.hooks.tokens,
+                                         shifted_by=None if lowest is None else lowest[a:b])
         return out
+
+    def _lowest(self, row: int) -> torch.Tensor | None:
+        """negative="shift": every unit's lowest class mean in label row ``row`` (else None)."""
+        if self.negative != "shift":
+            return None
+        return ops.lowest_class_means(self.sums[row], self.counts[row])
 
     def step_si(self) -> "OrderedDict[str, torch.Tensor]":
         """Every layer's mean SI over the state as it is now (0-d tensors on the state's device, no
@@ -363,7 +375,9 @@ class SelectivityTracker(HooksOwner):
             raise RuntimeError("step_si() needs SelectivityTracker(..., incremental=True)")
         if self.sums is None:
             return OrderedDict()
-        si = ops.si_from_cache(self.cache, self.counts[0], self.eps).si
+        # negative="shift": the lowest class means are not in the cache; they take a pass over
+        # the state (O(K·ΣU) a call instead of O(B·ΣU) a step).
+        si = ops.si_from_cache(self.cache, self.counts[0], self.eps, self._lowest(0)).si
         return OrderedDict((name, si[a:b].mean()) for name, (a, b) in self._units().items())
 
     def layer_states(self) -> "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]":

@@ -358,8 +358,10 @@ def unit_means(act: torch.Tensor, layout: str | None = None, tokens: str = "mean
 
 # What SI means for responses that go negative: SI = (μ_max − μ_-max)/(μ_max + μ_-max) assumes
 # non-negative ones (the papers measure after a ReLU); with negative class means it leaves [0, 1]
-# and means nothing. "error" refuses them, "relu" measures the positive part of the activation.
-NEGATIVE = ("error", "relu")
+# and means nothing. "error" refuses them, "relu" measures the positive part of the activation,
+# "shift" subtracts each unit's lowest class mean from all its class means before the formula (SI
+# in [0, 1], but not the papers' SI: it measures the spread above the least-driven class).
+NEGATIVE = ("error", "relu", "shift")
 
 
 def check_negative(negative: str) -> str:
@@ -381,8 +383,9 @@ def check_responses(layer: str, values: torch.Tensor, negative: str, what: str =
             f"layer {layer}: {float(bad.double().mean()):.1%} of its {bad.numel()} units have "
             f"negative {what} responses (lowest {float(values.min()):.3g}); SI assumes non-negative "
             f"ones (the papers measure after a ReLU): choose negative='relu' (the positive part, as "
-            f"if a ReLU followed the module; the trainer's track_negative: relu) or units after a "
-            f"non-negative activation")
+            f"if a ReLU followed the module), negative='shift' (each unit's lowest class mean "
+            f"subtracted at compute(): SI in [0, 1], not the papers' SI) - the trainer's "
+            f"track_negative: relu | shift - or units after a non-negative activation")
 
 
 class UnitHooks:

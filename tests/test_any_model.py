@@ -3,7 +3,8 @@
 Each (model, preset) resolves, every layer's per-image unit means are [B, U] with U read from the
 module's own unit dim, and the tracker's class sums equal a reduction of the raw outputs done here
 by hand (mean over every dim but batch and units; tokens: all of them). Responses that go negative
-are the tracker's one-line error by default, and with negative="relu" every SI is in [0, 1]. Each case also produces
+are the tracker's one-line error by default, and with negative="relu" or negative="shift" every SI
+is in [0, 1]. Each case also produces
 its row of the table in docs/library.md and checks the row is there as produced, so the table
 cannot drift from what the models do.
 """
@@ -131,6 +132,14 @@ def test_preset_gives_unit_means_of_the_right_width(lib, name, build, size, pres
         assert r.negative == ("relu" if goes_negative else "error")
         assert bool(((r.si >= 0) & (r.si <= 1)).all()), (layer, float(r.si.min()), float(r.si.max()))
         widths.append(r.si.numel())
+    if goes_negative:  # the other choice: the raw responses, each unit's lowest class mean subtracted
+        tracker, _ = _track(model, preset, labels, images, "shift")
+        for layer, r in tracker.compute().items():
+            means = torch.stack([_by_hand(raw[layer], hooks.layouts[layer])[labels == k].mean(0)
+                                 for k in range(K)])
+            torch.testing.assert_close(r.shifted_by, means.min(0).values, rtol=1e-5, atol=1e-5)
+            assert r.negative == "shift"
+            assert bool(((r.si >= 0) & (r.si <= 1)).all()), (layer, float(r.si.min()))
     row = _row(lib, name, preset, list(results), widths, negative)
     assert row in DOC.read_text().splitlines(), f"docs/library.md lacks the row, as produced:\n{row}"
 

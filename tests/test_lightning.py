@@ -127,3 +127,21 @@ def test_the_training_loss_gets_the_regularizer_term_in_its_windows_only(example
     ref.remove()
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
     assert abs(float((loss - F.cross_entropy(module(x), y)).detach())) > 1e-4  # the term is there
+
+
+def test_a_negative_choice_names_every_logged_value_and_a_bad_one_is_one_line():
+    from selectivity.integrations.lightning import SelectivityCallback
+    model, y = torch.nn.Sequential(torch.nn.Identity()), torch.tensor([0, 1, 2, 0])
+    x = torch.tensor([[-1.0, 2.0], [1.0, 0.0], [3.0, 1.0], [0.0, -2.0]])
+    tracker = sel.SelectivityTracker(model, 3, ["0"], negative="shift", dataset_labels=y.tolist(),
+                                     null_permutations=2)
+    with tracker.track(y, torch.arange(4)):
+        model(x)
+    cb = SelectivityCallback(3, ["0"], null_permutations=2, negative="shift")
+    logged = cb.metrics(tracker.compute())
+    assert logged and all(k.startswith("si_shift") for k in logged), list(logged)
+    assert {"si_shift/0", "si_shift_stage/0", "si_shift_null/mean",
+            "si_shift_above_null/mean"} <= set(logged)
+    assert cb.state_dict()["settings"]["negative"] == "shift"
+    with pytest.raises(sel.UnitsError, match="negative must be one of error, relu, shift"):
+        SelectivityCallback(3, negative="abs")

@@ -15,6 +15,9 @@ the training loader), and logs through the LightningModule (``pl_module.log``) p
 ``si/<layer>``, per stage ``si_stage/<stage>`` (a layer's stage: its name up to the last dot, or
 ``stage_of``), ``si/mean`` and, with a null, ``si_null/...`` and ``si_null_q95/...`` likewise and
 ``si_above_null/mean``. Values are logged as float64, so the CSV logger holds them exactly.
+``negative`` (``units.NEGATIVE``: ``error``, ``relu``, ``shift``) is the tracker's and the
+regularizer's rule for responses that go negative; a choice other than ``error`` names every logged
+value as the trainer's TensorBoard tags do (``si_relu/...``, ``si_shift_stage/...``).
 
 ``regularizer``: α windows by epoch (``selectivity.regularizer.parse_windows``); in an epoch whose
 α is not 0 the callback wraps the module's ``training_step`` so that its loss becomes
@@ -41,6 +44,7 @@ from torch.utils.data import Dataset
 from selectivity.evaluation import BN_MODES, bn_statistics
 from selectivity.regularizer import SelectivityRegularizer, alpha_at, parse_windows
 from selectivity.tracker import SelectivityTracker
+from selectivity.units import check_negative
 
 
 class WithIndices(Dataset):
@@ -91,7 +95,9 @@ class SelectivityCallback(pl.Callback):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
         self.num_classes, self.units, self.seed = num_classes, units, seed
-        self.negative = negative  # units.NEGATIVE: the tracker's and the regularizer's rule
+        self.negative = check_negative(negative)  # the tracker's and the regularizer's rule
+        # Logged names carry what was measured when it is not the responses as they are.
+        self.tag = "si" if negative == "error" else f"si_{negative}"
         self.null_permutations, self.dataset_labels = null_permutations, dataset_labels
         self.bn_mode, self.calibration = bn_mode, calibration
         self.calibration_batches = calibration_batches
@@ -186,9 +192,10 @@ class SelectivityCallback(pl.Callback):
     def metrics(self, results) -> "OrderedDict[str, float]":
         """The logged scalars of ``tracker.compute()``'s results (module doc)."""
         out: "OrderedDict[str, float]" = OrderedDict()
-        kinds = [("si", lambda r: r.mean)]
+        t = self.tag
+        kinds = [(t, lambda r: r.mean)]
         if self.null_permutations:
-            kinds += [("si_null", lambda r: r.null_mean), ("si_null_q95", lambda r: r.null_q95)]
+            kinds += [(f"{t}_null", lambda r: r.null_mean), (f"{t}_null_q95", lambda r: r.null_q95)]
         for kind, value in kinds:
             per_layer = {n: value(r) for n, r in results.items()}
             stages: "OrderedDict[str, list]" = OrderedDict()
@@ -199,7 +206,7 @@ class SelectivityCallback(pl.Callback):
                 out[f"{kind}_stage/{s}"] = float(np.mean(vs))
             out[f"{kind}/mean"] = float(np.mean(list(per_layer.values())))
         if self.null_permutations:
-            out["si_above_null/mean"] = float(np.mean([r.frac_above_null
+            out[f"{t}_above_null/mean"] = float(np.mean([r.frac_above_null
                                                        for r in results.values()]))
         return out
 

@@ -133,6 +133,8 @@ class Tracking(Callback):
             out["layers"][name] = {
                 "si": r.si, "pref_class": r.pref_class, "mu_max": r.mu_max, "mu_rest": r.mu_rest,
                 "sums": r.sums, "counts": r.counts, "si_null": r.null_si}
+            if r.shifted_by is not None:  # negative "shift": what was subtracted from each unit
+                out["layers"][name]["shifted_by"] = r.shifted_by
         e = record["epoch"]
         fname = f"epoch_{e}.pt" if float(e).is_integer() else f"step_{record['step']}.pt"
         atomic_torch_save(os.path.join(trainer.paths["selectivity"], fname), out)

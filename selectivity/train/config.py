@@ -106,8 +106,8 @@ class Config:
     track_units: str = _opt("tracking", "blocks",
         "the units tracked: blocks (residual block outputs) | relu | bn")
     track_negative: str = _opt("tracking", "error",
-        "units whose responses go negative (bn, GELU, ...): error (stop with one line) | relu "
-        "(measure their positive part); tracking and the regularizer")
+        "negative responses (bn, GELU, ...): error (stop) | relu (their positive part) | shift "
+        "(each unit's lowest class mean subtracted: not the papers' SI); tracking and regularizer")
     train_si_decay: float = _opt("tracking", 0.0,
         "train SI state: 0 = the current epoch's images; λ in (0, 1) = exponentially weighted "
         "by step (the recent network); its SI is logged every step")
@@ -147,7 +147,7 @@ CHOICES = {
     "schedule": ("cosine", "step", "constant"),
     "nan_policy": ("stop", "skip"),
     "track_units": ("blocks", "relu", "bn"),
-    "track_negative": ("error", "relu"),
+    "track_negative": ("error", "relu", "shift"),
     "bn_mode": ("recalibrate", "running", "batch"),
     "ffcv_order": ("random", "quasi_random"),
 }
