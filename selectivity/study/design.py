@@ -29,7 +29,7 @@ COMPARISONS = {
 # main seeds are 0, 1, …, n − 1 of each condition, n chosen by power, at least N_MIN and at most
 # N_CAP (the cap keeps the whole study near an hour on 2 cores; findings.md says where it binds).
 PILOT_SEEDS = [100, 101, 102]
-N_MIN, N_CAP = 6, 10
+N_MIN, N_CAP = 5, 8
 # Approximate single-core minutes a run costs (training and its evaluations, 16 px, 8 epochs):
 # only to state what a larger n would cost.
 RUN_CORE_MINUTES = 1.0
