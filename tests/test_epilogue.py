@@ -77,10 +77,11 @@ def test_backward_without_means_grad_is_stock_relu_backward(dtype, layout):
 
 @needs_op
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (2, 4), (4, 4), (3, 5), (8, 8)])
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (3, 5), (8, 8)])
 def test_backward_with_means_grad_is_the_formula_bit_for_bit(hw, layout):
-    """grad = y <= 0 ? +0 : round(grad_y + grad_means / P) (the sum in float32), for the small-plane
-    NCHW paths (2, 4, 8 and 16 pixels) and the general ones, with and without grad_y."""
+    """grad = y <= 0 ? +0 : round(grad_y + grad_means * (1/P)) (in float32), bit for bit where 1/P is
+    exact, for the small-plane NCHW paths (2, 4, 8 and 16 pixels) and the general ones, with and
+    without grad_y."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out, identity = pair(dtype, layout, B=2, U=9, H=hw[0], W=hw[1])
         y = torch.relu(out + identity)
@@ -92,7 +93,11 @@ def test_backward_with_means_grad_is_the_formula_bit_for_bit(hw, layout):
             want = share.expand(y.shape) if grad_y is None else grad_y.float() + share
             want = torch.where(y.float() <= 0, 0.0, want).to(dtype)
             got = torch.ops.selectivity.add_relu_means_backward(grad_y, gm, y)
-            assert torch.equal(bits(got), bits(want))
+            P = hw[0] * hw[1]
+            if P & (P - 1) == 0 or dtype != torch.float32:
+                assert torch.equal(bits(got), bits(want))
+            else:  # grad_means * (1/P) is inexact: the compiler may fuse it with the add (one rounding)
+                torch.testing.assert_close(got, want, rtol=0, atol=2**-22 * (gy.abs().max() + share.abs().max()).item())
 
 
 def _fmt(layout):
