@@ -16,10 +16,14 @@ Contract (tests/test_epilogue.py):
   in float32 runs of at most 8 values and float64 above;
 * autograd for both outputs: ``grad = (grad_y + grad_means[b, u] / (H*W)) * (y > 0)`` (exactly
   ``threshold_backward(grad, y, 0)`` plus the means' share), the same tensor for ``out`` and
-  ``identity``; a missing ``grad_means`` (means not used by the loss) costs nothing extra;
+  ``identity``; a missing ``grad_means`` (means not used by the loss) costs nothing extra. It is
+  registered in C++ for the Autograd dispatch key (csrc/ops/add_relu_means/autograd.cpp), for both
+  ``add_relu_means`` and ``add_relu_means_``: calling ``torch.ops.selectivity.*`` is differentiable
+  and no Python runs in the forward's graph building or in the backward;
 * ``add_relu_means_(out, identity)``: the same, y written into ``out`` where it can be (what the
   fused block forwards use; stock torchvision blocks also overwrite ``out``);
-* fake implementations for ``torch.compile``: the op is one opaque node to inductor, so inductor
+* fake implementations for ``torch.compile`` (here; AOTAutograd traces the C++ autograd kernel, so
+  the forward and backward ops reach the graph): the op is one opaque node to inductor, so inductor
   cannot fuse the add + ReLU into the BatchNorm before it (it can in an untracked compiled model).
 
 Inputs of different dtypes, devices without the kernel, or an unbuilt extension take the reference
@@ -43,17 +47,21 @@ def add_relu_means_reference(out: torch.Tensor, identity: torch.Tensor):
     return y, unit_means(y)
 
 
-def _fusable(out: torch.Tensor, identity: torch.Tensor) -> bool:
-    if not _HAS_OP or out.dtype not in OP_DTYPES or out.dim() not in (2, 4):
-        return False
-    if identity.dtype != out.dtype or identity.shape != out.shape or identity.device != out.device:
-        return False
-    dev = out.device.type
-    return dev == "cpu" or (dev == "cuda" and _has_kernel("CUDA"))
-
-
 def _has_kernel(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("selectivity::add_relu_means", key)
+
+
+# Fixed once selectivity._C is loaded (it registers every kernel as it loads). The checks below run
+# in every fused block's forward, so each is the cheapest test of its condition: per call they cost
+# about as much as the op's own dispatch (docs/extension.md).
+_HAS_CUDA_KERNEL = _HAS_OP and _has_kernel("CUDA")
+
+
+def _fusable(out: torch.Tensor, identity: torch.Tensor) -> bool:
+    dtype = out.dtype
+    return (_HAS_OP and dtype in OP_DTYPES and identity.dtype == dtype and out.dim() in (2, 4)
+            and identity.shape == out.shape and identity.device == out.device
+            and (out.is_cpu or (out.is_cuda and _HAS_CUDA_KERNEL)))
 
 
 def add_relu_means(out: torch.Tensor, identity: torch.Tensor):
@@ -71,17 +79,15 @@ def add_relu_means_(out: torch.Tensor, identity: torch.Tensor):
     the CPU than filling a new one (docs/extension.md). Where writing in place is not possible
     (not a dense layout, a leaf requiring grad, ``identity`` sharing ``out``'s memory, under
     ``torch.compile``, which takes the functional op) it is ``add_relu_means``."""
-    if (_fusable(out, identity) and _use_extension() and _layout_dense(out)
-            and not (out.requires_grad and out.is_leaf) and not out._is_view()
+    if (_fusable(out, identity) and _dense(out) and not out._is_view()
+            and not (out.requires_grad and out.is_leaf)
             and identity.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
-            and not torch.compiler.is_compiling()):
-        if torch.is_grad_enabled() and (out.requires_grad or identity.requires_grad):
-            return _AddReluMeansInplace.apply(out, identity)
-        return out, torch.ops.selectivity.add_relu_means_(out, identity)
+            and not torch.compiler.is_compiling() and _use_extension()):
+        return out, _ADD_RELU_MEANS_INPLACE(out, identity)
     return add_relu_means(out, identity)
 
 
-# ----- the op's fake implementations and autograd formula ---------------------------------------
+# ----- the ops' fake implementations (their autograd: csrc/ops/add_relu_means/autograd.cpp) -----
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -92,38 +98,14 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _layout_dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=_layout(t))
-
-
-def _backward_both(ctx, grad_y, grad_means):
-    """The gradient of out and of identity (one tensor), or None when no output gradient came."""
-    if grad_y is None and grad_means is None:
-        return None, None
-    (y,) = ctx.saved_tensors
-    grad = torch.ops.selectivity.add_relu_means_backward(grad_y, grad_means, y)
-    return (grad if ctx.needs_input_grad[0] else None,
-            grad if ctx.needs_input_grad[1] else None)
-
-
-class _AddReluMeansInplace(torch.autograd.Function):
-    """Autograd of ``add_relu_means_``: out is marked dirty (it now holds y), the backward is the
-    functional op's. (A mutating op cannot take ``torch.library.register_autograd``.)"""
-
-    @staticmethod
-    def forward(ctx, out, identity):
-        means = torch.ops.selectivity.add_relu_means_(out, identity)
-        ctx.mark_dirty(out)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(out)
-        return out, means
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_means):
-        return _backward_both(ctx, grad_y, grad_means)
+def _dense(t: torch.Tensor) -> bool:
+    """``t.is_contiguous(memory_format=_layout(t))``, cheaper: a [B, U, 1, 1] map that is
+    channels_last-contiguous is contiguous too, so the layout need not be worked out."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 if _HAS_OP:
+    _ADD_RELU_MEANS_INPLACE = torch.ops.selectivity.add_relu_means_.default
 
     @torch.library.register_fake("selectivity::add_relu_means_")
     def _add_relu_means_inplace_fake(out, identity):
@@ -142,12 +124,3 @@ if _HAS_OP:
     @torch.library.register_fake("selectivity::add_relu_means_backward")
     def _add_relu_means_backward_fake(grad_y, grad_means, y):
         return torch.empty_like(y, memory_format=_layout(y))
-
-    def _setup_context(ctx, inputs, output):
-        # Unused outputs (the means, when only the tracker reads them) arrive as None, not as zeros:
-        # the backward is then the plain ReLU backward.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output[0])
-
-    torch.library.register_autograd("selectivity::add_relu_means", _backward_both,
-                                    setup_context=_setup_context)

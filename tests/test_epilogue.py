@@ -76,6 +76,35 @@ def test_backward_without_means_grad_is_stock_relu_backward(dtype, layout):
 
 
 @needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (3, 5), (8, 8)])
+def test_backward_with_means_grad_is_the_formula_bit_for_bit(hw, layout):
+    """grad = y <= 0 ? +0 : round(grad_y + grad_means * (1/P)) (in float32), bit for bit where 1/P is
+    exact, for the small-plane NCHW paths (2, 4, 8 and 16 pixels) and the general ones, with and
+    without grad_y."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, identity = pair(dtype, layout, B=2, U=9, H=hw[0], W=hw[1])
+        y = torch.relu(out + identity)
+        g = torch.Generator().manual_seed(3)
+        gy = torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=_fmt(layout))
+        gm = torch.randn(2, 9, generator=g)
+        share = (gm * (1.0 / (hw[0] * hw[1])))[:, :, None, None]
+        for grad_y in (gy, None):
+            want = share.expand(y.shape) if grad_y is None else grad_y.float() + share
+            want = torch.where(y.float() <= 0, 0.0, want).to(dtype)
+            got = torch.ops.selectivity.add_relu_means_backward(grad_y, gm, y)
+            P = hw[0] * hw[1]
+            if P & (P - 1) == 0 or dtype != torch.float32:
+                assert torch.equal(bits(got), bits(want))
+            else:  # grad_means * (1/P) is inexact: the compiler may fuse it with the add (one rounding)
+                torch.testing.assert_close(got, want, rtol=0, atol=2**-22 * (gy.abs().max() + share.abs().max()).item())
+
+
+def _fmt(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+@needs_op
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_both_outputs_float64(layout):
     out, identity = pair(torch.float64, layout, B=2, U=3, H=3, W=4)
@@ -93,6 +122,39 @@ def test_gradcheck_both_outputs_float64(layout):
         g.manual_seed(1)
         for x, w in zip(got, want):
             torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-15)
+
+
+@needs_op
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_ops_themselves_are_differentiable_in_cpp(layout):
+    """The autograd is the C++ kernel for the Autograd key: torch.ops.selectivity.add_relu_means and
+    add_relu_means_ called directly build a C++ node (no Python autograd.Function) whose gradients
+    are autograd of the reference; the in-place op bumps out's version like any in-place op."""
+    out, identity = pair(torch.float64, layout, B=2, U=3, H=3, W=4)
+    out, identity = (out + 0.01).requires_grad_(), identity.requires_grad_()
+
+    def inplace(o, i):
+        o = o * 1  # a non-leaf, as a block's BN output
+        means = torch.ops.selectivity.add_relu_means_(o, i)
+        return o, means
+    assert torch.autograd.gradcheck(inplace, (out, identity))
+    for f in (torch.ops.selectivity.add_relu_means, inplace):
+        y, means = f(out, identity)
+        assert "CppNode" in y.grad_fn.name() and means.grad_fn is y.grad_fn
+        g = torch.Generator().manual_seed(2)
+        got = torch.autograd.grad(_loss((y, means), g, True, True), (out, identity))
+        g.manual_seed(2)
+        want = torch.autograd.grad(_loss(epilogue.add_relu_means_reference(out, identity), g, True, True),
+                                   (out, identity))
+        for x, w in zip(got, want):
+            torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-15)
+    o = out.detach().clone()
+    v = o._version
+    with torch.no_grad():
+        torch.ops.selectivity.add_relu_means_(o, identity)
+    assert o._version > v and o.grad_fn is None
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch.ops.selectivity.add_relu_means_(out, identity)
 
 
 def _loss(outputs, g, use_y, use_m):

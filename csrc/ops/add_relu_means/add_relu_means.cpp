@@ -91,7 +91,7 @@ EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>
 }
 
 TORCH_LIBRARY_FRAGMENT(selectivity, m) {
-  // Fake (meta) implementations and the autograd formula live in selectivity.epilogue.
+  // Fake (meta) implementations live in selectivity.epilogue; the autograd in autograd.cpp.
   m.set_python_module("selectivity.epilogue");
   m.def("add_relu_means(Tensor out, Tensor identity) -> (Tensor y, Tensor means)");
   m.def("add_relu_means_backward(Tensor? grad_y, Tensor? grad_means, Tensor y) -> Tensor");

@@ -168,11 +168,44 @@ EPILOGUE_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, i
   }
 }
 
+// NCHW with small planes (kP <= 16 pixels) and grad_means: backward_rows with a run-time row length
+// this short was several times stock's time (the regularizer's backward at ResNet-50's last stages);
+// with kP a compile-time constant each plane is one short vector op on its share, broadcast. A flat
+// loop over the planes' elements taking gm[k / kP] was slower still (measured). kP is a power of two,
+// so grad_means * (1/kP) is exact: the same bits as backward_rows.
+template <int kP, bool kGy, typename T, typename M>
+EPILOGUE_HOT void backward_small_planes(const T* gy_, const M* gm, const T* y_, T* g_, int64_t q0, int64_t q1) {
+  using E = Elem<T>;
+  using Bits = typename E::Bits;
+  using Acc = typename E::Acc;
+  const Bits* __restrict gy = reinterpret_cast<const Bits*>(gy_);
+  const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
+  Bits* __restrict g = reinterpret_cast<Bits*>(g_);
+  const Bits zero = E::relu(Acc(0));
+  const M inv_P = M(1) / M(kP);
+  for (int64_t q = q0; q < q1; ++q) {
+    const Acc share = Acc(gm[q] * inv_P);
+    const int64_t at = q * kP;
+#pragma omp simd
+    for (int p = 0; p < kP; ++p) {
+      Acc add = share;
+      if constexpr (kGy) add += E::load(gy[at + p]);
+      g[at + p] = E::value(y[at + p]) <= Acc(0) ? zero : E::round(add);
+    }
+  }
+}
+
 template <bool kGy, typename T, typename M>
 void backward_with_means(const T* gy, const M* gm, const T* y, T* g, int64_t r0, int64_t r1, int64_t n, int64_t U,
                          int64_t P, bool units_inner) {
   if (units_inner) return backward_rows<kGy, true, true>(gy, gm, y, g, r0, r1, n, U, P);
-  backward_rows<kGy, true, false>(gy, gm, y, g, r0, r1, n, U, P);
+  switch (P) {  // rows are planes here
+    case 2: return backward_small_planes<2, kGy>(gy, gm, y, g, r0, r1);
+    case 4: return backward_small_planes<4, kGy>(gy, gm, y, g, r0, r1);
+    case 8: return backward_small_planes<8, kGy>(gy, gm, y, g, r0, r1);
+    case 16: return backward_small_planes<16, kGy>(gy, gm, y, g, r0, r1);
+    default: return backward_rows<kGy, true, false>(gy, gm, y, g, r0, r1, n, U, P);
+  }
 }
 
 void run_forward(EpilogueForward& f) {
