@@ -11,7 +11,8 @@ from selectivity.io import atomic_write_text
 from selectivity.regularizer import parse_windows
 from selectivity.study import aggregate as agg
 from selectivity.study import stats
-from selectivity.study.claims import StudyData, conditions_of, evaluate, learned, rates
+from selectivity.study.claims import (StudyData, conditions_of, evaluate, learned, rates,
+                                      worse_by_rates)
 from selectivity.study.design import BASE, RUN_CORE_MINUTES
 from selectivity.study.rules import RULES
 from selectivity.study.sections import (ablation_section, alpha_section, cka_section, config_of,
@@ -21,7 +22,7 @@ from selectivity.study.sections import (ablation_section, alpha_section, cka_sec
 # ----- the design: pilot, n, power ---------------------------------------------------------------
 
 
-def design_section(pilot: dict, results: dict) -> str:
+def design_section(data: StudyData, pilot: dict, results: dict) -> str:
     rows = []
     for rule in RULES:
         p, r = pilot["claims"][rule.id], results[rule.id]
@@ -31,6 +32,10 @@ def design_section(pilot: dict, results: dict) -> str:
         binds = need is None or need > pilot["n_cap"]
         half = primary.summary.half if primary else math.nan
         status = "decides" if math.isfinite(half) and half <= rule.effect else None
+        if status is None and worse_by_rates(data, rule.id):
+            (ka, na), (kb, nb) = (rates(data, c) for c in conditions_of(rule.id))
+            status = (f"decided by the rates of not learning ({ka} of {na} vs {kb} of {nb}, "
+                      f"Fisher p = {fmt_p(stats.fisher(ka, na, kb, nb))})")
         if status is None:
             sd = primary.sd if primary else math.nan
             more = stats.n_for_power(sd, rule.effect) if math.isfinite(sd) else None
@@ -45,17 +50,17 @@ def design_section(pilot: dict, results: dict) -> str:
                      f"{p['pilot_n']}", "–" if p["pilot_sd"] is None
                      else f"{p['pilot_sd'] * scale:.{digits}f}",
                      "–" if need is None else str(need),
-                     f"{max(pilot['n'][c] for c in conditions_of(rule.id))}"
+                     f"{min(pilot['n'][c] for c in conditions_of(rule.id))}"
                      + (" (cap)" if binds else ""),
                      f"{half * scale:.{digits}f}" if math.isfinite(half) else "–", status])
     table = agg.markdown_table(
         ["claim", "primary statistic", "named effect", "pilot n", "pilot sd",
-         "n for 80 % power", "n run", "achieved half-width", "status"], rows)
+         "n for 80 % power", "n run (paired)", "achieved half-width", "status"], rows)
     per_cond = ", ".join(f"`{c}` {n}" for c, n in pilot["n"].items())
     return f"""## The design: pilot, power, n
 
 Pilot seeds {', '.join(map(str, pilot['seeds']))} ran every condition first; they chose SI's peak
-epoch (**{pilot['peak_epoch'] if pilot['peak_epoch'] is not None else '–'}**) and each claim's n,
+epoch (**{'–' if pilot['peak_epoch'] is None else format(pilot['peak_epoch'], 'g')}**) and each claim's n,
 and enter no verdict. For each claim the
 pilot's spread (sd) of its primary statistic gives the n of a two-sided paired t-test at 5 % with
 80 % power for the effect the rule names; each condition runs the largest n of the claims that
@@ -200,7 +205,7 @@ signed-rank and sign tests' two-sided p-values beside it.
 
 {verdicts}
 """
-    sections = [head, design_section(pilot, results), rates_section(data),
+    sections = [head, design_section(data, pilot, results), rates_section(data),
                 emergence_section(data, results, figdir), alpha_section(data, results, figdir),
                 windows_section(data, results, figdir), ablation_section(data, results, figdir),
                 cka_section(data, results, figdir), orientation_section(data, results, figdir),
