@@ -40,13 +40,6 @@ def test_t_interval_matches_the_formula():
     assert "±" in s.fmt() and "(n = 3)" in s.fmt()
 
 
-def test_welch_difference():
-    d = agg.difference([1.0, 1.1, 0.9], [0.0, 0.2, -0.2])
-    assert d.mean == pytest.approx(1.0) and 0 < d.low and d.n == 3
-    same = agg.difference([1.0, 1.0], [1.0, 1.0])
-    assert same.mean == 0 and same.half == 0
-
-
 def test_groups_by_config_not_name_and_curves(tmp_path):
     # layout of tools/study.py (<cond>/s<seed>) and a flat one (<cond>_s<seed>)
     a = [make_run(str(tmp_path / "study" / "alpha_0" / f"s{s}"), s, [0.1, 0.5 + 0.1 * s],
@@ -121,11 +114,3 @@ def test_condition_labels():
     assert label("/r/alpha_m1_s2") == "alpha_m1"
     assert label("/r/study/early/s0") == "early"
     assert label("/r/demo_cls3") == "demo_cls3"  # "s3" inside a word is not a seed
-
-
-def test_not_learned_counts_seeds_below_twice_chance(tmp_path):
-    # K = 10: a seed ending at 0.103 (chance) or 0.151 failed; 0.2 and above learned something
-    runs = [agg.load_run(make_run(str(tmp_path / f"s{s}"), s, [0.1, acc]))
-            for s, acc in enumerate([0.103, 0.151, 0.2, 0.76])]
-    assert [r.seed for r in agg.not_learned(runs, 10)] == [0, 1]
-    assert agg.not_learned(runs, 2) == runs  # K = 2: twice chance is 1.0, every run is below

@@ -99,24 +99,6 @@ def summarize(values) -> Summary:
     return Summary(mean, t_quantile(n - 1) * sd / math.sqrt(n), n, sd, vals)
 
 
-def difference(a, b) -> Summary:
-    """The difference of two conditions' means, mean(a) − mean(b), with a Welch 95 % interval
-    (unequal variances; Welch–Satterthwaite degrees of freedom). Seeds are not paired."""
-    a = summarize(a)
-    b = summarize(b)
-    if a.n == 0 or b.n == 0:
-        return Summary(math.nan, math.nan, 0, math.nan)
-    diff = a.mean - b.mean
-    if a.n < 2 or b.n < 2:
-        return Summary(diff, math.nan, min(a.n, b.n), math.nan)
-    va, vb = a.sd ** 2 / a.n, b.sd ** 2 / b.n
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Summary(diff, 0.0, min(a.n, b.n), 0.0)
-    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
-    return Summary(diff, t_quantile(max(int(math.floor(df)), 1)) * se, min(a.n, b.n), se)
-
-
 # ----- runs and conditions -----------------------------------------------------------------------
 
 
@@ -205,15 +187,6 @@ def record_value(record: dict, key: str, layer: str | None = None):
 def final_values(runs: list[Run], key: str, layer: str | None = None) -> list:
     """Per run, the value at its last val record (runs without val records give None)."""
     return [record_value(r.final, key, layer) if r.val else None for r in runs]
-
-
-def not_learned(runs: list[Run], num_classes: int) -> list[Run]:
-    """The runs whose final val acc1 is below twice chance (2 / K): training failed outright.
-
-    Such a seed and the seeds that learned form two modes; a mean ± t-interval over them
-    describes neither, so tables count them beside the interval."""
-    return [r for r, acc in zip(runs, final_values(runs, "acc1"))
-            if acc is not None and acc < 2.0 / num_classes]
 
 
 def at_epoch(run: Run, epoch: float, key: str, layer: str | None = None, tol: float = 1e-6):
