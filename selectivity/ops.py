@@ -155,8 +155,8 @@ def _ask_for_huge_pages(t: torch.Tensor) -> None:
 
 def new_index_cache(sums: torch.Tensor, groups: int | None = None) -> torch.Tensor:
     """The cache of an empty state: ``[4 + G, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
-    class means 0, a bound of the other classes' means -inf; the last G rows, read unit-major as
-    ``[tiles * T, G]``, a bound per group of classes -inf).
+    class means 0, a bound of the other classes' means -inf; the last G rows, read as
+    ``[tiles, G, T]``, a bound per unit and group of classes -inf).
     ``groups``: G, default ceil(sqrt(K)) up to 64 (csrc/common/tile_scan.h: a rescan reads a few groups)."""
     K = sums.shape[-2]
     G = groups or min(64, max(1, math.ceil(math.sqrt(K))))
@@ -374,12 +374,13 @@ def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int 
         first = torch.where(means == best, rank, len(present)).min(0).values.clamp(max=len(present) - 1)
         others = means.scatter(0, first.unsqueeze(0), -float("inf"))  # the runner-up: all but the maximum
         out[0], out[1], out[2], out[3] = best, present[first].double(), means.sum(0), others.max(0).values
-        groups = out.new_full((tiles * T, out.shape[0] - 4), -float("inf"))  # unit-major, as the kernels
-        for g in range(groups.shape[1]):
+        groups = out.new_full((out.shape[0] - 4, tiles * T), -float("inf"))  # [G, units]
+        for g in range(groups.shape[0]):
             chosen = (present >= g * size) & (present < (g + 1) * size)
             if chosen.any():
-                groups[:, g] = means[chosen].max(0).values
-        out[4:] = groups.view(-1, tiles * T)
+                groups[g] = means[chosen].max(0).values
+        # stored [tiles, G, T], as the kernels read it (csrc/common/tile_scan.h)
+        out[4:] = groups.view(-1, tiles, T).transpose(0, 1).reshape(-1, tiles * T)
     return out
 
 

@@ -4,10 +4,11 @@
 //
 // Per unit (cache rows 0-3, each [tiles * T]): best = μ_max, arg = its class (ties: the lowest),
 // total = the sum of the present classes' means, second = an upper bound of the other classes' means
-// (the exact runner-up after a full scan); then [tiles * T, G] (the cache's last G rows, read as one
-// unit-major block, so that a rescan reads a unit's G bounds from adjacent memory): per group g of
-// classes [g * gs, (g + 1) * gs) an upper bound of its classes' means (-inf while none is present;
-// exact after a full scan).
+// (the exact runner-up after a full scan); then the cache's last G rows, read as [tiles, G, T]: per
+// unit and group g of classes [g * gs, (g + 1) * gs) an upper bound of its classes' means (-inf while
+// none is present; exact after a full scan). A tile's bounds of one group are T adjacent values, so a
+// step raises a touched class's group bound for the whole tile in one vectorized pass; a rescan reads
+// a unit's G bounds at stride T from the tile's block, which the step has just brought into cache.
 //
 // Between scans a step's touched classes update every unit (update_unit); the preferred class may
 // fall and stay the maximum while it is strictly above `second`. Below it the unit is stale and
@@ -28,17 +29,20 @@
 namespace selectivity {
 
 constexpr int64_t kMaxGroups = 64;  // a rescan marks visited groups in one 64-bit mask
+constexpr int64_t kGather = 32;     // a rescan loads a group's values this many at a time
 
-// The cache of one tile: unit i of the tile is element i of rows 0-3; group g's bound is groups[i * G + g].
+// The cache of one tile: unit i of the tile is element i of rows 0-3; group g's bounds are the T
+// values from group(g).
 struct TileCache {
   double *best, *arg, *total, *second, *groups;
-  int64_t G, gs;
+  int64_t G, gs, T;
+  SELECTIVITY_HD double* group(int64_t g) const { return groups + g * T; }
 };
 
 // cache [4 + G, U] (U = tiles * T) seen from tile t.
 SELECTIVITY_HD inline TileCache tile_cache(double* cache, int64_t U, int64_t G, int64_t K, int64_t t, int64_t T) {
   double* c = cache + t * T;
-  return {c, c + U, c + 2 * U, c + 3 * U, cache + 4 * U + t * T * G, G, (K + G - 1) / G};
+  return {c, c + U, c + 2 * U, c + 3 * U, cache + 4 * U + t * T * G, G, (K + G - 1) / G, T};
 }
 
 // Units [i0, i1) of a tile whose K x T block starts at `tile`, from scratch. The class loop is
@@ -51,14 +55,14 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
     o.arg[i] = -1.0;
     o.total[i] = 0.0;
     o.second[i] = ninf;
-    for (int64_t g = 0; g < o.G; ++g) o.groups[i * o.G + g] = ninf;
+    for (int64_t g = 0; g < o.G; ++g) o.group(g)[i] = ninf;
   }
   for (int64_t c = 0; c < K; ++c) {
     const double n = counts[c];
     if (!(n > 0.0)) continue;
     const double* row = tile + c * T;
     const double cd = static_cast<double>(c);
-    double* group = o.groups + c / o.gs;
+    double* group = o.group(c / o.gs);
     SELECTIVITY_SIMD
     for (int64_t i = i0; i < i1; ++i) {
       const double m = row[i] / n;
@@ -67,7 +71,7 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
       o.second[i] = better ? o.best[i] : (m > o.second[i] ? m : o.second[i]);
       o.best[i] = better ? m : o.best[i];
       o.arg[i] = better ? cd : o.arg[i];
-      group[i * o.G] = m > group[i * o.G] ? m : group[i * o.G];
+      group[i] = m > group[i] ? m : group[i];
     }
   }
 }
@@ -105,7 +109,7 @@ SELECTIVITY_HD inline void rescan_unit(const double* tile, const double* counts,
     int64_t g = -1;
     double bound = ninf;
     for (int64_t h = 0; h < o.G; ++h) {
-      const double x = o.groups[i * o.G + h];
+      const double x = o.group(h)[i];
       if (!((visited >> h) & 1) && (g < 0 || x > bound)) {
         g = h;
         bound = x;
@@ -118,24 +122,32 @@ SELECTIVITY_HD inline void rescan_unit(const double* tile, const double* counts,
     visited |= uint64_t{1} << g;
     double group_max = ninf;
     const int64_t c1 = (g + 1) * o.gs < K ? (g + 1) * o.gs : K;
-    for (int64_t c = g * o.gs; c < c1; ++c) {
-      const double n = counts[c];
-      if (!(n > 0.0)) continue;
-      const double m = tile[c * T + i] / n;
-      group_max = m > group_max ? m : group_max;
-      const double cd = static_cast<double>(c);
-      if (m > best || (m == best && cd < arg)) {
-        second = best;
-        best = m;
-        arg = cd;
-      } else {
-        second = m > second ? m : second;
+    for (int64_t c0 = g * o.gs; c0 < c1; c0 += kGather) {
+      // A run of the group's values first, in a loop of independent loads: a stale unit's classes
+      // were mostly not touched this step and are out of cache, so their misses overlap.
+      const int64_t n_run = c1 - c0 < kGather ? c1 - c0 : kGather;
+      double x[kGather];
+      for (int64_t k = 0; k < n_run; ++k) x[k] = tile[(c0 + k) * T + i];
+      for (int64_t k = 0; k < n_run; ++k) {
+        const int64_t c = c0 + k;
+        const double n = counts[c];
+        if (!(n > 0.0)) continue;
+        const double m = x[k] / n;
+        group_max = m > group_max ? m : group_max;
+        const double cd = static_cast<double>(c);
+        if (m > best || (m == best && cd < arg)) {
+          second = best;
+          best = m;
+          arg = cd;
+        } else {
+          second = m > second ? m : second;
+        }
       }
     }
-    o.groups[i * o.G + g] = group_max;
+    o.group(g)[i] = group_max;
   }
   for (int64_t h = 0; h < o.G; ++h) {
-    const double x = o.groups[i * o.G + h];
+    const double x = o.group(h)[i];
     if (!((visited >> h) & 1) && x > second) second = x;
   }
   o.best[i] = best;

@@ -91,18 +91,17 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
       // condition is control flow GCC does not vectorize (it may trap, -ftrapping-math).
       const bool had = oc > 0.0;
       const double od = had ? oc : 1.0;
-      double nm[kMaxTile];
+      double* group = o.group(g.cls[j] / o.gs);
       SELECTIVITY_SIMD
       for (int64_t i = 0; i < T; ++i) {
         const double x = row[i] + st.w * acc[i];
         const double q = row[i] / od;
         const double om = had ? q : 0.0;
         row[i] = x;
-        nm[i] = x / nc;
-        update_unit(om, nm[i], cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
+        const double nm = x / nc;
+        update_unit(om, nm, cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
+        raise_bound(group[i], nm);
       }
-      double* group = o.groups + g.cls[j] / o.gs;  // unit i's bound of this class's group: group[i * G]
-      for (int64_t i = 0; i < T; ++i) raise_bound(group[i * o.G], nm[i]);
     }
   }
   if (st.cache == nullptr) return 0;

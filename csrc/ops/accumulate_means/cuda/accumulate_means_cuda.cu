@@ -65,7 +65,7 @@ __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const i
     acc = 0.0;
     const double nm = *x / nc;
     update_unit(om, nm, cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale);
-    raise_bound(o.groups[i * G + c / o.gs], nm);
+    raise_bound(o.group(c / o.gs)[i], nm);
   }
   if (!stale) return;
   rescan_unit(S + t * K * T, counts, K, T, o, i);
