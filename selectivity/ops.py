@@ -14,7 +14,8 @@ block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
   a unit's preferred class fell below the bound of the others (``rescans[0]`` counts those units,
   ``rescans[1]`` the calls).
 * ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
-  ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync.
+  ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync, and
+  ``layer_si_means`` into each layer's mean SI in one op (the per-step SI; a loop on the CPU).
 
 The per-layer ops, used by the analyses and the regularizer's tests:
 
@@ -194,17 +195,18 @@ def si_from_cache(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7,
     ``shift`` (``[tiles * T]``, ``lowest_class_means``): subtracted from every class mean first, so
     ``mu_max`` and ``mu_rest`` are of the shifted means (``mu_rest`` stays 0 with one class present);
     both are clamped at 0, which only undoes rounding (each is >= the lowest class mean)."""
-    present = (counts > 0).sum().to(cache.dtype)
-    any_present = present > 0
-    mu_max = torch.where(any_present, cache[0], 0.0)
-    rest = torch.where(present > 1, (cache[2] - cache[0]) / (present - 1).clamp(min=1), 0.0)
-    rest = torch.where(any_present, rest, 0.0)
-    if shift is not None:
-        mu_max = torch.where(any_present, mu_max - shift, 0.0).clamp_min(0.0)
-        rest = torch.where(present > 1, rest - shift, 0.0).clamp_min(0.0)
-    den = mu_max + rest + eps
-    si = torch.where(den != 0, (mu_max - rest) / torch.where(den != 0, den, 1.0), 0.0)
-    return SIResult(si, cache[1].to(torch.int64), mu_max, rest)
+    if _use_extension():
+        return SIResult(*torch.ops.selectivity.si_from_cache(cache, counts, float(eps), shift))
+    return si_from_cache_reference(cache, counts, eps, shift)
+
+
+def layer_si_means(cache: torch.Tensor, counts: torch.Tensor, lengths: list[int], eps: float = 1e-7,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L]``: the mean SI (``si_from_cache``) of each run of ``lengths`` units from unit 0 (the
+    tracked layers, in order); one op, no host sync (the tracker's per-step SI)."""
+    if _use_extension():
+        return torch.ops.selectivity.layer_si_means(cache, counts, float(eps), shift, list(lengths))
+    return layer_si_means_reference(cache, counts, lengths, eps, shift)
 
 
 def lowest_class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -382,6 +384,28 @@ def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int 
         # stored [tiles, G, T], as the kernels read it (csrc/common/tile_scan.h)
         out[4:] = groups.view(-1, tiles, T).transpose(0, 1).reshape(-1, tiles * T)
     return out
+
+
+def si_from_cache_reference(cache: torch.Tensor, counts: torch.Tensor, eps: float = 1e-7,
+                            shift: torch.Tensor | None = None) -> SIResult:
+    """``si_from_cache`` as Python tensor ops: the same ops in the same order as the C++ composite
+    (csrc/ops/si_from_cache/), so the same numbers bit for bit."""
+    present = (counts > 0).sum().to(cache.dtype)
+    any_present = present > 0
+    mu_max = torch.where(any_present, cache[0], 0.0)
+    rest = torch.where(present > 1, (cache[2] - cache[0]) / (present - 1).clamp(min=1), 0.0)
+    rest = torch.where(any_present, rest, 0.0)
+    if shift is not None:
+        mu_max = torch.where(any_present, mu_max - shift, 0.0).clamp_min(0.0)
+        rest = torch.where(present > 1, rest - shift, 0.0).clamp_min(0.0)
+    den = mu_max + rest + eps
+    si = torch.where(den != 0, (mu_max - rest) / torch.where(den != 0, den, 1.0), 0.0)
+    return SIResult(si, cache[1].to(torch.int64), mu_max, rest)
+
+
+def layer_si_means_reference(cache, counts, lengths, eps=1e-7, shift=None) -> torch.Tensor:
+    si = si_from_cache_reference(cache, counts, eps, shift).si
+    return torch.stack([layer.mean() for layer in si[:sum(lengths)].split(list(lengths))])
 
 
 # ----- fake (meta) implementations: shapes only, for torch.compile and opcheck -----

@@ -377,8 +377,10 @@ class SelectivityTracker(HooksOwner):
             return OrderedDict()
         # negative="shift": the lowest class means are not in the cache; they take a pass over
         # the state (O(K·ΣU) a call instead of O(B·ΣU) a step).
-        si = ops.si_from_cache(self.cache, self.counts[0], self.eps, self._lowest(0)).si
-        return OrderedDict((name, si[a:b].mean()) for name, (a, b) in self._units().items())
+        layers = self._units()
+        means = ops.layer_si_means(self.cache, self.counts[0], [b - a for a, b in layers.values()], self.eps,
+                                   self._lowest(0))
+        return OrderedDict(zip(layers, means.unbind()))
 
     def layer_states(self) -> "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]":
         """``{layer: (sums [K, U], counts [K])}`` of the real labels: copies out of the tiled state."""

@@ -148,6 +148,44 @@ def test_opcheck_tiled_ops():
     torch.library.opcheck(torch.ops.selectivity.accumulate_means.default,
                           (torch.rand(6, 11, generator=gen), labels, 1.0, sums, counts, None, None))
     torch.library.opcheck(torch.ops.selectivity.index_cache.default, (sums[0], counts[0], ops.new_index_cache(sums)))
+    cache = ops.index_cache(sums[0], counts[0])
+    torch.library.opcheck(torch.ops.selectivity.layer_si_means.default, (cache, counts[0], 1e-7, None, [5, 6]))
+    torch.library.opcheck(torch.ops.selectivity.si_from_cache.default, (cache, counts[0], 1e-7, None))
+
+
+def _caches_with_edge_cases(gen):
+    """(cache, counts) pairs: no class present, one class, several with dead units and ties."""
+    out = []
+    for K, steps in ((4, 0), (4, 1), (7, 6)):
+        sums, counts = ops.new_tiled_state(1, K, 70, 8)
+        for _ in range(steps):
+            labels = torch.randint(0, K if steps > 1 else 1, (1, 5), generator=gen)
+            ops.accumulate_means(draw_means(gen, 5, 70), labels, sums, counts)
+        out.append((ops.index_cache(sums[0], counts[0]), counts[0], sums[0]))
+    return out
+
+
+@needs_extension
+def test_si_from_cache_and_layer_means_ops_equal_the_reference():
+    """The C++ ops: si_from_cache bit for bit as the Python reference (the same tensor ops), with
+    and without a shift; layer_si_means (the per-step SI: its CPU kernel a loop, the ATen version
+    with a shift) each layer's mean within 1e-15 of the reference's slice means."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 50, 17]
+    for cache, counts, sums in _caches_with_edge_cases(gen):
+        for shift in (None, ops.lowest_class_means(sums, counts)):
+            got = ops.si_from_cache(cache, counts, 1e-7, shift)
+            ref = ops.si_from_cache_reference(cache, counts, 1e-7, shift)
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+            layers = ops.layer_si_means(cache, counts, lengths, 1e-7, shift)
+            expected = torch.stack([part.mean() for part in ref.si[:70].split(lengths)])
+            torch.testing.assert_close(layers, expected, rtol=0, atol=1e-15)
+            torch.testing.assert_close(ops.layer_si_means_reference(cache, counts, lengths, 1e-7, shift),
+                                       expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the layers have 71 units, the cache 64"):
+        ops.layer_si_means(ops.new_index_cache(ops.new_tiled_state(1, 3, 60, 8)[0]), torch.zeros(3, dtype=torch.float64),
+                           [71])
 
 
 def test_reference_fallback_gives_the_kernels_results(monkeypatch):
@@ -180,3 +218,6 @@ def test_cuda_tiled_ops_match_the_cpu():
     full = ops.index_cache(gpu[0][0], gpu[1][0])
     assert torch.equal(gpu_cache[:2], full[:2])
     assert torch.equal(full[1].cpu(), ops.index_cache(cpu[0][0], cpu[1][0])[1])
+    lengths = [100, 150, 50]  # the per-step SI: the ATen version on the GPU, the CPU kernel's loop
+    torch.testing.assert_close(ops.layer_si_means(gpu_cache, gpu[1][0], lengths).cpu(),
+                               ops.layer_si_means(cpu_cache, cpu[1][0], lengths), rtol=0, atol=1e-12)
