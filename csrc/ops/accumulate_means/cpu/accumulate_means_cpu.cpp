@@ -73,18 +73,22 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
+    for (size_t j = 0; j < 2 && j < g.cls.size(); ++j) {
+      const double* first = st.S + ((r * nt + t) * K + g.cls[j]) * T;
+      for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(first + i, 1);
+    }
     const bool cached = r == 0 && st.cache != nullptr;
     for (int64_t j = 0; j + 1 < static_cast<int64_t>(g.start.size()); ++j) {
+      if (j + 2 < static_cast<int64_t>(g.cls.size())) {  // the row two classes ahead: its misses overlap this one's work
+        const double* next = st.S + ((r * nt + t) * K + g.cls[j + 2]) * T;
+        for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
+      }
       group_sums(st, g, j, t, n, acc);
       double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
       if (!cached) {
         SELECTIVITY_SIMD
         for (int64_t i = 0; i < T; ++i) row[i] += st.w * acc[i];
         continue;
-      }
-      if (j + 2 < static_cast<int64_t>(g.start.size())) {  // the next class's row: its misses overlap this one's work
-        const double* next = st.S + ((r * nt + t) * K + g.cls[j + 1]) * T;
-        for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
       }
       const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
       // An absent class had no mean in the sum. The division is done either way: a division under a
@@ -105,10 +109,11 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
     }
   }
   if (st.cache == nullptr) return 0;
+  const double* tile = st.S + t * K * T;
   int64_t n_stale = 0;
   for (int64_t i = 0; i < T; ++i) {
     if (!stale[i]) continue;
-    rescan_unit(st.S + t * K * T, st.C, K, T, o, i);
+    rescan_unit(tile, st.C, K, T, o, i);
     ++n_stale;
   }
   return n_stale;
