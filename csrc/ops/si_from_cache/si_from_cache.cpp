@@ -2,9 +2,10 @@
 // counts, and the mean SI of consecutive runs of units (the tracked layers). Written once with ATen
 // ops for every device (CompositeExplicitAutograd: also what fake tensors and torch.compile run);
 // the Python reference (selectivity/ops.py, si_from_cache_reference) is the same sequence of ops,
-// bit for bit. layer_si_means is the tracker's per-step SI, inside the training step, where each of
-// the formula's ~20 tensor ops on [units] costs tens of microseconds: its CPU kernel
-// (cpu/layer_si_means_cpu.cpp) is one loop.
+// bit for bit. layer_si_means is the tracker's per-step SI, inside the training step: here its ~40
+// small kernels (the formula, a slice and a mean per layer) are launched from C++, with no Python
+// between them, and on the CPU, where each such op on [units] costs tens of microseconds in a
+// training step, it has a kernel of its own (cpu/layer_si_means_cpu.cpp: one loop).
 #include "si_from_cache.h"
 
 #include <ATen/ATen.h>
