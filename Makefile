@@ -31,8 +31,9 @@ demo: venv $(DEPS)
 	$(PY) tools/train.py -c configs/demo.yaml
 	$(PY) tools/plot_selectivity.py runs/demo
 
+# --durations: the ten slowest tests, printed at the end (CI should stay under 30 minutes).
 test: venv $(DEPS) $(TEST_DEPS)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 clean:
 	rm -rf build runs selectivity/_C*.so *.egg-info .pytest_cache
