@@ -73,16 +73,15 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
-    for (size_t j = 0; j < 2 && j < g.cls.size(); ++j) {
-      const double* first = st.S + ((r * nt + t) * K + g.cls[j]) * T;
-      for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(first + i, 1);
-    }
+    // Class rows are fetched two ahead of their update: their misses overlap the work before them.
+    const auto prefetch = [&](size_t j) {
+      const double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
+      for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(row + i, 1);
+    };
+    for (size_t j = 0; j < 2 && j < g.cls.size(); ++j) prefetch(j);
     const bool cached = r == 0 && st.cache != nullptr;
     for (int64_t j = 0; j + 1 < static_cast<int64_t>(g.start.size()); ++j) {
-      if (j + 2 < static_cast<int64_t>(g.cls.size())) {  // the row two classes ahead: its misses overlap this one's work
-        const double* next = st.S + ((r * nt + t) * K + g.cls[j + 2]) * T;
-        for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(next + i, 1);
-      }
+      if (j + 2 < static_cast<int64_t>(g.cls.size())) prefetch(j + 2);
       group_sums(st, g, j, t, n, acc);
       double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
       if (!cached) {
