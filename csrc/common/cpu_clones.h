@@ -7,7 +7,7 @@
 // `flatten` inlines every helper into each clone: a helper the compiler chose not to inline was
 // compiled once, for baseline x86-64, and ran its 8-float vectors as SSE2 pairs.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define SELECTIVITY_HOT __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#define SELECTIVITY_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
 #define SELECTIVITY_HOT
 #endif

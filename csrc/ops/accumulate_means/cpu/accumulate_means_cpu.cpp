@@ -51,6 +51,7 @@ struct Step {
   double w;
   std::vector<Groups> rows;
   std::vector<double> old0, new0;  // row 0's touched classes' counts before / after the step
+  std::vector<double> inv;         // 1 / row 0's counts after the step (rescan_unit's line bounds)
   double* cache = nullptr;  // [4 + G, tiles * T], or null
 };
 
@@ -73,10 +74,15 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   const TileCache o = st.cache ? tile_cache(st.cache, nt * T, st.s.G, K, t, T) : TileCache{};  // G = 0: none
   for (int64_t r = 0; r < st.s.R; ++r) {
     const Groups& g = st.rows[r];
-    // Class rows are fetched two ahead of their update: their misses overlap the work before them.
+    // Class rows, and the tile's means of the class's images, are fetched two classes ahead of
+    // their use: their misses overlap the work before them (each image's means are B rows apart).
     const auto prefetch = [&](size_t j) {
       const double* row = st.S + ((r * nt + t) * K + g.cls[j]) * T;
       for (int64_t i = 0; i < T; i += 8) __builtin_prefetch(row + i, 1);
+      for (int64_t k = g.start[j]; k < g.start[j + 1]; ++k) {
+        const float* m = st.M + g.order[k] * st.s.N + t * T;
+        for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(m + i, 0);
+      }
     };
     for (size_t j = 0; j < 2 && j < g.cls.size(); ++j) prefetch(j);
     const bool cached = r == 0 && st.cache != nullptr;
@@ -90,21 +96,25 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
         continue;
       }
       const double oc = st.old0[j], nc = st.new0[j], cd = static_cast<double>(g.cls[j]);
-      // An absent class had no mean in the sum. The division is done either way: a division under a
-      // condition is control flow GCC does not vectorize (it may trap, -ftrapping-math).
-      const bool had = oc > 0.0;
-      const double od = had ? oc : 1.0;
+      // total: the class's old term out (none if it was absent), the new one in (tile_scan.h). The
+      // group bound is raised by a bound of the new mean; the exact mean, a division, is needed only
+      // where update_unit may change something, mostly nowhere in the tile.
+      const double inv_old = oc > 0.0 ? 1.0 / oc : 0.0, inv_new = 1.0 / nc;
       double* group = o.group(g.cls[j] / o.gs);
-      SELECTIVITY_SIMD
+      int64_t changes = 0;
+      SELECTIVITY_SIMD_OR(changes)
       for (int64_t i = 0; i < T; ++i) {
         const double x = row[i] + st.w * acc[i];
-        const double q = row[i] / od;
-        const double om = had ? q : 0.0;
+        const double v = x * inv_new;
+        o.total[i] += v - row[i] * inv_old;
         row[i] = x;
-        const double nm = x / nc;
-        update_unit(om, nm, cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale[i]);
-        raise_bound(group[i], nm);
+        const double hi = mean_bound(v);
+        raise_bound(group[i], hi);
+        changes |= static_cast<int64_t>(may_change(hi, cd, o.best[i], o.arg[i], o.second[i]));
       }
+      if (!changes) continue;
+      SELECTIVITY_SIMD
+      for (int64_t i = 0; i < T; ++i) update_unit(row[i] / nc, cd, o.best[i], o.arg[i], o.second[i], stale[i]);
     }
   }
   if (st.cache == nullptr) return 0;
@@ -112,7 +122,7 @@ SELECTIVITY_HOT int64_t step_tile(const Step& st, int64_t t) {
   int64_t n_stale = 0;
   for (int64_t i = 0; i < T; ++i) {
     if (!stale[i]) continue;
-    rescan_unit(tile, st.C, K, T, o, i);
+    rescan_unit(tile, st.C, K, T, o, i, st.inv.data());
     ++n_stale;
   }
   return n_stale;
@@ -150,6 +160,8 @@ void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, dou
   }
   if (cache.has_value()) {
     st.cache = cache->mutable_data_ptr<double>();
+    st.inv.resize(K);
+    for (int64_t k = 0; k < K; ++k) st.inv[k] = 1.0 / C[k];
   }
   if (B == 0) return;
   std::vector<int64_t> stale_units(at::get_num_threads() + 1, 0);

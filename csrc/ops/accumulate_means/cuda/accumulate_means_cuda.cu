@@ -60,12 +60,15 @@ __global__ void cached_row_kernel(const float* M, const int64_t* sorted, const i
     if (k + 1 < B && sorted[k + 1] == c) continue;
     double* x = S + (t * K + c) * T + i;
     const double oc = old_counts[c], nc = counts[c], cd = static_cast<double>(c);
-    const double om = oc > 0.0 ? *x / oc : 0.0;
+    // As the CPU kernel: total's terms are products with 1 / count, the group bound a bound.
+    const double inv_old = oc > 0.0 ? 1.0 / oc : 0.0;
+    const double old_term = *x * inv_old;
     *x += w * acc;
     acc = 0.0;
-    const double nm = *x / nc;
-    update_unit(om, nm, cd, o.best[i], o.arg[i], o.total[i], o.second[i], stale);
-    raise_bound(o.group(c / o.gs)[i], nm);
+    const double v = *x * (1.0 / nc);
+    o.total[i] += v - old_term;
+    raise_bound(o.group(c / o.gs)[i], mean_bound(v));
+    update_unit(*x / nc, cd, o.best[i], o.arg[i], o.second[i], stale);
   }
   if (!stale) return;
   rescan_unit(S + t * K * T, counts, K, T, o, i);
