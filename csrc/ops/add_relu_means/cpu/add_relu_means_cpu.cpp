@@ -72,46 +72,6 @@ EPILOGUE_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* mea
   }
 }
 
-// channels_last with few pixels (kP <= kRun: ResNet-50's last stage at 64 px has 4): one pass, each
-// vector of units summed over its kP rows in registers, with no row of running sums to load and
-// store per pixel. The same additions in the same order as forward_units_inner (float from the
-// first row on, one conversion to double), so the means are bit-identical to it.
-template <int kP, typename T, typename M>
-EPILOGUE_HOT void forward_units_inner_few(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
-                                          int64_t U) {
-  using E = Elem<T>;
-  using Bits = typename E::Bits;
-  using Acc = typename E::Acc;
-  const double inv_P = 1.0 / static_cast<double>(kP);
-  for (int64_t b = b0; b < b1; ++b) {
-    const Bits* o = reinterpret_cast<const Bits*>(out_) + b * kP * U;  // may be y (in place)
-    const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + b * kP * U;
-    Bits* y = reinterpret_cast<Bits*>(y_) + b * kP * U;
-#pragma omp simd
-    for (int64_t u = 0; u < U; ++u) {
-      Acc s = 0;
-      for (int p = 0; p < kP; ++p) {
-        const Bits v = E::relu(E::load(o[p * U + u]) + E::load(i[p * U + u]));
-        y[p * U + u] = v;
-        s = p == 0 ? E::value(v) : s + E::value(v);
-      }
-      means[b * U + u] = static_cast<M>(double(s) * inv_P);
-    }
-  }
-}
-
-template <typename T, typename M>
-void forward_units(const T* o, const T* i, T* y, M* m, int64_t b0, int64_t b1, int64_t U, int64_t P) {
-  static_assert(kRun >= 8, "forward_units_inner_few's pixel counts must fit in one run");
-  switch (P) {
-    case 1: return forward_units_inner_few<1>(o, i, y, m, b0, b1, U);
-    case 2: return forward_units_inner_few<2>(o, i, y, m, b0, b1, U);
-    case 4: return forward_units_inner_few<4>(o, i, y, m, b0, b1, U);
-    case 8: return forward_units_inner_few<8>(o, i, y, m, b0, b1, U);
-    default: return forward_units_inner(o, i, y, m, b0, b1, U, P);
-  }
-}
-
 // NCHW, one pass per plane: y and the plane's sum while it is in registers.
 template <typename T, typename M>
 EPILOGUE_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
@@ -261,7 +221,7 @@ void run_forward(EpilogueForward& f) {
     scalar_t* y = f.y.mutable_data_ptr<scalar_t>();
     M* m = f.means.mutable_data_ptr<M>();
     if (units_inner) {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { forward_units(o, i, y, m, b0, b1, U, P); });
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { forward_units_inner(o, i, y, m, b0, b1, U, P); });
     } else {
       // Chunks of whole planes, ~kChunk elements each (forward_small_planes' pass 2 reads y from cache).
       const int64_t per_chunk = std::max<int64_t>(1, kChunk / P);
