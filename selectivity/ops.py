@@ -13,7 +13,8 @@ block contiguous) and ``counts [R, K]`` float64 (decayed counts need a float):
   preferred class and sum of class means are kept up to date in O(B·N): a tile is rescanned only when
   a unit's preferred class fell below the bound of the others (``rescans[0]`` counts those units,
   ``rescans[1]`` the calls).
-* ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction);
+* ``index_cache(sums[r], counts[r])``: the same per-unit values from scratch (the full reduction;
+  ``bounds=False``: only μ_max, the preferred class and the sum of class means, what SI needs);
   ``si_from_cache`` turns either into ``SIResult`` on the state's device, without a host sync, and
   ``layer_si_means`` into each layer's mean SI in one op (the per-step SI; a loop on the CPU).
 
@@ -154,14 +155,16 @@ def _ask_for_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-def new_index_cache(sums: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+def new_index_cache(sums: torch.Tensor, groups: int | None = None, bounds: bool = True) -> torch.Tensor:
     """The cache of an empty state: ``[4 + G, tiles * T]`` = (μ_max -inf, preferred class -1, sum of the
     class means 0, a bound of the other classes' means -inf; the last G rows, read as
     ``[tiles, G, T]``, a bound per unit and group of classes -inf).
-    ``groups``: G, default ceil(sqrt(K)) up to 64 (csrc/common/tile_scan.h: a rescan reads a few groups)."""
+    ``groups``: G, default ceil(sqrt(K)) up to 64 (csrc/common/tile_scan.h: a rescan reads a few groups).
+    ``bounds=False``: the first three rows only, for ``index_cache`` from scratch (``compute()``);
+    ``accumulate_means`` cannot keep such a cache."""
     K = sums.shape[-2]
     G = groups or min(64, max(1, math.ceil(math.sqrt(K))))
-    cache = sums.new_full((4 + G, sums.shape[-3] * sums.shape[-1]), -float("inf"))
+    cache = sums.new_full((4 + G if bounds else 3, sums.shape[-3] * sums.shape[-1]), -float("inf"))
     cache[1] = -1
     cache[2] = 0
     return cache
@@ -177,13 +180,15 @@ def accumulate_means(means: torch.Tensor, labels: torch.Tensor, sums: torch.Tens
         accumulate_means_reference(means.detach(), labels, sums, counts, weight, cache, rescans)
 
 
-def index_cache(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
-    """The per-unit cache of one row (``sums [tiles, K, T]``, ``counts [K]``) from scratch."""
-    cache = new_index_cache(sums, groups)
+def index_cache(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None,
+                bounds: bool = True) -> torch.Tensor:
+    """The per-unit cache of one row (``sums [tiles, K, T]``, ``counts [K]``) from scratch;
+    ``bounds=False``: its first three rows only (new_index_cache), a faster read of the state."""
+    cache = new_index_cache(sums, groups, bounds)
     if _use_extension():
         torch.ops.selectivity.index_cache(sums, counts, cache)
     else:
-        cache.copy_(index_cache_reference(sums, counts, cache.shape[0] - 4))
+        cache.copy_(index_cache_reference(sums, counts, groups, bounds))
     return cache
 
 
@@ -364,8 +369,11 @@ def accumulate_means_reference(means, labels, sums, counts, weight=1.0, cache=No
             rescans += torch.tensor([tiles * T, 1], device=rescans.device)
 
 
-def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+def index_cache_reference(sums: torch.Tensor, counts: torch.Tensor, groups: int | None = None,
+                          bounds: bool = True) -> torch.Tensor:
     tiles, K, T = sums.shape
+    if not bounds:
+        return index_cache_reference(sums, counts, groups)[:3].clone()
     present = (counts > 0).nonzero().squeeze(1)
     out = new_index_cache(sums, groups)
     size = -(-K // (out.shape[0] - 4))  # classes per group

@@ -135,7 +135,7 @@ def test_bad_labels_and_shapes_are_one_line_errors_and_change_nothing():
     with pytest.raises(ValueError, match="does not fit 20 units"):
         ops.accumulate_means(torch.rand(3, 20), torch.zeros(2, 3, dtype=torch.int64), sums, counts)
     with pytest.raises(ValueError, match="cache must be contiguous float64"):
-        ops.accumulate_means(means, torch.zeros(2, 3, dtype=torch.int64), sums, counts, 1.0, cache[:3])
+        ops.accumulate_means(means, torch.zeros(2, 3, dtype=torch.int64), sums, counts, 1.0, cache[:4])
     with pytest.raises(TypeError, match="means must be float32"):
         ops.accumulate_means(means.double(), torch.zeros(2, 3, dtype=torch.int64), sums, counts)
 
@@ -151,9 +151,29 @@ def test_opcheck_tiled_ops():
     torch.library.opcheck(torch.ops.selectivity.accumulate_means.default,
                           (torch.rand(6, 11, generator=gen), labels, 1.0, sums, counts, None, None))
     torch.library.opcheck(torch.ops.selectivity.index_cache.default, (sums[0], counts[0], ops.new_index_cache(sums)))
+    torch.library.opcheck(torch.ops.selectivity.index_cache.default,
+                          (sums[0], counts[0], ops.new_index_cache(sums, bounds=False)))
     cache = ops.index_cache(sums[0], counts[0])
     torch.library.opcheck(torch.ops.selectivity.layer_si_means.default, (cache, counts[0], 1e-7, None, [5, 6]))
     torch.library.opcheck(torch.ops.selectivity.si_from_cache.default, (cache, counts[0], 1e-7, None))
+
+
+@needs_extension
+def test_index_cache_without_bounds_equals_the_first_rows_of_the_full_cache():
+    """compute()'s cache ([3, units]: μ_max, class, sum of means) is the full cache's first three rows
+    bit for bit, also on dead units and ties; accumulate_means refuses it in one line."""
+    gen = torch.Generator().manual_seed(5)
+    for _, counts, sums_row in _caches_with_edge_cases(gen):
+        lean = ops.index_cache(sums_row, counts, bounds=False)
+        assert lean.shape[0] == 3 and torch.equal(lean, ops.index_cache(sums_row, counts)[:3])
+        torch.testing.assert_close(lean, ops.index_cache_reference(sums_row, counts, bounds=False),
+                                   rtol=1e-12, atol=1e-12)
+        assert torch.equal(ops.si_from_cache(lean, counts).si, ops.si_from_cache(ops.index_cache(sums_row, counts),
+                                                                                 counts).si)
+    sums, counts = ops.new_tiled_state(1, 4, 10, 8)
+    with pytest.raises(ValueError, match="needs a cache with bounds"):
+        ops.accumulate_means(torch.rand(2, 10), torch.zeros(1, 2, dtype=torch.int64), sums, counts, 1.0,
+                             ops.new_index_cache(sums, bounds=False))
 
 
 def _caches_with_edge_cases(gen):

@@ -50,9 +50,11 @@ struct TileCache {
   SELECTIVITY_HD double* group(int64_t g) const { return groups + g * T; }
 };
 
-// cache [4 + G, U] (U = tiles * T) seen from tile t.
+// cache [4 + G, U] (U = tiles * T) seen from tile t; G = 0: a cache [3, U] without bounds (second and
+// groups null).
 SELECTIVITY_HD inline TileCache tile_cache(double* cache, int64_t U, int64_t G, int64_t K, int64_t t, int64_t T) {
   double* c = cache + t * T;
+  if (G == 0) return {c, c + U, c + 2 * U, nullptr, nullptr, 0, K, T};
   return {c, c + U, c + 2 * U, c + 3 * U, cache + 4 * U + t * T * G, G, (K + G - 1) / G, T};
 }
 
@@ -64,7 +66,9 @@ SELECTIVITY_HD inline double mean_bound(double v) { return v + (v < 0.0 ? -v : v
 // Units [i0, i1) of a tile whose K x T block starts at `tile`, from scratch. The class loop is
 // outside, so on the CPU the block is read once, in address order. (Measured slower here: four
 // classes folded per sweep, and dividing only where a class can reach a unit's best with bounds
-// for the rest; docs/extension.md.)
+// for the rest; docs/extension.md.) kBounds false: best, arg and total only (a cache without
+// bounds, for SI from scratch), two fewer stores per class and unit.
+template <bool kBounds = true>
 SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, int64_t K, int64_t T, int64_t i0,
                                      int64_t i1, const TileCache& o) {
   const double ninf = -__builtin_huge_val();
@@ -72,6 +76,7 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
     o.best[i] = ninf;
     o.arg[i] = -1.0;
     o.total[i] = 0.0;
+    if (!kBounds) continue;
     o.second[i] = ninf;
     for (int64_t g = 0; g < o.G; ++g) o.group(g)[i] = ninf;
   }
@@ -81,6 +86,17 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
     const double inv = 1.0 / n;
     const double* row = tile + c * T;
     const double cd = static_cast<double>(c);
+    if (!kBounds) {
+      SELECTIVITY_SIMD
+      for (int64_t i = i0; i < i1; ++i) {
+        const double m = row[i] / n;
+        o.total[i] += row[i] * inv;
+        const bool better = m > o.best[i];
+        o.best[i] = better ? m : o.best[i];
+        o.arg[i] = better ? cd : o.arg[i];
+      }
+      continue;
+    }
     double* group = o.group(c / o.gs);
     SELECTIVITY_SIMD
     for (int64_t i = i0; i < i1; ++i) {

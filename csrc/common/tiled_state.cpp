@@ -27,7 +27,8 @@ TiledState check_tiled_state(const at::Tensor& sums, const at::Tensor& counts, c
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble && counts.scalar_type() == at::kDouble,
                    "sums and counts must be float64", kFix);
   TORCH_CHECK_VALUE(sums.dim() == 4, "sums must be [R, tiles, K, T], got shape ", shape_of(sums), kFix);
-  TiledState s{sums.size(0), sums.size(1), sums.size(2), sums.size(3), N < 0 ? sums.size(1) * sums.size(3) : N, 0};
+  TiledState s{sums.size(0), sums.size(1), sums.size(2), sums.size(3), N < 0 ? sums.size(1) * sums.size(3) : N, 0,
+               false};
   TORCH_CHECK_VALUE(counts.dim() == 2 && counts.size(0) == s.R && counts.size(1) == s.K,
                     "counts must be [R, K] = [", num(s.R), ", ", num(s.K), "], got shape ", shape_of(counts), kFix);
   TORCH_CHECK_VALUE(s.N <= s.nt * s.T && s.N > (s.nt - 1) * s.T,
@@ -36,12 +37,14 @@ TiledState check_tiled_state(const at::Tensor& sums, const at::Tensor& counts, c
   TORCH_CHECK_VALUE(sums.device() == counts.device() && sums.is_contiguous() && counts.is_contiguous(),
                     "sums and counts must be contiguous and on one device", kFix);
   if (cache.defined()) {
-    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 && cache.size(0) >= 5 &&
-                          cache.size(0) <= 4 + kMaxGroups && cache.size(1) == s.nt * s.T && cache.is_contiguous() &&
-                          cache.device() == sums.device(),
-                      "cache must be contiguous float64 [4 + G, ", num(s.nt * s.T), "] with 1 <= G <= 64 on the "
-                      "state's device, got ", shape_of(cache), "; make it with selectivity.ops.new_index_cache()");
-    s.G = cache.size(0) - 4;
+    TORCH_CHECK_VALUE(cache.scalar_type() == at::kDouble && cache.dim() == 2 &&
+                          (cache.size(0) == 3 || (cache.size(0) >= 5 && cache.size(0) <= 4 + kMaxGroups)) &&
+                          cache.size(1) == s.nt * s.T && cache.is_contiguous() && cache.device() == sums.device(),
+                      "cache must be contiguous float64 [4 + G, ", num(s.nt * s.T), "] with 1 <= G <= 64 (or [3, ",
+                      num(s.nt * s.T), "] without bounds) on the state's device, got ", shape_of(cache),
+                      "; make it with selectivity.ops.new_index_cache()");
+    s.bounds = cache.size(0) >= 5;
+    s.G = s.bounds ? cache.size(0) - 4 : 0;
   }
   if (rescans.defined()) {
     TORCH_CHECK_VALUE(rescans.scalar_type() == at::kLong && rescans.numel() == 2 && rescans.is_contiguous() &&

@@ -21,8 +21,8 @@ using at::Tensor;
 
 static std::tuple<Tensor, Tensor, Tensor, Tensor> si_from_cache(const Tensor& cache, const Tensor& counts, double eps,
                                                         const std::optional<Tensor>& shift) {
-  TORCH_CHECK_VALUE(cache.dim() == 2 && cache.size(0) >= 4 && counts.dim() == 1,
-                    "si_from_cache takes a cache [4 + G, units] and its row's counts [K]; make the cache "
+  TORCH_CHECK_VALUE(cache.dim() == 2 && cache.size(0) >= 3 && counts.dim() == 1,
+                    "si_from_cache takes a cache [4 + G, units] or [3, units] and its row's counts [K]; make the cache "
                     "with selectivity.ops.new_index_cache() or index_cache()");
   const Tensor present = counts.gt(0).sum().to(cache.scalar_type());
   const Tensor any = present.gt(0), several = present.gt(1);

@@ -136,6 +136,7 @@ void accumulate_means_cpu(const at::Tensor& means, const at::Tensor& labels, dou
   Step st;
   st.s = check_tiled_state(sums, counts, cache.value_or(none), rescans.value_or(none), means.size(1));
   TORCH_CHECK_VALUE(st.s.T <= kMaxTile, "tiles of at most ", kMaxTile, " units, got ", st.s.T);
+  TORCH_CHECK_VALUE(!cache.has_value() || st.s.bounds, kCacheWithBounds);
   TORCH_CHECK_VALUE(weight > 0.0, "weight must be > 0");
   const int64_t R = st.s.R, K = st.s.K, B = means.size(0);
   const at::Tensor lab = labels.contiguous();

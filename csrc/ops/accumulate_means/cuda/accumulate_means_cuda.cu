@@ -86,6 +86,7 @@ void accumulate_means_cuda(const at::Tensor& means, const at::Tensor& labels, do
   const at::Tensor none;
   const TiledState s = check_tiled_state(sums, counts, cache.value_or(none), rescans.value_or(none), means.size(1));
   TORCH_CHECK_VALUE(weight > 0.0, "weight must be > 0");
+  TORCH_CHECK_VALUE(!cache.has_value() || s.bounds, kCacheWithBounds);
   const c10::cuda::CUDAGuard guard(means.device());
   raise_pending_label_error();
   const int64_t B = means.size(0), N = s.N;

@@ -1,4 +1,5 @@
-// CPU kernel of index_cache: scan_tile over every tile, tiles split over threads.
+// CPU kernel of index_cache: scan_tile over every tile, tiles split over threads (without the bounds
+// for a cache of 3 rows).
 #include "../../../common/cpu_clones.h"
 #include "../../../common/tile_scan.h"
 #include "../../../common/tiled_state.h"
@@ -12,9 +13,14 @@ namespace selectivity {
 namespace {
 
 SELECTIVITY_HOT void scan_tiles(const double* S, const double* C, int64_t K, int64_t T, int64_t t0, int64_t t1,
-                                double* out, int64_t U, int64_t G) {
+                                double* out, int64_t U, int64_t G, bool bounds) {
   for (int64_t t = t0; t < t1; ++t) {
-    scan_tile(S + t * K * T, C, K, T, 0, T, tile_cache(out, U, G, K, t, T));
+    const TileCache o = tile_cache(out, U, G, K, t, T);
+    if (bounds) {
+      scan_tile<true>(S + t * K * T, C, K, T, 0, T, o);
+    } else {
+      scan_tile<false>(S + t * K * T, C, K, T, 0, T, o);
+    }
   }
 }
 
@@ -27,7 +33,7 @@ void index_cache_cpu(const at::Tensor& sums, const at::Tensor& counts, const at:
   double* out = cache.mutable_data_ptr<double>();
   const int64_t U = s.nt * s.T;
   at::parallel_for(0, s.nt, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.K * s.T)), [&](int64_t t0, int64_t t1) {
-    scan_tiles(S, C, s.K, s.T, t0, t1, out, U, s.G);
+    scan_tiles(S, C, s.K, s.T, t0, t1, out, U, s.G, s.bounds);
   });
 }
 

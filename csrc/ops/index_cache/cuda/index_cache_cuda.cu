@@ -12,12 +12,13 @@
 namespace selectivity {
 namespace {
 
+template <bool kBounds>
 __global__ void index_cache_kernel(const double* S, const double* C, int64_t K, int64_t T, int64_t U, int64_t G,
                                    double* out) {
   const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (u >= U) return;
   const int64_t t = u / T, i = u % T;
-  scan_tile(S + t * K * T, C, K, T, i, i + 1, tile_cache(out, U, G, K, t, T));
+  scan_tile<kBounds>(S + t * K * T, C, K, T, i, i + 1, tile_cache(out, U, G, K, t, T));
 }
 
 void index_cache_cuda(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& cache) {
@@ -28,7 +29,8 @@ void index_cache_cuda(const at::Tensor& sums, const at::Tensor& counts, const at
   raise_pending_label_error();
   const int64_t U = s.nt * s.T;
   if (U == 0) return;
-  index_cache_kernel<<<(U + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const auto kernel = s.bounds ? index_cache_kernel<true> : index_cache_kernel<false>;
+  kernel<<<(U + 255) / 256, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
       sums.const_data_ptr<double>(), counts.const_data_ptr<double>(), s.K, s.T, U, s.G, cache.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -14,7 +14,7 @@ namespace {
 at::Tensor layer_si_means_cpu(const at::Tensor& cache, const at::Tensor& counts, double eps,
                               const std::optional<at::Tensor>& shift, at::IntArrayRef lengths) {
   if (shift.has_value() || cache.scalar_type() != at::kDouble || counts.scalar_type() != at::kDouble ||
-      cache.dim() != 2 || cache.size(0) < 4 || !cache.is_contiguous() || !counts.is_contiguous()) {
+      cache.dim() != 2 || cache.size(0) < 3 || !cache.is_contiguous() || !counts.is_contiguous()) {
     return layer_si_means(cache, counts, eps, shift, lengths);
   }
   const int64_t U = cache.size(1), K = counts.numel();
