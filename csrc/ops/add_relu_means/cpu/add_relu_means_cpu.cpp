@@ -9,6 +9,7 @@
 // atomics, and results do not depend on the thread count.
 #include "../add_relu_means.h"
 #include "elements.h"
+#include "../../../common/cpu_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,20 +24,11 @@ namespace {
 
 using epilogue_cpu::Elem;
 
-// The loops are compiled for baseline x86-64, x86-64-v3 (AVX2) and x86-64-v4 (AVX-512), picked at
-// load time (GNU ifunc), like csrc/cpu_clones.h plus the AVX-512 clone: an epilogue's operands are
-// mostly cache-resident (a block output is read again at once by the next block), where the stock
-// add and relu kernels run at AVX-512 width.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define EPILOGUE_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define EPILOGUE_HOT
-#endif
 constexpr int64_t kRun = 8;         // rows (or pixels) summed in Acc before a float64 add
 constexpr int64_t kChunk = 4096;    // NCHW: elements per chunk of planes (a chunk's y stays in L1/L2)
 
 template <typename T, typename M>
-EPILOGUE_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
+SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* means, int64_t b0, int64_t b1,
                                          int64_t U, int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
@@ -74,7 +66,7 @@ EPILOGUE_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* mea
 
 // NCHW, one pass per plane: y and the plane's sum while it is in registers.
 template <typename T, typename M>
-EPILOGUE_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
+SELECTIVITY_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1,
                                     int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
@@ -107,7 +99,7 @@ EPILOGUE_HOT void forward_planes(const T* out_, const T* id_, T* y_, M* means, i
 // the loads are interleaved groups, not gathers). At most 15 float additions of non-negative values
 // per mean: relative error <= 15 * 2^-24.
 template <int kP, typename T, typename M>
-EPILOGUE_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1) {
+SELECTIVITY_HOT void forward_small_planes(const T* out_, const T* id_, T* y_, M* means, int64_t q0, int64_t q1) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
@@ -139,7 +131,7 @@ void forward_nchw(const T* o, const T* i, T* y, M* m, int64_t q0, int64_t q1, in
 // units, or an (image, unit) plane of P pixels). kGy / kGm: which gradients are present (at least
 // one). Without grad_means it is a select, like stock threshold_backward: read y and grad_y, write grad.
 template <bool kGy, bool kGm, bool kUnitsInner, typename T, typename M>
-EPILOGUE_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1, int64_t n,
+SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, int64_t r0, int64_t r1, int64_t n,
                                 int64_t U, int64_t P) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
@@ -174,7 +166,7 @@ EPILOGUE_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_, i
 // loop over the planes' elements taking gm[k / kP] was slower still (measured). kP is a power of two,
 // so grad_means * (1/kP) is exact: the same bits as backward_rows.
 template <int kP, bool kGy, typename T, typename M>
-EPILOGUE_HOT void backward_small_planes(const T* gy_, const M* gm, const T* y_, T* g_, int64_t q0, int64_t q1) {
+SELECTIVITY_HOT void backward_small_planes(const T* gy_, const M* gm, const T* y_, T* g_, int64_t q0, int64_t q1) {
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
