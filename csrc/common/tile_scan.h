@@ -58,9 +58,9 @@ SELECTIVITY_HD inline TileCache tile_cache(double* cache, int64_t U, int64_t G, 
   return {c, c + U, c + 2 * U, c + 3 * U, cache + 4 * U + t * T * G, G, (K + G - 1) / G, T};
 }
 
-// An upper bound of fl(x / n) from v = fl(x * fl(1 / n)) (total_term): v is within ~2^-52 relative
-// of x / n, so v + |v| * 2^-49 is above x / n's rounding; exact for x = 0, so dead units keep their
-// exact ties.
+// An upper bound of fl(x / n) from the product v = fl(x * fl(1 / n)): v is within ~2^-52 relative of
+// x / n, so v + |v| * 2^-49 is above x / n's rounding; exact for x = 0, so dead units keep their exact
+// ties.
 SELECTIVITY_HD inline double mean_bound(double v) { return v + (v < 0.0 ? -v : v) * 0x1p-49; }
 
 // Units [i0, i1) of a tile whose K x T block starts at `tile`, from scratch. The class loop is
@@ -113,8 +113,9 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
 
 // Class `cd` of a unit has the new exact mean `nm`: the unit's best, arg and second in place; classes
 // come in ascending order. Bitwise logic, no branches, so that the CPU loop over a tile's units
-// vectorizes. The caller keeps `total` (total_term) and raises the class's group bound (raise_bound);
-// where may_change is false for every unit it may skip this call and the division for nm.
+// vectorizes. The caller keeps `total` (the products above) and raises the class's group bound
+// (raise_bound); where may_change is false for every unit this call would change nothing, so the
+// caller may skip it and the division for nm.
 // Flag: the stale flag's type (int64_t on the CPU: a vector lane as wide as the doubles beside it).
 template <typename Flag>
 SELECTIVITY_HD inline void update_unit(double nm, double cd, double& best, double& arg, double& second, Flag& stale) {
