@@ -9,12 +9,8 @@ forward, which the hooks need not know; it imports the epilogue only when a fuse
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from selectivity.units.hooks import UnitHooks
 
 
 def _torchvision_basic(b, x):
@@ -80,7 +76,7 @@ class _FusedBlock:
         return _FusedBlock.of(block) is not None or (not installed and type(block) in _known_blocks())
 
     @classmethod
-    def attach(cls, block: nn.Module, hooks: UnitHooks, name: str):
+    def attach(cls, block: nn.Module, hooks, name: str):
         fused = cls.of(block) or cls(block)
         fused.consumers.append((hooks, name))
         return _Detach(fused, (hooks, name))
@@ -89,7 +85,8 @@ class _FusedBlock:
         self.body, relu_name = _known_blocks()[type(block)]
         self.final_relu = getattr(block, relu_name)
         self.block = block
-        self.consumers: list[tuple[UnitHooks, str]] = []
+        # (UnitHooks, layer name) of each consumer; typed loosely: hooks.py imports this file.
+        self.consumers: list[tuple[object, str]] = []
         block.forward = self.forward  # an instance attribute shadows the class's forward
 
     def _stock_needed(self, block: nn.Module) -> bool:
