@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from selectivity.ops import _use_extension, has_extension
-from selectivity.units import unit_means
+from selectivity.units.layouts import unit_means
 
 OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HAS_OP = has_extension() and hasattr(torch.ops.selectivity, "add_relu_means")

@@ -219,7 +219,7 @@ RENORMALIZE_ABOVE = 1e100
 class SelectivityTracker(HooksOwner):
     """Per-unit class selectivity of ``units`` of ``model`` over the batches it is shown.
 
-    ``num_classes``: K. ``units``: see selectivity/units.py (default ``"blocks"``).
+    ``num_classes``: K. ``units``: see selectivity/units/ (default ``"blocks"``).
     ``dataset_labels`` + ``null_permutations``: the label-shuffled null (module doc); then every
     ``track``/``update`` needs the batch's dataset ``indices``. ``seed`` fixes the permutations.
     ``incremental``: keep the per-step SI (``step_si()``). ``decay``: None, or λ in (0, 1) for an

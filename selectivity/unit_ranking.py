@@ -8,7 +8,7 @@ on. The ranking also keeps each unit's mean activation over the split (the ``mod
 Layers and units. A *layer* is any module whose forward output ``[B, U, H, W]`` or ``[B, U]``
 holds U units (a channel's activation is its spatial mean, as everywhere in this project). By
 default the layers are the residual blocks (their post-ReLU outputs, the units the tracker
-measures); any model can name its own with a units spec of selectivity/units.py
+measures); any model can name its own with a units spec of selectivity/units/
 (``resolve_units``, the one resolver of layer names).
 
 Ranking, the ranking split and the ablations all raise ``AblationError`` (selectivity/errors.py,
@@ -67,7 +67,7 @@ def rank_units(model: nn.Module, loader: Iterable, layers="blocks", num_classes:
     """SI (and mean activation) of every unit of ``layers`` over ``loader`` (eval mode, no grad).
 
     ``loader`` yields ``(images, labels)`` on the model's device. ``layers``: a units spec
-    (selectivity/units.py; default every residual block). ``num_classes``: taken from
+    (selectivity/units/; default every residual block). ``num_classes``: taken from
     ``loader.num_classes`` when not given.
     """
     layers = resolve_units(model, layers)

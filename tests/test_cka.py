@@ -203,7 +203,7 @@ def test_collect_features_returns_the_named_layers_and_removes_hooks():
 
 
 def test_unknown_layer_names_the_layer_and_the_valid_ones():
-    # The one resolver's error (selectivity/units.py): the name asked for and the modules there.
+    # The one resolver's error (selectivity/units/resolve.py): the name asked for and the modules there.
     with pytest.raises(UnitsError, match=r"no module named 'layer9'.*modules conv, relu, pool, "
                                          r"flat, fc"):
         with collect_features(small_net(), ["layer9"]):

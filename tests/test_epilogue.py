@@ -8,7 +8,8 @@ from selectivity import epilogue, ops
 from selectivity.errors import UnitsError
 from selectivity.train.models import BasicBlock, build_model
 from selectivity.regularizer import SelectivityRegularizer
-from selectivity.units import UnitHooks, _FusedBlock, unit_means
+from selectivity.units import UnitHooks, unit_means
+from selectivity.units.fused_blocks import _FusedBlock
 
 needs_op = pytest.mark.skipif(not epilogue._HAS_OP, reason="selectivity._C is not built with add_relu_means")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

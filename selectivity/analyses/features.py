@@ -8,7 +8,7 @@ one batch at a time (``collect_features``), the model's stages, and the names th
 - ``base_name``: ``UnitHooks`` reports a module's k-th call in one forward as ``name#k``.
 
 Layer lists are resolved as the analyses take them: ``resolve_units(model, layers,
-order="given", names_first=True)`` (selectivity/units.py).
+order="given", names_first=True)`` (selectivity/units/resolve.py).
 """
 from __future__ import annotations
 

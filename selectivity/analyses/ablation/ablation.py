@@ -14,7 +14,7 @@ Paper 1's protocol (Ranadive et al. 2023), with its ranking/evaluation overlap f
 
 This module does steps 2 and 3 (and the AUC summaries), given the rankings of step 1. Which
 layers hold the units, and how a model names its own, is described in selectivity/unit_ranking.py
-(a units spec of selectivity/units.py, ``resolve_units``).
+(a units spec of selectivity/units/, ``resolve_units``).
 
 Many conditions per pass. ``AblationHooks`` masks a layer's output with a per-group mask
 ``[G, U]``: the batch is repeated G times and ``out.view(G, B, U, H, W) * keep[:, None, :, None,
