@@ -12,8 +12,9 @@
 //
 // A class mean has three forms here, one definition for CPU and CUDA (both IEEE double):
 //   x / n           exact: μ_max and its class, bit for bit as any full reduction;
-//   x * (1 / n)     the term of `total`: every path adds and removes this same value, so a class's
-//                   term cancels exactly when it is replaced (it is within 1 ulp of x / n);
+//   x * (1 / n)     the term of `total` in a cache that steps keep: every path adds and removes this
+//                   same value, so a class's term cancels exactly when it is replaced (it is within
+//                   1 ulp of x / n; a cache without bounds sums x / n, see scan_tile);
 //   mean_bound      an upper bound of x / n from the product: between scans, second and the group
 //                   bounds only need to be bounds, so a step divides only where an exact mean can
 //                   matter (a full scan keeps them exact).
@@ -67,7 +68,10 @@ SELECTIVITY_HD inline double mean_bound(double v) { return v + (v < 0.0 ? -v : v
 // outside, so on the CPU the block is read once, in address order. (Measured slower here: four
 // classes folded per sweep, and dividing only where a class can reach a unit's best with bounds
 // for the rest; docs/extension.md.) kBounds false: best, arg and total only (a cache without
-// bounds, for SI from scratch), two fewer stores per class and unit.
+// bounds, for SI from scratch), two fewer stores per class and unit, and total the sum of the exact
+// means in class order, not of the products: no step keeps this cache, and a sum of non-negative
+// terms that includes best is >= best exactly, so μ_-max = (total - best) / (n - 1) is never a
+// rounding below 0 where every class mean is >= 0 (compute()'s sign check relies on that).
 template <bool kBounds = true>
 SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, int64_t K, int64_t T, int64_t i0,
                                      int64_t i1, const TileCache& o) {
@@ -90,7 +94,7 @@ SELECTIVITY_HD inline void scan_tile(const double* tile, const double* counts, i
       SELECTIVITY_SIMD
       for (int64_t i = i0; i < i1; ++i) {
         const double m = row[i] / n;
-        o.total[i] += row[i] * inv;
+        o.total[i] += m;
         const bool better = m > o.best[i];
         o.best[i] = better ? m : o.best[i];
         o.arg[i] = better ? cd : o.arg[i];
