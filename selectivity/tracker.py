@@ -350,8 +350,8 @@ class SelectivityTracker(HooksOwner):
             return out
         counts = self.counts[0] if self.decay is not None else self.counts[0].long()
         lowest = self._lowest(0)
-        r = ops.si_from_cache(ops.index_cache(self.sums[0], self.counts[0], bounds=False), self.counts[0], self.eps,
-                              lowest)
+        r = ops.si_from_cache(ops.index_cache(self.sums[0], self.counts[0], bounds=False), self.counts[0],
+                              self.eps, lowest)
         null = torch.stack([ops.si_from_cache(ops.index_cache(self.sums[p], self.counts[p], bounds=False),
                                               self.counts[p], self.eps, self._lowest(p)).si
                             for p in range(1, self.rows)]) if self.rows > 1 else None

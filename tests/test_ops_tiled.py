@@ -60,8 +60,8 @@ def test_accumulate_means_matches_the_reference_and_the_cache_the_full_reduction
         torch.testing.assert_close(cache[2], full[2], rtol=1e-12, atol=1e-12)
         assert torch.equal(full[1], ref_cache[1])
         torch.testing.assert_close(full[[0, 2, 3]], ref_cache[[0, 2, 3]], rtol=1e-12, atol=1e-12)
-        # second and the group bounds are upper bounds of the exact runner-up and group maxima of the
-        # same state (the reference's divisions): between scans, and after a scan within ~2^-49.
+        # second and the group bounds: between scans, upper bounds of the exact runner-up and group
+        # maxima of the same state (the reference's divisions); after a full scan, those values.
         exact = ops.index_cache_reference(sums[0], counts[0])
         assert bool((cache[3] >= exact[3]).all()) and bool((cache[4:] >= exact[4:]).all())
         assert bool((full[3] >= exact[3]).all()) and bool((full[4:] >= exact[4:]).all())
