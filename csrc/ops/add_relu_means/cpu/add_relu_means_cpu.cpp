@@ -41,9 +41,12 @@ SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* 
     const Bits* o = reinterpret_cast<const Bits*>(out_) + b * P * U;  // may be y (in place)
     const Bits* __restrict i = reinterpret_cast<const Bits*>(id_) + b * P * U;
     Bits* y = reinterpret_cast<Bits*>(y_) + b * P * U;
+    const double inv_P = 1.0 / static_cast<double>(P);
     for (int64_t p0 = 0; p0 < P; p0 += kRun) {
       const int64_t p1 = std::min(P, p0 + kRun);
-      for (int64_t p = p0; p < p1; ++p) {
+      const bool first_run = p0 == 0, last_run = p1 == P;
+      // Every row but the image's last: its values into the run's sums.
+      for (int64_t p = p0; p < (last_run ? P - 1 : p1); ++p) {
         const int64_t at = p * U;
         const bool first = p == p0;
 #pragma omp simd
@@ -54,13 +57,26 @@ SELECTIVITY_HOT void forward_units_inner(const T* out_, const T* id_, T* y_, M* 
           r[u] = first ? f : r[u] + f;
         }
       }
-      const bool first_run = p0 == 0;
+      if (!last_run) {
 #pragma omp simd
-      for (int64_t u = 0; u < U; ++u) t[u] = first_run ? double(r[u]) : t[u] + double(r[u]);
+        for (int64_t u = 0; u < U; ++u) t[u] = first_run ? double(r[u]) : t[u] + double(r[u]);
+        continue;
+      }
+      // The last row ends the last run and the image: its values, the run's sum, the earlier runs'
+      // total and the mean in one loop (the same additions in the same order as the rows and runs
+      // above), instead of a pass over the run's sums and another over the totals.
+      const int64_t at = (P - 1) * U;
+      const bool first = P - 1 == p0;
+#pragma omp simd
+      for (int64_t u = 0; u < U; ++u) {
+        const Bits v = E::relu(E::load(o[at + u]) + E::load(i[at + u]));
+        y[at + u] = v;
+        const Acc f = E::value(v);
+        const Acc run_sum = first ? f : r[u] + f;
+        const double sum = first_run ? double(run_sum) : t[u] + double(run_sum);
+        means[b * U + u] = static_cast<M>(sum * inv_P);
+      }
     }
-    const double inv_P = 1.0 / static_cast<double>(P);
-#pragma omp simd
-    for (int64_t u = 0; u < U; ++u) means[b * U + u] = static_cast<M>(t[u] * inv_P);
   }
 }
 
