@@ -76,14 +76,18 @@ def add_relu_means_(out: torch.Tensor, identity: torch.Tensor):
     """``add_relu_means`` that may write y into ``out`` (returned as y), as torchvision's blocks do
     with ``out += identity; relu_(out)``; for a block's forward, where ``out`` (the last BN's
     output) is dead after the epilogue. Writing into a buffer that was just written is faster on
-    the CPU than filling a new one (docs/extension.md). Where writing in place is not possible
-    (not a dense layout, a leaf requiring grad, ``identity`` sharing ``out``'s memory, under
-    ``torch.compile``, which takes the functional op) it is ``add_relu_means``."""
-    if (_fusable(out, identity) and _dense(out) and not out._is_view()
-            and not (out.requires_grad and out.is_leaf)
-            and identity.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
-            and not torch.compiler.is_compiling() and _use_extension()):
-        return out, _ADD_RELU_MEANS_INPLACE(out, identity)
+    the CPU than filling a new one (docs/extension.md). Where writing in place is not possible it
+    is ``add_relu_means``: the op itself refuses, before writing anything, what it cannot take in
+    place (not a dense layout, a view, a leaf requiring grad, ``identity`` sharing ``out``'s memory,
+    mixed dtypes, a device without its kernel), and under ``torch.compile`` the functional op is
+    used. Asking the op, rather than checking each condition here first, keeps this Python off a
+    fused block's hot path (it runs once per block per step); a block's BN output is always
+    accepted, so the refusal's exception is the rare case."""
+    if _HAS_OP and not torch.compiler.is_compiling() and _use_extension():
+        try:
+            return out, _ADD_RELU_MEANS_INPLACE(out, identity)
+        except (ValueError, TypeError, NotImplementedError):
+            pass
     return add_relu_means(out, identity)
 
 
@@ -96,12 +100,6 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
             and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """``t.is_contiguous(memory_format=_layout(t))``, cheaper: a [B, U, 1, 1] map that is
-    channels_last-contiguous is contiguous too, so the layout need not be worked out."""
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 if _HAS_OP:

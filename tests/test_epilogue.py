@@ -154,8 +154,35 @@ def test_the_ops_themselves_are_differentiable_in_cpp(layout):
     with torch.no_grad():
         torch.ops.selectivity.add_relu_means_(o, identity)
     assert o._version > v and o.grad_fn is None
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+    before = out.detach().clone()
+    with pytest.raises(ValueError, match="out is a leaf that requires grad, which cannot be written in place"):
         torch.ops.selectivity.add_relu_means_(out, identity)
+    assert torch.equal(out.detach(), before)  # refused before the kernel wrote anything
+
+
+@needs_op
+def test_inplace_op_refuses_what_it_cannot_write_and_the_wrapper_falls_back():
+    """What add_relu_means_ cannot take in place raises one line before anything is written, and
+    epilogue.add_relu_means_ then gives the functional op's result with out untouched."""
+    out, identity = pair(torch.float32, "nchw", B=2, U=4, H=3, W=3)
+    y, means = torch.ops.selectivity.add_relu_means(out, identity)
+    base = torch.cat([out, out])
+    leaf = out.clone().requires_grad_()
+    cases = {"a view": (base[:2], identity, "out is a view"),
+             "an alias": (out.clone(), None, "identity shares out's memory"),
+             "not dense": (torch.empty_strided(out.shape, (72, 18, 6, 2)).copy_(out), identity, "out must be dense"),
+             "a leaf": (leaf, identity, "out is a leaf that requires grad"),
+             "mixed dtypes": (out.clone(), identity.double(), "identity must have out's dtype")}
+    for name, (o, i, message) in cases.items():
+        i = o if i is None else i
+        before = o.detach().clone()
+        with pytest.raises((ValueError, TypeError), match=message):
+            torch.ops.selectivity.add_relu_means_(o, i)
+        assert torch.equal(o.detach(), before), name
+        got_y, got_means = epilogue.add_relu_means_(o, i)
+        assert got_y is not o and torch.equal(o.detach(), before), name
+        want = epilogue.add_relu_means_reference(o.detach(), i.detach())
+        assert torch.equal(got_y, want[0]) and torch.allclose(got_means, want[1], rtol=1e-6), name
 
 
 def _loss(outputs, g, use_y, use_m):

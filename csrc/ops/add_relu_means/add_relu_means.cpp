@@ -54,8 +54,13 @@ EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& 
   c10::MemoryFormat format;
   EpilogueForward f;
   f.shape = shape_and_layout(out, &format);
-  TORCH_CHECK_VALUE(!inplace || out.is_contiguous(format), "add_relu_means_: out must be dense (NCHW, channels_last "
-                    "or [B, U]) to be written in place; use add_relu_means");
+  if (inplace) {  // refused before anything is written (selectivity.epilogue.add_relu_means_ then falls back)
+    TORCH_CHECK_VALUE(out.is_contiguous(format), "add_relu_means_: out must be dense (NCHW, channels_last "
+                      "or [B, U]) to be written in place; use add_relu_means");
+    TORCH_CHECK_VALUE(!out.is_view(), "add_relu_means_: out is a view, which is not written in place; use add_relu_means");
+    TORCH_CHECK_VALUE(!out.storage().is_alias_of(identity.storage()),
+                      "add_relu_means_: identity shares out's memory, so out cannot be written in place; use add_relu_means");
+  }
   f.out = out.contiguous(format);
   f.identity = identity.contiguous(format);
   f.y = inplace ? out : at::empty_like(f.out, f.out.options(), format);

@@ -110,6 +110,10 @@ std::tuple<at::Tensor, at::Tensor> add_relu_means_autograd(const at::Tensor& out
 }
 
 at::Tensor add_relu_means_inplace_autograd(at::Tensor& out, const at::Tensor& identity) {
+  // What torch refuses for any in-place op, checked before the kernel writes out.
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && out.requires_grad() && out.is_leaf()),
+                    "add_relu_means_: out is a leaf that requires grad, which cannot be written in place; "
+                    "use add_relu_means");
   if (!needs_graph(out, identity)) {
     at::Tensor means;
     {
