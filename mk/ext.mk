@@ -61,7 +61,8 @@ $(CUDA_CHECK_DIR)/ok: $(EXT_SOURCES) $(EXT_STAMP) | venv
 	path = glob.glob('$(CUDA_CHECK_DIR)/lib/selectivity/_C*.so')[0]; \
 	spec = importlib.util.spec_from_file_location('_C', path); spec.loader.exec_module(importlib.util.module_from_spec(spec)); \
 	has = torch._C._dispatch_has_kernel_for_dispatch_key; \
-	ok = all(has('selectivity::' + op, 'CUDA') for op in ('accumulate', 'selectivity_index', 'accumulate_means', 'index_cache', 'add_relu_means', 'add_relu_means_backward', 'add_relu_means_')); \
+	ok = all(has('selectivity::' + op, 'CUDA') for op in ('accumulate', 'selectivity_index', 'accumulate_means', 'index_cache', 'add_relu_means', 'add_relu_means_backward', 'add_relu_means_', \
+	      'add_relu_means_backward_')); \
 	assert ok, 'the CUDA kernels of ' + path + ' did not register'; \
 	print('cuda-check: CUDA kernels built and registered from', path)"
 	@touch $@

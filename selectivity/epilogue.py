@@ -19,7 +19,9 @@ Contract (tests/test_epilogue.py):
   ``identity``; a missing ``grad_means`` (means not used by the loss) costs nothing extra. It is
   registered in C++ for the Autograd dispatch key (csrc/ops/add_relu_means/autograd.cpp), for both
   ``add_relu_means`` and ``add_relu_means_``: calling ``torch.ops.selectivity.*`` is differentiable
-  and no Python runs in the forward's graph building or in the backward;
+  and no Python runs in the forward's graph building or in the backward. A backward whose
+  incoming gradient nothing else holds (the next layer's fresh gradient, in a training step)
+  writes its result into that tensor (``add_relu_means_backward_``) instead of a new one;
 * ``add_relu_means_(out, identity)``: the same, y written into ``out`` where it can be (what the
   fused block forwards use; stock torchvision blocks also overwrite ``out``);
 * fake implementations for ``torch.compile`` (here; AOTAutograd traces the C++ autograd kernel, so
@@ -122,3 +124,7 @@ if _HAS_OP:
     @torch.library.register_fake("selectivity::add_relu_means_backward")
     def _add_relu_means_backward_fake(grad_y, grad_means, y):
         return torch.empty_like(y, memory_format=_layout(y))
+
+    @torch.library.register_fake("selectivity::add_relu_means_backward_")
+    def _add_relu_means_backward_inplace_fake(grad_y, grad_means, y):
+        return None

@@ -185,6 +185,51 @@ def test_inplace_op_refuses_what_it_cannot_write_and_the_wrapper_falls_back():
         assert torch.equal(got_y, want[0]) and torch.allclose(got_means, want[1], rtol=1e-6), name
 
 
+def _backward_ops(loss, inputs):
+    """(gradients of loss w.r.t. inputs, the names of the epilogue's backward ops that ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(loss, inputs)
+    return grads, {e.name for e in prof.events() if e.name.startswith("selectivity::add_relu_means_backward")}
+
+
+@needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("means_in_loss", [False, True])
+def test_backward_writes_into_an_unshared_incoming_gradient(layout, means_in_loss):
+    """A gradient the engine hands over unshared (here y * w's: a fresh tensor, as the next layer's
+    in a training step) takes the result in place (add_relu_means_backward_, no new tensor); one that
+    anything else holds (a hook that keeps it) is left intact and the result is a new tensor. Both give
+    the same bits, and those of stock relu + add where the means are not in the loss."""
+    check_written_into(layout, means_in_loss, "cpu")
+
+
+def check_written_into(layout, means_in_loss, device):
+    out, identity = pair(torch.float32, layout, B=3, U=8, H=4, W=4, device=device)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(out.shape, generator=g).to(device).contiguous(memory_format=epilogue._layout(out))
+    wm = torch.randn(3, 8, generator=g).to(device)
+    runs = {}
+    for shared in (False, True):
+        a, b = (t.clone().requires_grad_() for t in (out, identity))
+        y, means = epilogue.add_relu_means_(a * 1, b)
+        kept = []
+        if shared:
+            y.register_hook(kept.append)
+        loss = (y * w).sum() + (means * wm).sum() * means_in_loss
+        runs[shared] = _backward_ops(loss, (a, b))
+        if shared:
+            assert torch.equal(kept[0], w)  # the incoming gradient, untouched
+    (grads, ran), (grads_shared, ran_shared) = runs[False], runs[True]
+    assert ran == {"selectivity::add_relu_means_backward_"}
+    assert ran_shared == {"selectivity::add_relu_means_backward"}
+    for x, z in zip(grads, grads_shared):
+        assert torch.equal(x, z)
+    if not means_in_loss:
+        a, b = (t.clone().requires_grad_() for t in (out, identity))
+        want = torch.autograd.grad((torch.relu(a * 1 + b) * w).sum(), (a, b))
+        assert torch.equal(grads[0], want[0]) and torch.equal(grads[1], want[1])
+
+
 def _loss(outputs, g, use_y, use_m):
     y, means = outputs
     wy, wm = torch.randn(y.shape, generator=g, dtype=y.dtype), torch.randn(means.shape, generator=g, dtype=y.dtype)
@@ -218,6 +263,8 @@ def test_opcheck():
         gm = torch.randn(2, 5)
         for gy, m in ((torch.randn_like(y), None), (None, gm), (torch.randn_like(y), gm)):
             torch.library.opcheck(torch.ops.selectivity.add_relu_means_backward, (gy, m, y))
+        for m in (None, gm):
+            torch.library.opcheck(torch.ops.selectivity.add_relu_means_backward_, (torch.randn_like(y), m, y))
 
 
 def test_wrapper_falls_back_to_the_reference(monkeypatch):
@@ -453,6 +500,14 @@ def test_cuda_backward_equals_reference(dtype, layout):
     assert torch.equal(bits(grads[0]), bits(grads[2]))  # grad_y alone: stock relu backward
     torch.testing.assert_close(grads[1].float(), grads[3].float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
                                atol=1e-6)
+
+
+@cuda
+@needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("means_in_loss", [False, True])
+def test_cuda_backward_writes_into_an_unshared_incoming_gradient(layout, means_in_loss):
+    check_written_into(layout, means_in_loss, "cuda")
 
 
 @cuda

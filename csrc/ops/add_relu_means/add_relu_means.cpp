@@ -57,9 +57,10 @@ EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& 
   if (inplace) {  // refused before anything is written (selectivity.epilogue.add_relu_means_ then falls back)
     TORCH_CHECK_VALUE(out.is_contiguous(format), "add_relu_means_: out must be dense (NCHW, channels_last "
                       "or [B, U]) to be written in place; use add_relu_means");
-    TORCH_CHECK_VALUE(!out.is_view(), "add_relu_means_: out is a view, which is not written in place; use add_relu_means");
-    TORCH_CHECK_VALUE(!out.storage().is_alias_of(identity.storage()),
-                      "add_relu_means_: identity shares out's memory, so out cannot be written in place; use add_relu_means");
+    TORCH_CHECK_VALUE(!out.is_view(), "add_relu_means_: out is a view, which is not written in place; use "
+                      "add_relu_means");
+    TORCH_CHECK_VALUE(!out.storage().is_alias_of(identity.storage()), "add_relu_means_: identity shares out's "
+                      "memory, so out cannot be written in place; use add_relu_means");
   }
   f.out = out.contiguous(format);
   f.identity = identity.contiguous(format);
@@ -70,7 +71,7 @@ EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& 
 
 EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>& grad_y,
                                                  const c10::optional<at::Tensor>& grad_means,
-                                                 const at::Tensor& y) {
+                                                 const at::Tensor& y, bool into_grad_y) {
   TORCH_CHECK_TYPE(epilogue_dtype(y.scalar_type()),
                    "add_relu_means_backward: y must be float32, float16, bfloat16 or float64, got ",
                    c10::toString(y.scalar_type()));
@@ -80,6 +81,10 @@ EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>
   EpilogueBackward b;
   b.shape = shape_and_layout(y, &format);
   b.y = y.contiguous(format);
+  const bool writable = grad_y.has_value() && grad_y->defined() && grad_y->scalar_type() == y.scalar_type() &&
+                        grad_y->is_contiguous(format) && grad_y->device() == y.device();
+  TORCH_CHECK_VALUE(!into_grad_y || writable, "add_relu_means_backward_: grad_y must be given, with y's dtype and "
+                    "dense in y's layout, to be written in place; use add_relu_means_backward");
   if (grad_y.has_value() && grad_y->defined()) {
     TORCH_CHECK_VALUE(grad_y->sizes() == y.sizes(), "add_relu_means_backward: grad_y must have y's shape ",
                       shape_of(y), ", got ", shape_of(*grad_y));
@@ -91,7 +96,7 @@ EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>
                       std::to_string(b.shape.U), "], got ", shape_of(*grad_means));
     b.grad_means = grad_means->to(c10::promoteTypes(y.scalar_type(), at::kFloat)).contiguous();
   }
-  b.grad = at::empty_like(b.y, b.y.options(), format);
+  b.grad = into_grad_y ? *grad_y : at::empty_like(b.y, b.y.options(), format);
   return b;
 }
 
@@ -100,6 +105,8 @@ TORCH_LIBRARY_FRAGMENT(selectivity, m) {
   m.set_python_module("selectivity.epilogue");
   m.def("add_relu_means(Tensor out, Tensor identity) -> (Tensor y, Tensor means)");
   m.def("add_relu_means_backward(Tensor? grad_y, Tensor? grad_means, Tensor y) -> Tensor");
+  // The same, written into grad_y (nothing returned: functionalization refuses an aliased output).
+  m.def("add_relu_means_backward_(Tensor(a!) grad_y, Tensor? grad_means, Tensor y) -> ()");
   // The same, y written into out; returns the means.
   m.def("add_relu_means_(Tensor(a!) out, Tensor identity) -> Tensor means");
 }

@@ -10,6 +10,8 @@
 //             relu_(out)` does): no new buffer whose first write has to fetch its cache lines.
 //   backward: grad[b,u,p] = y <= 0 ? 0 : grad_y[b,u,p] + grad_means[b,u] / P
 //             (either grad may be absent; the same tensor is the gradient of out and of identity)
+//   add_relu_means_backward_: the same, written into grad_y (which must be present): what the
+//             autograd runs when the incoming gradient is not shared (autograd.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -41,8 +43,10 @@ struct EpilogueBackward {
 // Argument checks (one-line ValueError/TypeError) and the layout both backends run in.
 // inplace: y is out itself (add_relu_means_), which must then be dense in its layout.
 EpilogueForward prepare_add_relu_means(const at::Tensor& out, const at::Tensor& identity, bool inplace = false);
+// into_grad_y: grad is grad_y itself (add_relu_means_backward_), which must then be y's dtype and
+// dense in y's layout.
 EpilogueBackward prepare_add_relu_means_backward(const c10::optional<at::Tensor>& grad_y,
                                                  const c10::optional<at::Tensor>& grad_means,
-                                                 const at::Tensor& y);
+                                                 const at::Tensor& y, bool into_grad_y = false);
 
 }  // namespace selectivity

@@ -12,6 +12,7 @@
 //
 // torch.compile: AOTAutograd traces through these kernels; the forward and backward ops reach the
 // graph as the ops themselves (their fake implementations are in selectivity/epilogue.py).
+#include <ATen/CachedTensorUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -19,6 +20,7 @@
 
 #include <optional>
 #include <tuple>
+#include <typeinfo>
 
 namespace selectivity {
 namespace {
@@ -49,18 +51,51 @@ const auto& backward_op() {
   return op;
 }
 
+const auto& backward_inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("selectivity::add_relu_means_backward_", "")
+          .typed<void(at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&)>();
+  return op;
+}
+
+// Whether the incoming gradient can take the result in place: the engine handed it over and nothing
+// else refers to it (no other tensor, Python object or view: use_count 1 and an unshared storage;
+// in a training step it is the next layer's fresh gradient), as torch's AccumulateGrad steals such a
+// gradient (its is_tensor_stealable, which also allows a Python owner: not here, as this writes
+// into it). A plain dense tensor only (not a fake, functional or batched one while tracing), with
+// y's dtype and strides. The backward then allocates nothing, where threshold_backward allocates.
+bool can_write_into(const at::Tensor& grad, const at::Tensor& y) {
+  if (!grad.defined() || at::GradMode::is_enabled() || grad.use_count() != 1) return false;
+  const c10::TensorImpl* impl = grad.unsafeGetTensorImpl();
+  if (typeid(*impl) != typeid(c10::TensorImpl) || impl->is_python_dispatch() || grad.is_view() ||
+      grad.layout() != at::kStrided || !grad.has_storage() || grad.storage().use_count() != 1 ||
+      at::caching::is_cached_tensor(grad))
+    return false;
+  return grad.scalar_type() == y.scalar_type() && grad.device() == y.device() && grad.sizes() == y.sizes() &&
+         grad.strides() == y.strides();
+}
+
 std::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// The gradient of out and of identity (the same tensor), undefined where none is needed.
-variable_list backward_both(AutogradContext* ctx, const variable_list& grads) {
-  const at::Tensor& grad_y = grads[0];
+// The gradient of out and of identity (the same tensor), undefined where none is needed. grads: the
+// node's own list of incoming gradients (by reference: CppNode passes its list, so an unshared
+// gradient's use_count is 1 here).
+variable_list backward_both(AutogradContext* ctx, variable_list& grads) {
+  at::Tensor& grad_y = grads[0];
   const at::Tensor& grad_means = grads[1];
   const bool need_out = ctx->needs_input_grad(0), need_identity = ctx->needs_input_grad(1);
   if ((!grad_y.defined() && !grad_means.defined()) || !(need_out || need_identity)) return {at::Tensor(), at::Tensor()};
   const at::Tensor y = ctx->get_saved_variables()[0];
-  at::Tensor grad = backward_op().call(present(grad_y), present(grad_means), y);
+  at::Tensor grad;
+  if (can_write_into(grad_y, y)) {
+    backward_inplace_op().call(grad_y, present(grad_means), y);
+    grad = grad_y;
+  } else {
+    grad = backward_op().call(present(grad_y), present(grad_means), y);
+  }
   return {need_out ? grad : at::Tensor(), need_identity ? grad : at::Tensor()};
 }
 
@@ -74,7 +109,7 @@ class AddReluMeans : public torch::autograd::Function<AddReluMeans> {
     return {y, means};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) { return backward_both(ctx, grads); }
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) { return backward_both(ctx, grads); }
 };
 
 // add_relu_means_: y written into out, which is marked dirty (its version is bumped and its history
@@ -93,7 +128,7 @@ class AddReluMeansInplace : public torch::autograd::Function<AddReluMeansInplace
     return {out, means};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) { return backward_both(ctx, grads); }
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) { return backward_both(ctx, grads); }
 };
 
 bool needs_graph(const at::Tensor& out, const at::Tensor& identity) {

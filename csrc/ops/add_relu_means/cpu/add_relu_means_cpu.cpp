@@ -152,9 +152,10 @@ SELECTIVITY_HOT void backward_rows(const T* gy_, const M* gm, const T* y_, T* g_
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
-  const Bits* __restrict gy = reinterpret_cast<const Bits*>(gy_);
+  // gy and g may be one buffer (add_relu_means_backward_): each element is read before it is written.
+  const Bits* gy = reinterpret_cast<const Bits*>(gy_);
   const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
-  Bits* __restrict g = reinterpret_cast<Bits*>(g_);
+  Bits* g = reinterpret_cast<Bits*>(g_);
   const Bits zero = E::relu(Acc(0));
   const M inv_P = M(1) / M(P);
   for (int64_t row = r0; row < r1; ++row) {
@@ -186,9 +187,10 @@ SELECTIVITY_HOT void backward_small_planes(const T* gy_, const M* gm, const T* y
   using E = Elem<T>;
   using Bits = typename E::Bits;
   using Acc = typename E::Acc;
-  const Bits* __restrict gy = reinterpret_cast<const Bits*>(gy_);
+  // gy and g may be one buffer (add_relu_means_backward_): each element is read before it is written.
+  const Bits* gy = reinterpret_cast<const Bits*>(gy_);
   const Bits* __restrict y = reinterpret_cast<const Bits*>(y_);
-  Bits* __restrict g = reinterpret_cast<Bits*>(g_);
+  Bits* g = reinterpret_cast<Bits*>(g_);
   const Bits zero = E::relu(Acc(0));
   const M inv_P = M(1) / M(kP);
   for (int64_t q = q0; q < q1; ++q) {
@@ -252,11 +254,9 @@ at::Tensor add_relu_means_inplace_cpu(at::Tensor& out, const at::Tensor& identit
   return f.means;
 }
 
-at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
-                                       const c10::optional<at::Tensor>& grad_means, const at::Tensor& y) {
-  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
+void run_backward(EpilogueBackward& bw) {
   const auto [B, U, P, units_inner] = bw.shape;
-  if (B * U * P == 0) return bw.grad;
+  if (B * U * P == 0) return;
   const int64_t n = units_inner ? U : P, rows = B * U * P / n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.y.scalar_type(), "add_relu_means_backward_cpu", [&] {
     using M = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -277,7 +277,19 @@ at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
       }
     });
   });
+}
+
+at::Tensor add_relu_means_backward_cpu(const c10::optional<at::Tensor>& grad_y,
+                                       const c10::optional<at::Tensor>& grad_means, const at::Tensor& y) {
+  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
+  run_backward(bw);
   return bw.grad;
+}
+
+void add_relu_means_backward_inplace_cpu(at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_means,
+                                         const at::Tensor& y) {
+  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y, /*into_grad_y=*/true);
+  run_backward(bw);
 }
 
 }  // namespace
@@ -286,6 +298,7 @@ TORCH_LIBRARY_IMPL(selectivity, CPU, m) {
   m.impl("add_relu_means", &add_relu_means_cpu);
   m.impl("add_relu_means_backward", &add_relu_means_backward_cpu);
   m.impl("add_relu_means_", &add_relu_means_inplace_cpu);
+  m.impl("add_relu_means_backward_", &add_relu_means_backward_inplace_cpu);
 }
 
 }  // namespace selectivity

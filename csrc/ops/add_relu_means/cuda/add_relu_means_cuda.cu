@@ -87,9 +87,10 @@ void launch_planes(const EpilogueForward& f, cudaStream_t stream) {
 }
 
 // grad = y <= 0 ? 0 : grad_y + grad_means / P, elementwise (grid-stride); a missing grad is 0.
+// gy and g may be one buffer (add_relu_means_backward_): each element is read before it is written.
 template <typename T>
-__global__ void backward_kernel(const T* __restrict__ gy, const acc_t<T>* __restrict__ gm, const T* __restrict__ y,
-                                T* __restrict__ g, int64_t n, int64_t U, int64_t P, bool units_inner) {
+__global__ void backward_kernel(const T* gy, const acc_t<T>* __restrict__ gm, const T* __restrict__ y, T* g, int64_t n,
+                                int64_t U, int64_t P, bool units_inner) {
   using A = acc_t<T>;
   for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
     T v;
@@ -148,13 +149,11 @@ at::Tensor add_relu_means_inplace_cuda(at::Tensor& out, const at::Tensor& identi
   return f.means;
 }
 
-at::Tensor add_relu_means_backward_cuda(const c10::optional<at::Tensor>& grad_y,
-                                        const c10::optional<at::Tensor>& grad_means, const at::Tensor& y) {
-  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
+void run_backward(EpilogueBackward& bw) {
   const auto [B, U, P, units_inner] = bw.shape;
   const int64_t n = B * U * P;
-  if (n == 0) return bw.grad;
-  const c10::cuda::CUDAGuard guard(y.device());
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(bw.y.device());
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(1) << 20);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bw.y.scalar_type(), "add_relu_means_backward_cuda", [&] {
@@ -165,7 +164,19 @@ at::Tensor add_relu_means_backward_cuda(const c10::optional<at::Tensor>& grad_y,
         bw.grad.mutable_data_ptr<scalar_t>(), n, U, P, units_inner);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor add_relu_means_backward_cuda(const c10::optional<at::Tensor>& grad_y,
+                                        const c10::optional<at::Tensor>& grad_means, const at::Tensor& y) {
+  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y);
+  run_backward(bw);
   return bw.grad;
+}
+
+void add_relu_means_backward_inplace_cuda(at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_means,
+                                          const at::Tensor& y) {
+  EpilogueBackward bw = prepare_add_relu_means_backward(grad_y, grad_means, y, /*into_grad_y=*/true);
+  run_backward(bw);
 }
 
 }  // namespace
@@ -174,6 +185,7 @@ TORCH_LIBRARY_IMPL(selectivity, CUDA, m) {
   m.impl("add_relu_means", &add_relu_means_cuda);
   m.impl("add_relu_means_backward", &add_relu_means_backward_cuda);
   m.impl("add_relu_means_", &add_relu_means_inplace_cuda);
+  m.impl("add_relu_means_backward_", &add_relu_means_backward_inplace_cuda);
 }
 
 }  // namespace selectivity
