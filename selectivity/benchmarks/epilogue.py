@@ -19,7 +19,7 @@ candidate is followed by the same stand-in for the next layer, ``z = y * w``, an
 starts from ``z``; being the same on both sides, it leaves fused ÷ stock ≤ 1 exactly when the
 epilogues compare so. Informational: the same pair with the gradient handed straight to y by the
 caller (``autograd.grad(y, ..., grad_y)``), which the caller still holds, so the op cannot write
-into it (the bench's setting before this was measured).
+into it (the bench's only setting until 2026-12-06).
 
 ``out`` and ``identity`` are fresh non-leaf copies of the same data for every call, made outside the
 timer (a round times a few calls of a candidate back to back); the backward is
@@ -115,8 +115,7 @@ def summarize(times):
 def measure_all(rounds: int = 7, threads: int = 0, on_row=None) -> list[dict]:
     """One row per (layout, shape): medians (ms), the median fused ÷ stock ratio with its min and max
     over rounds, the ratios with the means in the loss and with a held gradient, and whether the
-    target is met. ``on_row(row)``
-    is called as each row is done (the tool prints it)."""
+    target is met. ``on_row(row)`` is called as each row is done (the tool prints it)."""
     if rounds < 5:
         raise ValueError(f"rounds must be >= 5 for a median with its spread, got {rounds}")
     if threads:
